@@ -1,0 +1,261 @@
+//! eBPF programs of the Beamlit agent, attached to a cgroup v2 directory (the node's cgroup root
+//! in production, a test-made child cgroup in tests).
+//!
+//! - `connect4` / `connect6`: for a connect to a known Service address, draw a random number and,
+//!   below the entry's offload share, rewrite the destination to the tunnel. The decision is per
+//!   connection and taken once, at connect time: existing connections are never touched, so a
+//!   change of share drops nothing.
+//! - `getpeername4` / `getpeername6`: a redirected socket reports the Service address it dialled.
+//! - `sock_release`: forget the per-socket record when the socket goes away.
+//!
+//! Every miss or error returns 1 without rewriting: the connection proceeds as if the agent did
+//! not exist (fail open). The programs never return 0 (which would make connect fail with EPERM).
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_ANY, bpf_sock, bpf_sock_addr},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
+    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie},
+    macros::{btf_map, cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
+};
+use aya_log_ebpf::debug;
+use beamlit_common::{
+    AgentConfig, FAMILY_INET, FAMILY_INET6, FLAG_TUNNEL_READY, MAX_REDIRECTED_SOCKETS,
+    MAX_SERVICES, OriginalDest, PROTO_TCP, SHARE_SCALE, ServiceCounters, ServiceEntry, ServiceKey,
+};
+
+/// Return value that lets the syscall proceed (with whatever address the program left).
+const PROCEED: i32 = 1;
+const SOCK_STREAM: u32 = 1;
+
+// Map names are lowercase because they are what users type after `bpftool map dump pinned`.
+#[btf_map(name = "services", pin_by_name)]
+static SERVICES: HashMap<ServiceKey, ServiceEntry, { MAX_SERVICES as usize }> = HashMap::new();
+
+#[btf_map(name = "service_counters", pin_by_name)]
+static SERVICE_COUNTERS: PerCpuHashMap<ServiceKey, ServiceCounters, { MAX_SERVICES as usize }> =
+    PerCpuHashMap::new();
+
+/// Socket cookie -> the Service address the socket dialled. Written only for redirected sockets.
+#[btf_map(name = "sockets", pin_by_name)]
+static SOCKETS: LruHashMap<u64, OriginalDest, { MAX_REDIRECTED_SOCKETS as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "config", pin_by_name)]
+static CONFIG: Array<AgentConfig, 1> = Array::new();
+
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    on_connect(&ctx, FAMILY_INET);
+    PROCEED
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    on_connect(&ctx, FAMILY_INET6);
+    PROCEED
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn getpeername4(ctx: SockAddrContext) -> i32 {
+    restore_peer(&ctx, FAMILY_INET);
+    PROCEED
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn getpeername6(ctx: SockAddrContext) -> i32 {
+    restore_peer(&ctx, FAMILY_INET6);
+    PROCEED
+}
+
+#[cgroup_sock(sock_release)]
+pub fn sock_release(ctx: SockContext) -> i32 {
+    let sock: *mut bpf_sock = ctx.sock;
+    // SAFETY: the kernel passes a valid bpf_sock as the context.
+    let protocol = unsafe { core::ptr::read_volatile(&(*sock).protocol) };
+    if protocol == u32::from(PROTO_TCP) {
+        // SAFETY: the helper accepts the cgroup/sock context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        // A miss is the common case (most sockets were never redirected).
+        let _ = SOCKETS.remove(&cookie);
+    }
+    PROCEED
+}
+
+#[inline(always)]
+fn on_connect(ctx: &SockAddrContext, family: u8) {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: the kernel passes a valid bpf_sock_addr; reads are of whole u32 fields.
+    let sock_type = unsafe { core::ptr::read_volatile(&(*sa).type_) };
+    if sock_type != SOCK_STREAM {
+        return; // UDP is out of scope.
+    }
+    let key = service_key(sa, family);
+    // SAFETY: the entry is only read, and copied out at once.
+    let Some(entry) = (unsafe { SERVICES.get(&key) }).copied() else {
+        return;
+    };
+    let outcome = decide(ctx, sa, &key, &entry, family);
+    count(&key, outcome);
+}
+
+#[derive(Clone, Copy)]
+enum Outcome {
+    Local,
+    Redirected,
+    FailOpen,
+    Bypassed,
+}
+
+#[inline(always)]
+fn decide(
+    ctx: &SockAddrContext,
+    sa: *mut bpf_sock_addr,
+    key: &ServiceKey,
+    entry: &ServiceEntry,
+    family: u8,
+) -> Outcome {
+    if is_bypassed(sa) {
+        return Outcome::Bypassed;
+    }
+    // SAFETY: the helper has no preconditions.
+    let draw = unsafe { bpf_get_prandom_u32() } % u32::from(SHARE_SCALE);
+    if draw >= u32::from(entry.share_bp) {
+        return Outcome::Local;
+    }
+    if entry.flags & FLAG_TUNNEL_READY == 0 || entry.tunnel_family != family {
+        return Outcome::FailOpen;
+    }
+    // Record before rewriting: a redirected socket without its record could not tell the app
+    // (or the tunnel) where it meant to go, so if the record cannot be written we do not redirect.
+    // SAFETY: the helper accepts the cgroup/sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let original = OriginalDest {
+        addr: key.addr,
+        port: key.port,
+        family,
+        proto: key.proto,
+    };
+    if SOCKETS.insert(&cookie, &original, u64::from(BPF_ANY)).is_err() {
+        return Outcome::FailOpen;
+    }
+    write_addr(sa, family, &entry.tunnel_addr, entry.tunnel_port);
+    debug!(
+        ctx,
+        "redirected cookie {} to port {} (share {})", cookie, entry.tunnel_port, entry.share_bp
+    );
+    Outcome::Redirected
+}
+
+/// The agent marks its own sockets (the tunnel's fallback connections to the real Service) with
+/// SO_MARK = `config.bypass_mark`; those are never redirected.
+#[inline(always)]
+fn is_bypassed(sa: *mut bpf_sock_addr) -> bool {
+    let Some(config) = CONFIG.get(0) else {
+        return false;
+    };
+    if config.bypass_mark == 0 {
+        return false;
+    }
+    // SAFETY: `sk` is always set for sock_addr programs (the verifier types it PTR_TO_SOCKET);
+    // the null check keeps the read safe regardless.
+    unsafe {
+        let sk = (*sa).__bindgen_anon_1.sk;
+        !sk.is_null() && core::ptr::read_volatile(&(*sk).mark) == config.bypass_mark
+    }
+}
+
+#[inline(always)]
+fn count(key: &ServiceKey, outcome: Outcome) {
+    // Counters exist only for services userspace installed; the programs never create entries,
+    // so a service removed by userspace cannot be resurrected here by a racing connect.
+    let Some(counters) = SERVICE_COUNTERS.get_ptr_mut(key) else {
+        return;
+    };
+    // SAFETY: per-CPU value, and these programs run with migration disabled, so nothing else
+    // writes this slot concurrently.
+    unsafe {
+        match outcome {
+            Outcome::Local => (*counters).local += 1,
+            Outcome::Redirected => (*counters).redirected += 1,
+            Outcome::FailOpen => (*counters).fail_open += 1,
+            Outcome::Bypassed => (*counters).bypassed += 1,
+        }
+    }
+}
+
+#[inline(always)]
+fn restore_peer(ctx: &SockAddrContext, family: u8) {
+    // SAFETY: the helper accepts the cgroup/sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out at once.
+    let Some(original) = (unsafe { SOCKETS.get(&cookie) }).copied() else {
+        return;
+    };
+    if original.family == family {
+        write_addr(ctx.sock_addr, family, &original.addr, original.port);
+    }
+}
+
+#[inline(always)]
+fn service_key(sa: *mut bpf_sock_addr, family: u8) -> ServiceKey {
+    let mut key = ServiceKey {
+        addr: [0; 16],
+        port: 0,
+        proto: PROTO_TCP,
+        family,
+    };
+    // SAFETY: whole-u32 reads of context fields, as the verifier requires.
+    unsafe {
+        if family == FAMILY_INET {
+            let ip = core::ptr::read_volatile(&(*sa).user_ip4);
+            key.addr[..4].copy_from_slice(&ip.to_ne_bytes());
+        } else {
+            for i in 0..4 {
+                let word = core::ptr::read_volatile(&(*sa).user_ip6[i]);
+                key.addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+            }
+        }
+        // user_port holds the port in network order in its first two bytes.
+        let port = core::ptr::read_volatile(&(*sa).user_port);
+        key.port = u16::from_be(port as u16);
+    }
+    key
+}
+
+/// Writes an address and port into the context. The kernel accepts only 4-byte stores to
+/// `user_ip4`, `user_ip6[i]` and `user_port`, hence the volatile u32 writes.
+#[inline(always)]
+fn write_addr(sa: *mut bpf_sock_addr, family: u8, addr: &[u8; 16], port: u16) {
+    // SAFETY: whole-u32 writes of writable context fields.
+    unsafe {
+        if family == FAMILY_INET {
+            let ip = u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]);
+            core::ptr::write_volatile(&mut (*sa).user_ip4, ip);
+        } else {
+            for i in 0..4 {
+                let word = u32::from_ne_bytes([
+                    addr[i * 4],
+                    addr[i * 4 + 1],
+                    addr[i * 4 + 2],
+                    addr[i * 4 + 3],
+                ]);
+                core::ptr::write_volatile(&mut (*sa).user_ip6[i], word);
+            }
+        }
+        core::ptr::write_volatile(&mut (*sa).user_port, u32::from(port.to_be()));
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,417 @@
+//! Loading, attaching and pinning the eBPF programs: the one module that touches links.
+//!
+//! Layout under the bpffs directory (default `/sys/fs/bpf/beamlit/`):
+//! - `services`, `service_counters`, `sockets`, `config`: the maps (pinned by name, with BTF);
+//! - `links/<program>`: one cgroup link per program.
+//!
+//! Start-up adopts what a previous agent left: maps are reused from their pins (contents kept)
+//! and each pinned link gets the new program through BPF_LINK_UPDATE, which swaps the program of
+//! a live attachment atomically. Redirection therefore never stops across restarts or upgrades,
+//! and keeps working while no agent runs at all.
+use std::{
+    fs,
+    io::{self, ErrorKind},
+    os::{fd::AsFd, unix::fs::MetadataExt},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{CgroupAttachMode, links::FdLink},
+};
+use aya_log::EbpfLogger;
+use beamlit_common::{AgentConfig, map_names};
+use tracing::{info, warn};
+
+use crate::{
+    maps::{MapsError, PinnedMaps},
+    sys,
+};
+
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/beamlit";
+/// SO_MARK of the agent's own sockets. Chosen outside the bits kube-proxy (0x4000, 0x8000),
+/// Cilium (0x0f00) and Calico (0xffff0000) use; configurable with --bypass-mark.
+pub const DEFAULT_BYPASS_MARK: u32 = 0xbe;
+/// Cgroup links coexist with other programs on the same cgroup (Cilium, systemd) whatever the
+/// mode; the kernel rejects the legacy ALLOW_MULTI flag on link creation.
+const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/beamlit-agent-ebpf"));
+
+/// Programs in attach order: the ones that clean up and report come first, so that any socket
+/// `connect*` redirects is already covered by `getpeername*` and `sock_release`.
+pub const PROGRAMS: [&str; 5] = [
+    "getpeername4",
+    "getpeername6",
+    "sock_release",
+    "connect4",
+    "connect6",
+];
+const MAPS: [&str; 4] = [
+    map_names::SERVICES,
+    map_names::SERVICE_COUNTERS,
+    map_names::SOCKETS,
+    map_names::CONFIG,
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum EbpfLogLevel {
+    /// Nothing is formatted in the hot path.
+    #[default]
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl EbpfLogLevel {
+    /// The value of aya-log-ebpf's `AYA_LOG_LEVEL` global (0 = off, then aya's Level order).
+    fn as_global(self) -> u8 {
+        self as u8
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DataplaneConfig {
+    pub bpffs_dir: PathBuf,
+    pub cgroup: PathBuf,
+    pub bypass_mark: u32,
+    pub ebpf_log_level: EbpfLogLevel,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error(
+        "{0} is not on a bpf filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf` (in \
+         Kubernetes: a hostPath volume for /sys/fs/bpf)"
+    )]
+    NotBpffs(PathBuf),
+    #[error("cgroup {path}: {source}; pass --cgroup with a cgroup v2 directory")]
+    Cgroup { path: PathBuf, source: io::Error },
+    #[error(
+        "this agent was built without its eBPF object (AYA_BUILD_SKIP); rebuild with `cargo \
+         build -p beamlit-agent`"
+    )]
+    NoObject,
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error(
+        "{pin} is attached to another cgroup (id {pinned}) than --cgroup {cgroup} (id {wanted}); \
+         run `beamlit-agent cleanup` first to move the agent"
+    )]
+    OtherCgroup {
+        pin: PathBuf,
+        pinned: u64,
+        cgroup: PathBuf,
+        wanted: u64,
+    },
+    #[error("{context} {path}: {source}")]
+    Pin {
+        context: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+}
+
+/// How a program got into place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attachment {
+    /// No pinned link existed: attached and pinned.
+    Attached,
+    /// A pinned link existed: its program was replaced in place.
+    Replaced { old_program_id: u32 },
+}
+
+pub struct Dataplane {
+    /// Keeps the loaded programs (and the log ring buffer) alive for the agent's lifetime.
+    _ebpf: Ebpf,
+    logger: Option<EbpfLogger<&'static dyn log::Log>>,
+    pub maps: PinnedMaps,
+    pub attachments: Vec<(&'static str, Attachment)>,
+}
+
+impl Dataplane {
+    pub fn start(config: &DataplaneConfig) -> Result<Self, DataplaneError> {
+        if OBJECT.is_empty() {
+            return Err(DataplaneError::NoObject);
+        }
+        prepare_dir(&config.bpffs_dir)?;
+        let links_dir = config.bpffs_dir.join("links");
+        fs::create_dir_all(&links_dir).map_err(|source| DataplaneError::Pin {
+            context: "creating",
+            path: links_dir.clone(),
+            source,
+        })?;
+        let cgroup_err = |source| DataplaneError::Cgroup {
+            path: config.cgroup.clone(),
+            source,
+        };
+        let cgroup = fs::File::open(&config.cgroup).map_err(cgroup_err)?;
+        // A cgroup v2 directory's inode number is its cgroup id, which links report.
+        let cgroup_id = cgroup.metadata().map_err(cgroup_err)?.ino();
+
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&config.bpffs_dir)
+            .override_global("AYA_LOG_LEVEL", &config.ebpf_log_level.as_global(), false)
+            .load(OBJECT)?;
+        let logger = if config.ebpf_log_level == EbpfLogLevel::Off {
+            None
+        } else {
+            match EbpfLogger::init(&mut ebpf) {
+                Ok(logger) => Some(logger),
+                Err(e) => {
+                    warn!(error = %e, "eBPF logs unavailable");
+                    None
+                }
+            }
+        };
+
+        let mut maps = PinnedMaps::open(&config.bpffs_dir)?;
+        maps.set_config(AgentConfig {
+            bypass_mark: config.bypass_mark,
+            _pad: 0,
+        })?;
+
+        let mut attachments = Vec::with_capacity(PROGRAMS.len());
+        for name in PROGRAMS {
+            let pin = links_dir.join(name);
+            let attachment = attach_program(&mut ebpf, name, &cgroup, cgroup_id, &pin, config)?;
+            match attachment {
+                Attachment::Attached => info!(program = name, pin = %pin.display(), "attached"),
+                Attachment::Replaced { old_program_id } => {
+                    info!(
+                        program = name,
+                        old_program_id, "adopted pinned link, program replaced"
+                    )
+                }
+            }
+            attachments.push((name, attachment));
+        }
+        Ok(Self {
+            _ebpf: ebpf,
+            logger,
+            maps,
+            attachments,
+        })
+    }
+
+    /// The log ring buffer, to wait on for readability; `None` when eBPF logging is off.
+    pub fn log_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.logger.as_ref().map(|l| l.as_fd())
+    }
+
+    /// Forwards pending eBPF log records to the agent's log.
+    pub fn flush_logs(&mut self) {
+        if let Some(logger) = &mut self.logger {
+            logger.flush();
+        }
+    }
+}
+
+fn attach_program(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: &fs::File,
+    cgroup_id: u64,
+    pin: &Path,
+    config: &DataplaneConfig,
+) -> Result<Attachment, DataplaneError> {
+    let program_err = |source| DataplaneError::Program { name, source };
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(aya::programs::ProgramError::NotLoaded)
+        .map_err(program_err)?;
+
+    // Adopt an existing link when there is a live one on our cgroup.
+    match sys::obj_get(pin) {
+        Ok(link) => {
+            let info = sys::cgroup_link_info(&link).map_err(|source| DataplaneError::Pin {
+                context: "reading link",
+                path: pin.to_path_buf(),
+                source,
+            })?;
+            if info.cgroup_id == cgroup_id {
+                let program_fd = load_and_fd(program).map_err(program_err)?;
+                sys::link_update(link.as_fd(), program_fd.as_fd()).map_err(|source| {
+                    DataplaneError::Pin {
+                        context: "replacing the program of",
+                        path: pin.to_path_buf(),
+                        source,
+                    }
+                })?;
+                return Ok(Attachment::Replaced {
+                    old_program_id: info.program_id,
+                });
+            }
+            if info.cgroup_id != 0 {
+                return Err(DataplaneError::OtherCgroup {
+                    pin: pin.to_path_buf(),
+                    pinned: info.cgroup_id,
+                    cgroup: config.cgroup.clone(),
+                    wanted: cgroup_id,
+                });
+            }
+            // The cgroup it was attached to is gone: the link is defunct, replace it.
+            warn!(pin = %pin.display(), "pinned link's cgroup is gone; attaching anew");
+            remove_pin(pin)?;
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(DataplaneError::Pin {
+                context: "opening",
+                path: pin.to_path_buf(),
+                source,
+            });
+        }
+    }
+
+    let fd_link = match program {
+        aya::programs::Program::CgroupSockAddr(p) => {
+            p.load().map_err(program_err)?;
+            let id = p.attach(cgroup, LINK_MODE).map_err(program_err)?;
+            FdLink::try_from(p.take_link(id).map_err(program_err)?)
+        }
+        aya::programs::Program::CgroupSock(p) => {
+            p.load().map_err(program_err)?;
+            let id = p.attach(cgroup, LINK_MODE).map_err(program_err)?;
+            FdLink::try_from(p.take_link(id).map_err(program_err)?)
+        }
+        _ => {
+            return Err(program_err(
+                aya::programs::ProgramError::UnexpectedProgramType,
+            ));
+        }
+    }
+    .map_err(|e| program_err(e.into()))?;
+    fd_link.pin(pin).map_err(|e| DataplaneError::Pin {
+        context: "pinning",
+        path: pin.to_path_buf(),
+        source: io::Error::other(e),
+    })?;
+    Ok(Attachment::Attached)
+}
+
+fn load_and_fd(
+    program: &mut aya::programs::Program,
+) -> Result<aya::programs::ProgramFd, aya::programs::ProgramError> {
+    match program {
+        aya::programs::Program::CgroupSockAddr(p) => {
+            p.load()?;
+            p.fd()?.try_clone().map_err(Into::into)
+        }
+        aya::programs::Program::CgroupSock(p) => {
+            p.load()?;
+            p.fd()?.try_clone().map_err(Into::into)
+        }
+        _ => Err(aya::programs::ProgramError::UnexpectedProgramType),
+    }
+}
+
+fn prepare_dir(dir: &Path) -> Result<(), DataplaneError> {
+    fs::create_dir_all(dir).map_err(|source| DataplaneError::Pin {
+        context: "creating",
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    if !is_bpffs(dir) {
+        return Err(DataplaneError::NotBpffs(dir.to_path_buf()));
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(cpath) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into a zeroed struct we own.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(cpath.as_ptr(), &mut st) == 0 && st.f_type == BPF_FS_MAGIC
+    }
+}
+
+fn remove_pin(path: &Path) -> Result<(), DataplaneError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(DataplaneError::Pin {
+            context: "removing",
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Removes every link and map the agent pinned under `dir`, which detaches the programs (once no
+/// running agent holds them) and frees the maps. Returns the pins removed.
+pub fn cleanup(dir: &Path) -> Result<Vec<PathBuf>, DataplaneError> {
+    let mut removed = Vec::new();
+    let links_dir = dir.join("links");
+    let pins = PROGRAMS
+        .iter()
+        .map(|p| links_dir.join(p))
+        .chain(MAPS.iter().map(|m| dir.join(m)));
+    for pin in pins {
+        if pin.exists() {
+            remove_pin(&pin)?;
+            removed.push(pin);
+        }
+    }
+    for d in [links_dir.as_path(), dir] {
+        match fs::remove_dir(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(DataplaneError::Pin {
+                    context: "removing directory (it holds pins the agent did not make)",
+                    path: d.to_path_buf(),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(removed)
+}
+
+/// The cgroup v2 mount point, from /proc/mounts: where the agent attaches by default (every
+/// process on the node is in it or below it).
+pub fn cgroup2_root() -> io::Result<PathBuf> {
+    let mounts = fs::read_to_string("/proc/mounts")?;
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (_, path, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(path))
+        })
+        .next()
+        .ok_or_else(|| {
+            io::Error::new(
+                ErrorKind::NotFound,
+                "no cgroup2 mount in /proc/mounts; the agent needs cgroup v2",
+            )
+        })
+}
+
+/// Program ids behind the pinned links, for `inspect`.
+pub fn pinned_program_ids(dir: &Path) -> Vec<(&'static str, Option<sys::CgroupLinkInfo>)> {
+    PROGRAMS
+        .iter()
+        .map(|name| {
+            let info = sys::obj_get(&dir.join("links").join(name))
+                .and_then(sys::cgroup_link_info)
+                .ok();
+            (*name, info)
+        })
+        .collect()
+}

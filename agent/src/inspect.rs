@@ -1,0 +1,171 @@
+//! `beamlit-agent inspect`: the pinned maps in human terms (like `cilium bpf lb list`). Reads
+//! only pins, so it works while the agent is stopped.
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::{dataplane, maps::PinnedMaps, model};
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub bpffs_dir: String,
+    pub services: Vec<ServiceRow>,
+    /// Redirected sockets still open (records in the `sockets` map).
+    pub redirected_sockets: usize,
+    pub bypass_mark: u32,
+    pub programs: Vec<ProgramRow>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServiceRow {
+    pub address: String,
+    pub protocol: &'static str,
+    pub offload_percent: f64,
+    pub share_bp: u16,
+    pub tunnel: String,
+    pub tunnel_ready: bool,
+    pub generation: u32,
+    pub local: u64,
+    pub redirected: u64,
+    pub fail_open: u64,
+    pub bypassed: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProgramRow {
+    pub name: &'static str,
+    pub attached: bool,
+    pub link_id: Option<u32>,
+    pub program_id: Option<u32>,
+    /// Non-zero only while kernel BPF statistics are enabled (`sysctl kernel.bpf_stats_enabled=1`
+    /// or a BPF_ENABLE_STATS holder such as `cargo xtask bench`).
+    pub run_count: u64,
+    pub run_time_ns: u64,
+    pub average_ns: Option<f64>,
+}
+
+pub fn report(dir: &Path) -> anyhow::Result<Report> {
+    let maps = PinnedMaps::open(dir)?;
+    let mut services = Vec::new();
+    for (key, entry) in maps.services()? {
+        let counters = maps.counters(&key)?;
+        let route = model::entry_route(&key, &entry);
+        services.push(ServiceRow {
+            address: route.map_or_else(|| format!("{key:?}"), |r| r.service.to_string()),
+            protocol: "tcp",
+            offload_percent: f64::from(entry.share_bp) / 100.0,
+            share_bp: entry.share_bp,
+            tunnel: route.map_or_else(|| "?".into(), |r| r.tunnel.to_string()),
+            tunnel_ready: route.is_some_and(|r| r.tunnel_ready),
+            generation: entry.generation,
+            local: counters.local,
+            redirected: counters.redirected,
+            fail_open: counters.fail_open,
+            bypassed: counters.bypassed,
+        });
+    }
+    let loaded: Vec<_> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .collect();
+    let programs = dataplane::pinned_program_ids(dir)
+        .into_iter()
+        .map(|(name, link)| {
+            let info = link.and_then(|l| loaded.iter().find(|p| p.id() == l.program_id));
+            let run_count = info.map_or(0, |i| i.run_count());
+            let run_time_ns = info.map_or(0, |i| i.run_time().as_nanos() as u64);
+            ProgramRow {
+                name,
+                attached: link.is_some_and(|l| l.cgroup_id != 0),
+                link_id: link.map(|l| l.link_id),
+                program_id: link.map(|l| l.program_id),
+                run_count,
+                run_time_ns,
+                average_ns: (run_count > 0).then(|| run_time_ns as f64 / run_count as f64),
+            }
+        })
+        .collect();
+    Ok(Report {
+        bpffs_dir: dir.display().to_string(),
+        services,
+        redirected_sockets: maps.redirected_sockets()?,
+        bypass_mark: maps.config()?.bypass_mark,
+        programs,
+    })
+}
+
+/// The report as aligned tables.
+pub fn render(report: &Report) -> String {
+    let mut rows = vec![
+        [
+            "SERVICE",
+            "PROTO",
+            "OFFLOAD",
+            "TUNNEL",
+            "READY",
+            "LOCAL",
+            "REDIRECTED",
+            "FAIL-OPEN",
+            "BYPASSED",
+            "GEN",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for s in &report.services {
+        rows.push(vec![
+            s.address.clone(),
+            s.protocol.to_string(),
+            format!("{:.2}%", s.offload_percent),
+            s.tunnel.clone(),
+            if s.tunnel_ready { "yes" } else { "no" }.to_string(),
+            s.local.to_string(),
+            s.redirected.to_string(),
+            s.fail_open.to_string(),
+            s.bypassed.to_string(),
+            s.generation.to_string(),
+        ]);
+    }
+    let mut out = table(&rows);
+    if report.services.is_empty() {
+        out.push_str("(no services)\n");
+    }
+    out.push_str(&format!(
+        "\nlive redirected sockets: {}\nbypass mark: {:#x}\npins: {}\n\n",
+        report.redirected_sockets, report.bypass_mark, report.bpffs_dir
+    ));
+    let mut programs = vec![
+        ["PROGRAM", "ATTACHED", "LINK", "PROG-ID", "RUNS", "AVG-NS"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for p in &report.programs {
+        programs.push(vec![
+            p.name.to_string(),
+            if p.attached { "yes" } else { "no" }.to_string(),
+            p.link_id.map_or("-".into(), |v| v.to_string()),
+            p.program_id.map_or("-".into(), |v| v.to_string()),
+            p.run_count.to_string(),
+            p.average_ns.map_or("-".into(), |v| format!("{v:.0}")),
+        ]);
+    }
+    out.push_str(&table(&programs));
+    out
+}
+
+fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}

@@ -1,0 +1,15 @@
+//! The Beamlit agent: eBPF redirection of Service connections toward an egress tunnel.
+//!
+//! - [`dataplane`] loads, attaches, pins and adopts the eBPF programs (`agent-ebpf`);
+//! - [`maps`] reads and writes the pinned maps; [`model`] translates routes to map entries;
+//! - [`plan`] computes the map changes for a set of routes (pure);
+//! - [`routes`] parses the standalone routes file; [`standalone`] keeps the maps in line with it;
+//! - [`inspect`] prints the maps in human terms.
+pub mod dataplane;
+pub mod inspect;
+pub mod maps;
+pub mod model;
+pub mod plan;
+pub mod routes;
+pub mod standalone;
+pub mod sys;

@@ -1,0 +1,152 @@
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use beamlit_agent::{
+    dataplane::{self, Dataplane, DataplaneConfig, EbpfLogLevel},
+    inspect, routes,
+    standalone::Standalone,
+};
+use clap::{Parser, Subcommand};
+use tracing::info;
+
+/// Beamlit offloading agent.
+///
+/// Redirects new connections to Kubernetes Service addresses, with a chosen share, toward an
+/// egress tunnel that forwards them to a remote backend (Beamlit). Redirection happens in eBPF
+/// programs attached to a cgroup v2 directory (connect4/6, getpeername4/6, sock_release); local
+/// traffic never passes through a proxy. Programs and maps are pinned under --bpffs, so they keep
+/// working while the agent restarts.
+#[derive(Parser)]
+#[command(name = "beamlit-agent", version, about, long_about)]
+struct Cli {
+    /// bpffs directory holding the agent's pinned maps and links.
+    #[arg(long, global = true, env = "BEAMLIT_BPFFS_DIR", default_value = dataplane::DEFAULT_BPFFS_DIR)]
+    bpffs: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load and attach the eBPF programs (adopting pinned ones without a gap), then keep the maps
+    /// in line with the routes file until stopped. Stopping leaves redirection in place.
+    Run(RunArgs),
+    /// Validate a routes file and print the routes it describes; changes nothing.
+    Check {
+        /// Routes file (YAML) to validate.
+        #[arg(long)]
+        routes: PathBuf,
+    },
+    /// Print services, shares, tunnels and connection counters from the pinned maps (works while
+    /// the agent is stopped).
+    Inspect {
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Detach the programs and remove every map and link the agent pinned.
+    Cleanup,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Standalone mode: YAML file listing Service addresses, offload percentages and tunnels
+    /// (see README, "Standalone mode"). Edits are applied without a restart.
+    #[arg(long)]
+    routes: PathBuf,
+    /// cgroup v2 directory to attach to; every process in it or below it is affected.
+    /// Default: the cgroup v2 root (from /proc/mounts), i.e. the whole node.
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// SO_MARK that exempts a socket from redirection (the agent's own tunnel sockets).
+    /// Decimal or 0x-hex; 0 disables the exemption.
+    #[arg(long, default_value = "0xbe", value_parser = parse_mark)]
+    bypass_mark: u32,
+    /// Level of the eBPF programs' own log messages; `off` keeps formatting out of the hot path.
+    #[arg(long, value_enum, default_value_t = EbpfLogLevel::Off)]
+    ebpf_log_level: EbpfLogLevel,
+    /// How often the routes file is checked for changes, in milliseconds.
+    #[arg(long, default_value_t = 250)]
+    reload_interval_ms: u64,
+}
+
+fn parse_mark(s: &str) -> Result<u32, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|_| format!("`{s}` is not a mark; write a number like 190 or 0xbe"))
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => run(&cli.bpffs, args),
+        Command::Check { routes } => {
+            let parsed = routes::load(&routes)?;
+            println!("{}: {} service(s), valid", routes.display(), parsed.len());
+            for r in parsed {
+                println!(
+                    "  {}  offload {:.2}%  tunnel {}",
+                    r.service,
+                    r.share.percent(),
+                    r.tunnel
+                );
+            }
+            Ok(())
+        }
+        Command::Inspect { json } => {
+            let report = inspect::report(&cli.bpffs)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", inspect::render(&report));
+            }
+            Ok(())
+        }
+        Command::Cleanup => {
+            let removed = dataplane::cleanup(&cli.bpffs)?;
+            if removed.is_empty() {
+                println!("nothing to remove under {}", cli.bpffs.display());
+            }
+            for pin in removed {
+                println!("removed {}", pin.display());
+            }
+            Ok(())
+        }
+    }
+}
+
+fn run(bpffs: &std::path::Path, args: RunArgs) -> anyhow::Result<()> {
+    let cgroup = match args.cgroup {
+        Some(c) => c,
+        None => dataplane::cgroup2_root().context("finding the cgroup v2 root")?,
+    };
+    let standalone = Standalone {
+        routes_path: args.routes,
+        reload_interval: Duration::from_millis(args.reload_interval_ms.max(10)),
+    };
+    // Validate before touching the kernel: a bad file must not change anything.
+    routes::load(&standalone.routes_path)
+        .context("not starting; the routes already in the maps (if any) stay in force")?;
+    let config = DataplaneConfig {
+        bpffs_dir: bpffs.to_path_buf(),
+        cgroup: cgroup.clone(),
+        bypass_mark: args.bypass_mark,
+        ebpf_log_level: args.ebpf_log_level,
+    };
+    let mut dp = Dataplane::start(&config).context("starting the data plane")?;
+    info!(cgroup = %cgroup.display(), bpffs = %bpffs.display(), "data plane ready");
+    let text = standalone.apply_file(&mut dp)?;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(standalone.run(&mut dp, text))
+}

@@ -1,0 +1,174 @@
+//! Typed access to the pinned maps. Both the running agent and `inspect`/`cleanup` open the maps
+//! from their pins, so every reader sees the same objects whether or not an agent is running.
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuHashMap, PerCpuValues};
+use beamlit_common::{
+    AgentConfig, OriginalDest, ServiceCounters, ServiceEntry, ServiceKey, map_names,
+};
+
+use crate::plan::Change;
+
+/// bpf_map_update_elem flag: fail if the key exists.
+const BPF_NOEXIST: u64 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    #[error(
+        "map {path} is not pinned; is the agent installed on this node (`beamlit-agent run`), and \
+         is --bpffs the directory it uses?"
+    )]
+    NotPinned { path: PathBuf },
+    #[error("map {path}: {source}")]
+    Map { path: PathBuf, source: MapError },
+    #[error("writing service {service}: {source}")]
+    Write { service: String, source: MapError },
+}
+
+pub struct PinnedMaps {
+    dir: PathBuf,
+    services: HashMap<MapData, ServiceKey, ServiceEntry>,
+    counters: PerCpuHashMap<MapData, ServiceKey, ServiceCounters>,
+    // aya reads LRU hash maps through its HashMap type.
+    sockets: HashMap<MapData, u64, OriginalDest>,
+    config: Array<MapData, AgentConfig>,
+}
+
+impl PinnedMaps {
+    pub fn open(dir: &Path) -> Result<Self, MapsError> {
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            services: open(dir, map_names::SERVICES)?,
+            counters: open(dir, map_names::SERVICE_COUNTERS)?,
+            sockets: open(dir, map_names::SOCKETS)?,
+            config: open(dir, map_names::CONFIG)?,
+        })
+    }
+
+    pub fn services(&self) -> Result<BTreeMap<ServiceKey, ServiceEntry>, MapsError> {
+        self.services
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|source| self.err(map_names::SERVICES, source))
+    }
+
+    /// Counters summed over CPUs; zero for a service without counters.
+    pub fn counters(&self, key: &ServiceKey) -> Result<ServiceCounters, MapsError> {
+        match self.counters.get(key, 0) {
+            Ok(per_cpu) => {
+                Ok(per_cpu
+                    .iter()
+                    .fold(ServiceCounters::default(), |a, c| ServiceCounters {
+                        local: a.local + c.local,
+                        redirected: a.redirected + c.redirected,
+                        fail_open: a.fail_open + c.fail_open,
+                        bypassed: a.bypassed + c.bypassed,
+                    }))
+            }
+            Err(MapError::KeyNotFound) => Ok(ServiceCounters::default()),
+            Err(source) => Err(self.err(map_names::SERVICE_COUNTERS, source)),
+        }
+    }
+
+    /// Redirected sockets that are still open (records are deleted at socket release).
+    pub fn redirected_sockets(&self) -> Result<usize, MapsError> {
+        let mut n = 0;
+        for key in self.sockets.keys() {
+            key.map_err(|source| self.err(map_names::SOCKETS, source))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    pub fn config(&self) -> Result<AgentConfig, MapsError> {
+        self.config
+            .get(&0, 0)
+            .map_err(|source| self.err(map_names::CONFIG, source))
+    }
+
+    pub fn set_config(&mut self, config: AgentConfig) -> Result<(), MapsError> {
+        let result = self.config.set(0, &config, 0);
+        result.map_err(|source| self.err(map_names::CONFIG, source))
+    }
+
+    /// Applies changes from [`crate::plan::plan`]. Counters are created (zeroed) before the
+    /// service entry and removed after it, so the eBPF side always finds counters for an entry it
+    /// can see, and never recreates counters for a removed service.
+    pub fn apply(&mut self, changes: &[Change]) -> Result<(), MapsError> {
+        for change in changes {
+            match change {
+                Change::Upsert(key, entry) => {
+                    let service = describe(key);
+                    let zeros = zeroed_counters().map_err(|e| MapsError::Write {
+                        service: service.clone(),
+                        source: MapError::IoError(e),
+                    })?;
+                    // BPF_NOEXIST: keep the counts of a service that is only being updated.
+                    match self.counters.insert(key, zeros, BPF_NOEXIST) {
+                        Ok(()) => {}
+                        Err(MapError::SyscallError(e))
+                            if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                        Err(source) => {
+                            return Err(MapsError::Write { service, source });
+                        }
+                    }
+                    self.services
+                        .insert(key, entry, 0)
+                        .map_err(|source| MapsError::Write { service, source })?;
+                }
+                Change::Remove(key) => {
+                    for result in [self.services.remove(key), self.counters.remove(key)] {
+                        match result {
+                            Ok(()) | Err(MapError::KeyNotFound) => {}
+                            Err(MapError::SyscallError(e))
+                                if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                            Err(source) => {
+                                return Err(MapsError::Write {
+                                    service: describe(key),
+                                    source,
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn err(&self, name: &str, source: MapError) -> MapsError {
+        MapsError::Map {
+            path: self.dir.join(name),
+            source,
+        }
+    }
+}
+
+fn zeroed_counters() -> std::io::Result<PerCpuValues<ServiceCounters>> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+    PerCpuValues::try_from(vec![ServiceCounters::default(); cpus.get() as usize])
+}
+
+fn describe(key: &ServiceKey) -> String {
+    crate::model::key_addr(key).map_or_else(|| format!("{key:?}"), |a| a.to_string())
+}
+
+fn open<T>(dir: &Path, name: &str) -> Result<T, MapsError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let path = dir.join(name);
+    if !path.exists() {
+        return Err(MapsError::NotPinned { path });
+    }
+    let err = |source| MapsError::Map {
+        path: path.clone(),
+        source,
+    };
+    let data = MapData::from_pin(&path).map_err(err)?;
+    let map = Map::from_map_data(data).map_err(err)?;
+    T::try_from(map).map_err(err)
+}

@@ -1,0 +1,294 @@
+//! The routes file of standalone mode (`beamlit-agent run --routes FILE`).
+//!
+//! ```yaml
+//! tunnel:                       # default tunnel, one address per family
+//!   ipv4: 10.200.0.1:15001
+//!   ipv6: "[fd00:200::1]:15001"
+//! services:
+//!   - address: 10.96.0.10:80    # the Service address clients dial (ClusterIP:port)
+//!     offloadPercent: 30        # share of new connections sent to the tunnel, 0..=100
+//!   - address: "[fd00:96::10]:80"
+//!     offloadPercent: 100
+//!     tunnel: "[fd00:200::1]:15002"   # per-service override
+//! ```
+//!
+//! Field checks live in `Deserialize` impls so that serde_yaml reports them with the field's
+//! path, line and column; checks across fields name the service and its line.
+use std::{collections::BTreeSet, fmt, net::SocketAddr, path::Path};
+
+use serde::{Deserialize, Deserializer};
+
+use crate::model::{Route, Share};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RoutesError {
+    #[error("cannot read routes file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    /// serde_yaml's message already names the field path, line and column.
+    #[error("invalid routes file {path}: {message}")]
+    Syntax { path: String, message: String },
+    #[error("invalid routes file {path}, line {line}: {field}: {message}")]
+    Invalid {
+        path: String,
+        line: usize,
+        field: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoutesFile {
+    #[serde(default)]
+    tunnel: Option<DefaultTunnel>,
+    #[serde(default)]
+    services: Vec<ServiceSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DefaultTunnel {
+    ipv4: Option<Address>,
+    ipv6: Option<Address>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ServiceSpec {
+    address: Address,
+    offload_percent: Percent,
+    #[serde(default)]
+    tunnel: Option<Address>,
+}
+
+/// `IP:PORT`, port not 0.
+#[derive(Debug, Clone, Copy)]
+struct Address(SocketAddr);
+
+impl<'de> Deserialize<'de> for Address {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let addr: SocketAddr = text.parse().map_err(|_| {
+            serde::de::Error::custom(format_args!(
+                "`{text}` is not IP:PORT; write 10.96.0.10:80, or [fd00::10]:80 for IPv6 \
+                 (quoted in YAML)"
+            ))
+        })?;
+        if addr.port() == 0 {
+            return Err(serde::de::Error::custom(format_args!(
+                "`{text}` has port 0; give the port clients connect to"
+            )));
+        }
+        Ok(Address(addr))
+    }
+}
+
+/// 0..=100, at most two decimals matter (the data plane counts in basis points).
+#[derive(Debug, Clone, Copy)]
+struct Percent(Share);
+
+impl<'de> Deserialize<'de> for Percent {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Percent;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a number from 0 to 100")
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Percent, E> {
+                Share::from_percent(v).map(Percent).ok_or_else(|| {
+                    E::custom(format_args!(
+                        "{v} is out of range; offloadPercent is a number from 0 to 100"
+                    ))
+                })
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Percent, E> {
+                self.visit_f64(v as f64)
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Percent, E> {
+                self.visit_f64(v as f64)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// Parses and validates a routes file. The result has distinct service addresses, each with a
+/// tunnel of its own family.
+pub fn parse(path_label: &str, text: &str) -> Result<Vec<Route>, RoutesError> {
+    let file: RoutesFile = if text.trim().is_empty() {
+        RoutesFile {
+            tunnel: None,
+            services: Vec::new(),
+        }
+    } else {
+        serde_yaml::from_str(text).map_err(|e| RoutesError::Syntax {
+            path: path_label.to_string(),
+            message: e.to_string(),
+        })?
+    };
+    let mut seen = BTreeSet::new();
+    let mut routes = Vec::with_capacity(file.services.len());
+    let mut search_from = 0;
+    for (index, spec) in file.services.iter().enumerate() {
+        let service = spec.address.0;
+        let line = line_of(text, &spec.address, &mut search_from);
+        let invalid = |field: &str, message: String| RoutesError::Invalid {
+            path: path_label.to_string(),
+            line,
+            field: format!("services[{index}].{field}"),
+            message,
+        };
+        if !seen.insert(service) {
+            return Err(invalid(
+                "address",
+                format!("{service} is listed twice; keep one entry per Service address"),
+            ));
+        }
+        let default = file
+            .tunnel
+            .as_ref()
+            .and_then(|t| if service.is_ipv4() { t.ipv4 } else { t.ipv6 });
+        let Some(tunnel) = spec.tunnel.or(default).map(|a| a.0) else {
+            let family = if service.is_ipv4() { "ipv4" } else { "ipv6" };
+            return Err(invalid(
+                "tunnel",
+                format!(
+                    "no tunnel for {service}: set `tunnel:` on this service or `tunnel.{family}:` \
+                     at the top of the file"
+                ),
+            ));
+        };
+        if tunnel.is_ipv4() != service.is_ipv4() {
+            return Err(invalid(
+                "tunnel",
+                format!(
+                    "tunnel {tunnel} and service {service} are of different IP families; a \
+                     connection can only be redirected within its family"
+                ),
+            ));
+        }
+        routes.push(Route {
+            service,
+            share: spec.offload_percent.0,
+            tunnel,
+            // Standalone mode: the tunnel is whatever listens there, outside the agent.
+            tunnel_ready: true,
+        });
+    }
+    Ok(routes)
+}
+
+pub fn load(path: &Path) -> Result<Vec<Route>, RoutesError> {
+    let label = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| RoutesError::Read {
+        path: label.clone(),
+        source,
+    })?;
+    parse(&label, &text)
+}
+
+/// 1-based line of the service's `address:` entry: the first line from `from` on that mentions
+/// the address as written or in canonical form.
+fn line_of(text: &str, address: &Address, from: &mut usize) -> usize {
+    let canonical = address.0.to_string();
+    let ip = address.0.ip().to_string();
+    for (n, line) in text.lines().enumerate().skip(*from) {
+        if line.contains("address") && (line.contains(&canonical) || line.contains(&ip)) {
+            *from = n + 1;
+            return n + 1;
+        }
+    }
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "\
+tunnel:
+  ipv4: 10.200.0.1:15001
+  ipv6: \"[fd00:200::1]:15001\"
+services:
+  - address: 10.96.0.10:80
+    offloadPercent: 30
+  - address: \"[fd00:96::10]:80\"
+    offloadPercent: 12.5
+    tunnel: \"[fd00:200::1]:15002\"
+";
+
+    #[test]
+    fn parses_a_good_file() {
+        let routes = parse("r.yaml", GOOD).expect("valid file");
+        assert_eq!(routes.len(), 2);
+        assert_eq!(routes[0].service.to_string(), "10.96.0.10:80");
+        assert_eq!(routes[0].share.basis_points(), 3000);
+        assert_eq!(routes[0].tunnel.to_string(), "10.200.0.1:15001");
+        assert_eq!(routes[1].share.basis_points(), 1250);
+        assert_eq!(routes[1].tunnel.to_string(), "[fd00:200::1]:15002");
+    }
+
+    #[test]
+    fn empty_file_means_no_routes() {
+        assert!(parse("r.yaml", "").expect("empty is valid").is_empty());
+        assert!(parse("r.yaml", "services: []\n").expect("valid").is_empty());
+    }
+
+    /// Each bad file must name the line and the field, and say how to fix it.
+    #[test]
+    fn errors_name_line_and_field() {
+        let cases: &[(&str, &str, &[&str])] = &[
+            (
+                "percent out of range",
+                "tunnel: {ipv4: 10.200.0.1:15001}\nservices:\n  - address: 10.96.0.10:80\n    offloadPercent: 150\n",
+                &["services[0].offloadPercent", "line 4", "0 to 100"],
+            ),
+            (
+                "bad address",
+                "tunnel: {ipv4: 10.200.0.1:15001}\nservices:\n  - address: 10.96.0:80\n    offloadPercent: 10\n",
+                &["services[0].address", "line 3", "IP:PORT"],
+            ),
+            (
+                "typo in a field name",
+                "services:\n  - address: 10.96.0.10:80\n    ofloadPercent: 10\n",
+                &["services[0]", "ofloadPercent", "line 3"],
+            ),
+            (
+                "missing percent",
+                "tunnel: {ipv4: 10.200.0.1:15001}\nservices:\n  - address: 10.96.0.10:80\n",
+                &["offloadPercent", "line 3"],
+            ),
+            (
+                "no tunnel for the family",
+                "tunnel: {ipv4: 10.200.0.1:15001}\nservices:\n  - address: 10.96.0.10:80\n    offloadPercent: 1\n  - address: \"[fd00::1]:80\"\n    offloadPercent: 1\n",
+                &["services[1].tunnel", "line 5", "tunnel.ipv6"],
+            ),
+            (
+                "family mismatch",
+                "services:\n  - address: 10.96.0.10:80\n    offloadPercent: 1\n    tunnel: \"[fd00::1]:1\"\n",
+                &["services[0].tunnel", "line 2", "different IP families"],
+            ),
+            (
+                "duplicate",
+                "tunnel: {ipv4: 10.200.0.1:15001}\nservices:\n  - address: 10.96.0.10:80\n    offloadPercent: 1\n  - address: 10.96.0.10:80\n    offloadPercent: 2\n",
+                &["services[1].address", "line 5", "twice"],
+            ),
+            (
+                "port 0",
+                "services:\n  - address: 10.96.0.10:0\n    offloadPercent: 1\n",
+                &["services[0].address", "line 2", "port 0"],
+            ),
+            ("not YAML", "services: [\n", &["line"]),
+        ];
+        for (name, text, needles) in cases {
+            let err = parse("r.yaml", text).expect_err(name).to_string();
+            for needle in *needles {
+                assert!(err.contains(needle), "{name}: `{err}` lacks `{needle}`");
+            }
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! Map types shared by the eBPF programs (`agent-ebpf`) and the agent's userspace.
+//!
+//! Every type is `#[repr(C)]` with explicit padding fields, so that keys hash the same on both
+//! sides (implicit padding would be hashed as garbage) and so that `bpftool map dump` can print
+//! them with field names from BTF. Addresses are byte arrays in network order and ports are in
+//! host order: that is what makes `bpftool` output readable (`"addr": [10,96,0,10,...]`,
+//! `"port": 80`) instead of byte-swapped integers.
+#![cfg_attr(not(feature = "user"), no_std)]
+
+/// Names of the maps, as pinned under the agent's bpffs directory (`/sys/fs/bpf/beamlit/`).
+pub mod map_names {
+    pub const SERVICES: &str = "services";
+    pub const SERVICE_COUNTERS: &str = "service_counters";
+    pub const SOCKETS: &str = "sockets";
+    pub const CONFIG: &str = "config";
+}
+
+/// Capacities. Userspace validates against these before it writes.
+pub const MAX_SERVICES: u32 = 65_536;
+/// Per-socket records of redirected connections. Entries are deleted at socket release; the LRU
+/// eviction only matters if a release is ever missed.
+pub const MAX_REDIRECTED_SOCKETS: u32 = 262_144;
+
+/// Offload share unit: basis points, 0..=10000.
+pub const SHARE_SCALE: u16 = 10_000;
+
+pub const FAMILY_INET: u8 = 4;
+pub const FAMILY_INET6: u8 = 6;
+/// IPPROTO_TCP. Model traffic is TCP; UDP is deliberately out of scope.
+pub const PROTO_TCP: u8 = 6;
+
+/// `ServiceEntry::flags`: redirection is allowed only while this bit is set. The agent clears it
+/// when the tunnel for the entry is not accepting connections, so new connections fail open
+/// to the local path.
+pub const FLAG_TUNNEL_READY: u16 = 1 << 0;
+
+/// Key of the `services` map: the address a client dials.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct ServiceKey {
+    /// IPv4 in the first 4 bytes (rest zero), or IPv6; network byte order.
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    /// `PROTO_TCP`.
+    pub proto: u8,
+    /// `FAMILY_INET` or `FAMILY_INET6`.
+    pub family: u8,
+}
+
+/// Value of the `services` map: where, and how often, to redirect new connections.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceEntry {
+    /// Tunnel address, same family as the key (connect6 can only write an IPv6 address).
+    pub tunnel_addr: [u8; 16],
+    /// Bumped by the agent on every change of the entry; shown by `inspect`, acknowledged to the
+    /// controller in cluster mode.
+    pub generation: u32,
+    /// Share of new connections redirected, in basis points (0..=10000).
+    pub share_bp: u16,
+    /// Host byte order.
+    pub tunnel_port: u16,
+    pub flags: u16,
+    pub tunnel_family: u8,
+    pub _pad: u8,
+}
+
+/// Value of the per-CPU `service_counters` map (same key as `services`). Summed over CPUs by
+/// userspace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceCounters {
+    /// Connects that went the local way (the random draw said so, or share 0).
+    pub local: u64,
+    /// Connects rewritten to the tunnel.
+    pub redirected: u64,
+    /// Connects that would have been redirected but failed open (tunnel not ready, family
+    /// mismatch, or the rewrite failed).
+    pub fail_open: u64,
+    /// Connects from the agent's own sockets (marked with the bypass mark), never redirected.
+    pub bypassed: u64,
+}
+
+/// Value of the `sockets` LRU map, keyed by socket cookie: the destination the client asked for,
+/// so that getpeername (and the tunnel) can report it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct OriginalDest {
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    pub family: u8,
+    pub proto: u8,
+}
+
+/// The single value of the `config` array map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AgentConfig {
+    /// Sockets whose SO_MARK equals this value are never redirected (the agent's own tunnel
+    /// sockets, which must be able to reach the real Service). 0 disables the check.
+    pub bypass_mark: u32,
+    pub _pad: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all types are repr(C), Copy, made only of integers and byte arrays, and have
+    // explicit padding fields, so every bit pattern is valid and none is uninitialised.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceEntry {}
+    unsafe impl aya::Pod for super::ServiceCounters {}
+    unsafe impl aya::Pod for super::OriginalDest {}
+    unsafe impl aya::Pod for super::AgentConfig {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        // Sum of field sizes == struct size: nothing the compiler inserted gets hashed.
+        assert_eq!(size_of::<ServiceKey>(), 16 + 2 + 1 + 1);
+        assert_eq!(size_of::<ServiceEntry>(), 16 + 4 + 2 + 2 + 2 + 1 + 1);
+        assert_eq!(size_of::<ServiceCounters>(), 4 * 8);
+        assert_eq!(size_of::<OriginalDest>(), 16 + 2 + 1 + 1);
+        assert_eq!(size_of::<AgentConfig>(), 8);
+    }
+}
