@@ -139,7 +139,10 @@ fn decide(
         family,
         proto: key.proto,
     };
-    if SOCKETS.insert(&cookie, &original, u64::from(BPF_ANY)).is_err() {
+    if SOCKETS
+        .insert(&cookie, &original, u64::from(BPF_ANY))
+        .is_err()
+    {
         return Outcome::FailOpen;
     }
     write_addr(sa, family, &entry.tunnel_addr, entry.tunnel_port);

@@ -67,7 +67,21 @@ pub enum EbpfLogLevel {
     Trace,
 }
 
+/// The `log` target of records coming from the eBPF programs (their crate name).
+pub const EBPF_LOG_TARGET: &str = "beamlit_agent_ebpf";
+
 impl EbpfLogLevel {
+    pub fn as_tracing(self) -> Option<tracing::Level> {
+        match self {
+            Self::Off => None,
+            Self::Error => Some(tracing::Level::ERROR),
+            Self::Warn => Some(tracing::Level::WARN),
+            Self::Info => Some(tracing::Level::INFO),
+            Self::Debug => Some(tracing::Level::DEBUG),
+            Self::Trace => Some(tracing::Level::TRACE),
+        }
+    }
+
     /// The value of aya-log-ebpf's `AYA_LOG_LEVEL` global (0 = off, then aya's Level order).
     fn as_global(self) -> u8 {
         self as u8

@@ -79,14 +79,24 @@ fn parse_mark(s: &str) -> Result<u32, String> {
 }
 
 fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if let Command::Run(args) = &cli.command
+        && let Some(level) = args.ebpf_log_level.as_tracing()
+    {
+        // Records from the eBPF programs carry the eBPF crate as their target; the level chosen
+        // at load time decides what they send, so let all of it through.
+        filter = filter.add_directive(
+            format!("{}={level}", dataplane::EBPF_LOG_TARGET)
+                .parse()
+                .context("eBPF log filter")?,
+        );
+    }
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run(&cli.bpffs, args),
         Command::Check { routes } => {

@@ -1,0 +1,194 @@
+//! A `beamlit-agent run` process for tests, benchmarks and the demo: its own bpffs directory,
+//! attached to a test cgroup, following a routes file the caller edits. Drop stops it and runs
+//! `beamlit-agent cleanup`, so no pin or attachment outlives the test.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+
+use crate::{
+    naming,
+    probe::agent_bin,
+    process::{ChildGuard, spawn},
+};
+
+pub struct AgentFixture {
+    child: Option<ChildGuard>,
+    bpffs: PathBuf,
+    cgroup: PathBuf,
+    workdir: PathBuf,
+    extra_args: Vec<String>,
+    starts: u32,
+}
+
+impl AgentFixture {
+    /// Starts an agent attached to `cgroup` (a test cgroup) with the given routes, and waits
+    /// until its maps hold them.
+    pub fn start(cgroup: &Path, routes_yaml: &str, extra_args: &[&str]) -> Result<Self> {
+        let name = naming::unique_name("beamlit-test-", "agent");
+        let workdir = std::env::temp_dir().join(&name);
+        fs::create_dir_all(&workdir).with_context(|| format!("creating {}", workdir.display()))?;
+        let mut agent = Self {
+            child: None,
+            bpffs: PathBuf::from("/sys/fs/bpf").join(&name),
+            cgroup: cgroup.to_path_buf(),
+            workdir,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            starts: 0,
+        };
+        agent.write_routes(routes_yaml)?;
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    pub fn routes_path(&self) -> PathBuf {
+        self.workdir.join("routes.yaml")
+    }
+
+    pub fn bpffs(&self) -> &Path {
+        &self.bpffs
+    }
+
+    /// The log of the current run (stdout and stderr).
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.workdir.join(format!("agent-{}.log", self.starts))
+    }
+
+    /// Replaces the routes file atomically (write + rename), as a ConfigMap update would.
+    pub fn write_routes(&self, yaml: &str) -> Result<()> {
+        let tmp = self.workdir.join("routes.yaml.tmp");
+        fs::write(&tmp, yaml)?;
+        fs::rename(&tmp, self.routes_path())?;
+        Ok(())
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        self.starts += 1;
+        let log = fs::File::create(self.log_path())?;
+        let mut cmd = Command::new(agent_bin());
+        cmd.arg("--bpffs")
+            .arg(&self.bpffs)
+            .arg("run")
+            .arg("--routes")
+            .arg(self.routes_path())
+            .arg("--cgroup")
+            .arg(&self.cgroup)
+            .args(&self.extra_args)
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        // The agent itself stays outside the test cgroup: it only loads programs.
+        self.child = Some(spawn(cmd, None)?);
+        self.wait_log("routes applied", Duration::from_secs(20))
+    }
+
+    /// Waits until the current run's log contains `needle`; fails early if the agent exits.
+    pub fn wait_log(&mut self, needle: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log().contains(needle) {
+                return Ok(());
+            }
+            if let Some(child) = &mut self.child
+                && let Some(status) = child.try_wait()?
+            {
+                bail!(
+                    "agent exited ({status}) before logging {needle:?}:\n{}",
+                    self.log()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "agent did not log {needle:?} within {timeout:?}:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, as a crash or an OOM kill would: nothing runs on the agent's side.
+    pub fn kill9(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+        }
+        Ok(())
+    }
+
+    /// Starts the agent again (after [`Self::kill9`]); it adopts the pinned state.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill9()?;
+        self.spawn()
+    }
+
+    /// `beamlit-agent inspect --json` on this agent's pins.
+    pub fn inspect(&self) -> Result<serde_json::Value> {
+        let out = Command::new(agent_bin())
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .args(["inspect", "--json"])
+            .output()?;
+        if !out.status.success() {
+            bail!("inspect failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        serde_json::from_slice(&out.stdout).context("parsing inspect --json")
+    }
+
+    /// The inspect row of one service address (as the agent prints it, e.g. `10.96.0.10:80`).
+    pub fn service(&self, address: &str) -> Result<serde_json::Value> {
+        let report = self.inspect()?;
+        report["services"]
+            .as_array()
+            .and_then(|s| s.iter().find(|row| row["address"] == address).cloned())
+            .ok_or_else(|| anyhow!("{address} not in the agent's maps: {report}"))
+    }
+
+    /// Waits until the service's share in the map is `share_bp` basis points.
+    pub fn wait_share(&self, address: &str, share_bp: u64, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let current = self.service(address).ok().map(|s| s["share_bp"].clone());
+            if current.as_ref().and_then(|v| v.as_u64()) == Some(share_bp) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{address} share is {current:?}, not {share_bp} bp:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for AgentFixture {
+    fn drop(&mut self) {
+        self.child.take();
+        let cleanup = Command::new(agent_bin())
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .arg("cleanup")
+            .stdout(Stdio::null())
+            .status();
+        if !cleanup.is_ok_and(|s| s.success()) {
+            eprintln!(
+                "agent cleanup failed for {}; removing pins",
+                self.bpffs.display()
+            );
+        }
+        // Backstop: unlinking pins on bpffs detaches links and frees maps.
+        let _ = fs::remove_dir_all(&self.bpffs);
+        let _ = fs::remove_dir_all(&self.workdir);
+    }
+}

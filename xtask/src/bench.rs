@@ -1,0 +1,246 @@
+//! `cargo xtask bench dataplane`: the cost of the agent on connections it does not redirect.
+//!
+//! One topology, two sibling test cgroups: the agent's programs are attached to one ("with
+//! agent", 10 000 services in the map, all at share 0) and not to the other ("without agent").
+//! The same client pod runs wrk (a new connection per request) and a connect-latency probe from
+//! each cgroup in alternating rounds, against nginx behind the same Service address, so both
+//! sides see the same machine state. Kernel BPF statistics give the programs' own run time.
+use std::{
+    fmt::Write as _,
+    fs,
+    os::fd::{FromRawFd, OwnedFd},
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use beamlit_testbed::{
+    AgentFixture, ChildGuard, Netns, ProbeOptions, TestCgroup, Topology, require_privileges,
+    run_in, run_probe, spawn,
+};
+
+const SERVICE: &str = "10.96.0.10:80";
+const SERVICES_IN_MAP: usize = 10_000;
+const ROUNDS: usize = 3;
+const WRK_SECONDS: u32 = 5;
+const WRK_CONNECTIONS: u32 = 32;
+const CONNECTS_PER_ROUND: u64 = 3000;
+
+#[derive(Default)]
+struct Side {
+    requests_per_sec: Vec<f64>,
+    connect_p50_us: Vec<f64>,
+    connect_p99_us: Vec<f64>,
+}
+
+pub fn dataplane() -> Result<()> {
+    if !require_privileges() {
+        bail!("the benchmark loads eBPF programs and creates network namespaces: run it as root");
+    }
+    crate::cargo(&["build", "--release", "-p", "beamlit-agent", "-p", "beamlit-testbed", "--bins"])?;
+    let release = crate::project_root().join("target/release");
+    // SAFETY: single-threaded at this point; the testbed reads these when it starts processes.
+    unsafe {
+        std::env::set_var("BEAMLIT_AGENT_BIN", release.join("beamlit-agent"));
+        std::env::set_var("BEAMLIT_NETPROBE_BIN", release.join("netprobe"));
+    }
+
+    let mut topology = Topology::new("bench")?;
+    let client = topology.add_pod("client")?;
+    let backend = topology.add_pod("backend")?;
+    let workdir = std::env::temp_dir().join(format!("beamlit-bench-{}", std::process::id()));
+    let _nginx = Nginx::start(&backend.netns, &workdir, backend.ipv4.to_string().as_str())?;
+    topology.add_service(SERVICE.parse()?, (backend.ipv4, 8080).into())?;
+
+    let without = TestCgroup::new("benchoff")?;
+    let with = TestCgroup::new("benchon")?;
+    println!("[bench] writing {SERVICES_IN_MAP} services at share 0 into the agent's map");
+    let agent = AgentFixture::start(with.path(), &routes(), &[])?;
+    let services = agent.inspect()?["services"]
+        .as_array()
+        .map_or(0, Vec::len);
+    if services != SERVICES_IN_MAP {
+        bail!("the agent holds {services} services, expected {SERVICES_IN_MAP}");
+    }
+    let stats = enable_bpf_stats()?;
+    let runs_before = program_stats(&agent, "connect4")?;
+
+    let (mut off, mut on) = (Side::default(), Side::default());
+    for round in 1..=ROUNDS {
+        for (label, cgroup, side) in [
+            ("without agent", &without, &mut off),
+            ("with agent", &with, &mut on),
+        ] {
+            let rps = wrk(&client.netns, cgroup.path())?;
+            let mut probe = ProbeOptions::new(SERVICE.parse()?, CONNECTS_PER_ROUND);
+            probe.http = true;
+            let report = run_probe(&client.netns, Some(cgroup.path()), &probe)?;
+            if report.failed > 0 {
+                bail!("{label}: {} of {} connects failed: {report:?}", report.failed, report.attempts);
+            }
+            println!(
+                "[bench] round {round} {label:>13}: {rps:>9.0} req/s, connect p50 {:.0} µs, p99 {:.0} µs",
+                report.connect_us.p50, report.connect_us.p99
+            );
+            side.requests_per_sec.push(rps);
+            side.connect_p50_us.push(report.connect_us.p50);
+            side.connect_p99_us.push(report.connect_us.p99);
+        }
+    }
+    let (runs, run_ns) = {
+        let (r1, t1) = program_stats(&agent, "connect4")?;
+        (r1 - runs_before.0, t1 - runs_before.1)
+    };
+    drop(stats);
+
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let ratio = median(&on.requests_per_sec) / median(&off.requests_per_sec);
+    let avg_ns = if runs > 0 { run_ns as f64 / runs as f64 } else { f64::NAN };
+    let mut out = String::new();
+    writeln!(
+        out,
+        "\ndataplane benchmark: medians of {ROUNDS} alternating rounds; wrk -t1 -c{WRK_CONNECTIONS} \
+         -d{WRK_SECONDS}s with a new connection per request; {CONNECTS_PER_ROUND} probe connects"
+    )?;
+    writeln!(out, "{:<24}{:>16}{:>34}{:>10}", "", "without agent", format!("with agent ({SERVICES_IN_MAP} svcs, share 0)"), "ratio")?;
+    for (name, a, b) in [
+        ("requests/s", &off.requests_per_sec, &on.requests_per_sec),
+        ("connect p50 (µs)", &off.connect_p50_us, &on.connect_p50_us),
+        ("connect p99 (µs)", &off.connect_p99_us, &on.connect_p99_us),
+    ] {
+        let (a, b) = (median(a), median(b));
+        writeln!(out, "{name:<24}{a:>16.1}{b:>34.1}{:>10.3}", b / a)?;
+    }
+    writeln!(
+        out,
+        "connect4 average run time: {avg_ns:.0} ns over {runs} runs (kernel BPF stats)"
+    )?;
+    writeln!(
+        out,
+        "targets: connect4 ≤ 200 ns: {}; throughput ratio ≥ 0.98: {} ({ratio:.3})",
+        verdict(avg_ns <= 200.0),
+        verdict(ratio >= 0.98)
+    )?;
+    print!("{out}");
+    let _ = fs::remove_dir_all(&workdir);
+    Ok(())
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "MISSED" }
+}
+
+fn routes() -> String {
+    let mut yaml = String::from("tunnel:\n  ipv4: 10.200.0.1:15001\nservices:\n");
+    yaml.push_str(&format!("  - address: {SERVICE}\n    offloadPercent: 0\n"));
+    for i in 1..SERVICES_IN_MAP {
+        let _ = write!(
+            yaml,
+            "  - address: 10.97.{}.{}:80\n    offloadPercent: 0\n",
+            i / 250,
+            i % 250 + 1
+        );
+    }
+    yaml
+}
+
+fn wrk(ns: &Netns, cgroup: &Path) -> Result<f64> {
+    let mut cmd = ns.cmd("wrk");
+    cmd.args([
+        "-t1",
+        &format!("-c{WRK_CONNECTIONS}"),
+        &format!("-d{WRK_SECONDS}s"),
+        "-H",
+        "Connection: close",
+        &format!("http://{SERVICE}/"),
+    ]);
+    let out = run_in(Some(cgroup), cmd)?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    }
+    if let Some(errors) = text.lines().find(|l| l.contains("Socket errors")) {
+        println!("[bench] wrk: {}", errors.trim());
+    }
+    text.lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no Requests/sec in wrk output:\n{text}"))
+}
+
+/// (run count, run time ns) of one of the agent's programs.
+fn program_stats(agent: &AgentFixture, name: &str) -> Result<(u64, u64)> {
+    let report = agent.inspect()?;
+    let program = report["programs"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["name"] == name))
+        .with_context(|| format!("{name} not in inspect output"))?;
+    Ok((
+        program["run_count"].as_u64().unwrap_or(0),
+        program["run_time_ns"].as_u64().unwrap_or(0),
+    ))
+}
+
+/// BPF_ENABLE_STATS(BPF_STATS_RUN_TIME): the kernel times programs while the returned fd is
+/// open, without touching the machine-wide sysctl.
+fn enable_bpf_stats() -> Result<OwnedFd> {
+    const BPF_ENABLE_STATS: libc::c_long = 32;
+    let mut attr = [0u64; 16];
+    // SAFETY: attr is a zeroed bpf_attr; enable_stats.type = BPF_STATS_RUN_TIME (0).
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_ENABLE_STATS,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr) as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        bail!("BPF_ENABLE_STATS: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new fd that we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Debian's nginx in the backend pod, with its own config, pid file and logs in a temp dir.
+struct Nginx {
+    _child: ChildGuard,
+}
+
+impl Nginx {
+    fn start(ns: &Netns, workdir: &Path, listen_ip: &str) -> Result<Self> {
+        fs::create_dir_all(workdir)?;
+        let conf = workdir.join("nginx.conf");
+        fs::write(
+            &conf,
+            format!(
+                "daemon off;\nworker_processes 1;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\n\
+                 events {{ worker_connections 4096; }}\n\
+                 http {{\n  access_log off;\n  client_body_temp_path {dir};\n  proxy_temp_path {dir};\n  \
+                 fastcgi_temp_path {dir};\n  uwsgi_temp_path {dir};\n  scgi_temp_path {dir};\n  \
+                 server {{\n    listen {listen_ip}:8080 backlog=4096;\n    \
+                 location / {{ add_header X-Served-By nginx; return 200 \"nginx\\n\"; }}\n  }}\n}}\n",
+                dir = workdir.display()
+            ),
+        )?;
+        let mut cmd = ns.cmd("nginx");
+        cmd.arg("-c").arg(&conf).arg("-p").arg(workdir);
+        let child = spawn(cmd, None)?;
+        // Ready once the port answers, checked from inside the backend's namespace.
+        for _ in 0..100 {
+            let probe = ns
+                .cmd("bash")
+                .args(["-c", &format!("exec 3<>/dev/tcp/{listen_ip}/8080")])
+                .output()?;
+            if probe.status.success() {
+                return Ok(Self { _child: child });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("nginx did not start; see {}/error.log", workdir.display())
+    }
+}

@@ -1,0 +1,108 @@
+//! Project tasks: `cargo xtask <setup|test|demo|bench>`.
+mod setup;
+
+use std::{
+    path::PathBuf,
+    process::{Command, ExitStatus},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+/// Tasks of the Beamlit offloading agent's repository.
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build needs (apt packages, pinned toolchains, bpf-linker, bpffs).
+    /// Idempotent: a second run only checks.
+    Setup,
+    /// Run every check: rustfmt, clippy, unit tests and the privileged tests (root, real kernel,
+    /// test-made cgroups and network namespaces). Runs `setup` first.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.task {
+        Task::Setup => setup::setup(),
+        Task::Test { args } => test(&args),
+    }
+}
+
+fn test(extra: &[String]) -> anyhow::Result<()> {
+    if !is_root() {
+        let hint = "the privileged tests load eBPF programs and create network namespaces";
+        if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
+            bail!("`cargo xtask test` must run as root in CI: {hint}");
+        }
+        eprintln!("warning: not root; {hint}, so they will be skipped");
+    }
+    setup::setup()?;
+    let root = project_root();
+    println!("[test] cargo fmt --check");
+    cargo(&["fmt", "--all", "--check"])?;
+    println!("[test] cargo clippy");
+    // Default members: agent-ebpf is built for the BPF target by agent/build.rs, not for the host.
+    cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+    println!("[test] building binaries");
+    cargo(&["build", "--bins"])?;
+    println!("[test] cargo test");
+    let target = root.join("target/debug");
+    let mut test = Command::new("cargo");
+    test.arg("test")
+        .args(extra)
+        .env("BEAMLIT_AGENT_BIN", target.join("beamlit-agent"))
+        .env("BEAMLIT_NETPROBE_BIN", target.join("netprobe"))
+        .current_dir(&root);
+    run_status(&mut test)
+}
+
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let mut c = Command::new("cargo");
+    c.args(args).current_dir(project_root());
+    run_status(&mut c)
+}
+
+pub(crate) struct Cmd(Command);
+
+pub(crate) fn cmd(program: &str, args: &[&str]) -> Cmd {
+    let mut c = Command::new(program);
+    c.args(args);
+    Cmd(c)
+}
+
+impl Cmd {
+    pub(crate) fn run(mut self) -> anyhow::Result<()> {
+        run_status(&mut self.0)
+    }
+}
+
+pub(crate) fn run_status(c: &mut Command) -> anyhow::Result<()> {
+    let status: ExitStatus = c.status().with_context(|| format!("starting {c:?}"))?;
+    if !status.success() {
+        bail!("{c:?} failed: {status}");
+    }
+    Ok(())
+}
+
+pub(crate) fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+pub(crate) fn project_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
