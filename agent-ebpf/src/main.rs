@@ -16,7 +16,7 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_ANY, bpf_sock, bpf_sock_addr},
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie},
     macros::{btf_map, cgroup_sock, cgroup_sock_addr},
     programs::{SockAddrContext, SockContext},
@@ -35,9 +35,10 @@ const SOCK_STREAM: u32 = 1;
 #[btf_map(name = "services", pin_by_name)]
 static SERVICES: HashMap<ServiceKey, ServiceEntry, { MAX_SERVICES as usize }> = HashMap::new();
 
+/// Indexed by `ServiceEntry::counter_slot`.
 #[btf_map(name = "service_counters", pin_by_name)]
-static SERVICE_COUNTERS: PerCpuHashMap<ServiceKey, ServiceCounters, { MAX_SERVICES as usize }> =
-    PerCpuHashMap::new();
+static SERVICE_COUNTERS: PerCpuArray<ServiceCounters, { MAX_SERVICES as usize }> =
+    PerCpuArray::new();
 
 /// Socket cookie -> the Service address the socket dialled. Written only for redirected sockets.
 #[btf_map(name = "sockets", pin_by_name)]
@@ -99,7 +100,7 @@ fn on_connect(ctx: &SockAddrContext, family: u8) {
         return;
     };
     let outcome = decide(ctx, sa, &key, &entry, family);
-    count(&key, outcome);
+    count(entry.counter_slot, outcome);
 }
 
 #[derive(Clone, Copy)]
@@ -118,13 +119,20 @@ fn decide(
     entry: &ServiceEntry,
     family: u8,
 ) -> Outcome {
+    // Draw first: at share 0 (the common state) nothing else is needed.
+    if entry.share_bp == 0 {
+        return Outcome::Local;
+    }
+    if entry.share_bp < SHARE_SCALE {
+        // SAFETY: the helper has no preconditions.
+        let draw = unsafe { bpf_get_prandom_u32() } % u32::from(SHARE_SCALE);
+        if draw >= u32::from(entry.share_bp) {
+            return Outcome::Local;
+        }
+    }
+    // Only connections that would be redirected need the exemption check.
     if is_bypassed(sa) {
         return Outcome::Bypassed;
-    }
-    // SAFETY: the helper has no preconditions.
-    let draw = unsafe { bpf_get_prandom_u32() } % u32::from(SHARE_SCALE);
-    if draw >= u32::from(entry.share_bp) {
-        return Outcome::Local;
     }
     if entry.flags & FLAG_TUNNEL_READY == 0 || entry.tunnel_family != family {
         return Outcome::FailOpen;
@@ -172,10 +180,9 @@ fn is_bypassed(sa: *mut bpf_sock_addr) -> bool {
 }
 
 #[inline(always)]
-fn count(key: &ServiceKey, outcome: Outcome) {
-    // Counters exist only for services userspace installed; the programs never create entries,
-    // so a service removed by userspace cannot be resurrected here by a racing connect.
-    let Some(counters) = SERVICE_COUNTERS.get_ptr_mut(key) else {
+fn count(slot: u32, outcome: Outcome) {
+    // Userspace zeroes a slot before it gives it to a service, so the counts start at 0.
+    let Some(counters) = SERVICE_COUNTERS.get_ptr_mut(slot) else {
         return;
     };
     // SAFETY: per-CPU value, and these programs run with migration disabled, so nothing else

@@ -48,7 +48,7 @@ pub fn report(dir: &Path) -> anyhow::Result<Report> {
     let maps = PinnedMaps::open(dir)?;
     let mut services = Vec::new();
     for (key, entry) in maps.services()? {
-        let counters = maps.counters(&key)?;
+        let counters = maps.counters(&entry)?;
         let route = model::entry_route(&key, &entry);
         services.push(ServiceRow {
             address: route.map_or_else(|| format!("{key:?}"), |r| r.service.to_string()),

@@ -5,15 +5,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuHashMap, PerCpuValues};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
 use beamlit_common::{
     AgentConfig, OriginalDest, ServiceCounters, ServiceEntry, ServiceKey, map_names,
 };
 
 use crate::plan::Change;
-
-/// bpf_map_update_elem flag: fail if the key exists.
-const BPF_NOEXIST: u64 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
@@ -31,7 +28,7 @@ pub enum MapsError {
 pub struct PinnedMaps {
     dir: PathBuf,
     services: HashMap<MapData, ServiceKey, ServiceEntry>,
-    counters: PerCpuHashMap<MapData, ServiceKey, ServiceCounters>,
+    counters: PerCpuArray<MapData, ServiceCounters>,
     // aya reads LRU hash maps through its HashMap type.
     sockets: HashMap<MapData, u64, OriginalDest>,
     config: Array<MapData, AgentConfig>,
@@ -55,9 +52,9 @@ impl PinnedMaps {
             .map_err(|source| self.err(map_names::SERVICES, source))
     }
 
-    /// Counters summed over CPUs; zero for a service without counters.
-    pub fn counters(&self, key: &ServiceKey) -> Result<ServiceCounters, MapsError> {
-        match self.counters.get(key, 0) {
+    /// A service's counters, summed over CPUs.
+    pub fn counters(&self, entry: &ServiceEntry) -> Result<ServiceCounters, MapsError> {
+        match self.counters.get(&entry.counter_slot, 0) {
             Ok(per_cpu) => {
                 Ok(per_cpu
                     .iter()
@@ -68,7 +65,6 @@ impl PinnedMaps {
                         bypassed: a.bypassed + c.bypassed,
                     }))
             }
-            Err(MapError::KeyNotFound) => Ok(ServiceCounters::default()),
             Err(source) => Err(self.err(map_names::SERVICE_COUNTERS, source)),
         }
     }
@@ -94,46 +90,40 @@ impl PinnedMaps {
         result.map_err(|source| self.err(map_names::CONFIG, source))
     }
 
-    /// Applies changes from [`crate::plan::plan`]. Counters are created (zeroed) before the
-    /// service entry and removed after it, so the eBPF side always finds counters for an entry it
-    /// can see, and never recreates counters for a removed service.
+    /// Applies changes from [`crate::plan::plan`]. A fresh counter slot is zeroed before the
+    /// entry that points to it becomes visible to the programs.
     pub fn apply(&mut self, changes: &[Change]) -> Result<(), MapsError> {
         for change in changes {
             match change {
-                Change::Upsert(key, entry) => {
-                    let service = describe(key);
-                    let zeros = zeroed_counters().map_err(|e| MapsError::Write {
-                        service: service.clone(),
-                        source: MapError::IoError(e),
-                    })?;
-                    // BPF_NOEXIST: keep the counts of a service that is only being updated.
-                    match self.counters.insert(key, zeros, BPF_NOEXIST) {
-                        Ok(()) => {}
-                        Err(MapError::SyscallError(e))
-                            if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-                        Err(source) => {
-                            return Err(MapsError::Write { service, source });
-                        }
+                Change::Upsert {
+                    key,
+                    entry,
+                    fresh_slot,
+                } => {
+                    let write_err = |source| MapsError::Write {
+                        service: describe(key),
+                        source,
+                    };
+                    if *fresh_slot {
+                        let zeros =
+                            zeroed_counters().map_err(|e| write_err(MapError::IoError(e)))?;
+                        self.counters
+                            .set(entry.counter_slot, zeros, 0)
+                            .map_err(write_err)?;
                     }
-                    self.services
-                        .insert(key, entry, 0)
-                        .map_err(|source| MapsError::Write { service, source })?;
+                    self.services.insert(key, entry, 0).map_err(write_err)?;
                 }
-                Change::Remove(key) => {
-                    for result in [self.services.remove(key), self.counters.remove(key)] {
-                        match result {
-                            Ok(()) | Err(MapError::KeyNotFound) => {}
-                            Err(MapError::SyscallError(e))
-                                if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-                            Err(source) => {
-                                return Err(MapsError::Write {
-                                    service: describe(key),
-                                    source,
-                                });
-                            }
-                        }
+                Change::Remove(key) => match self.services.remove(key) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(MapError::SyscallError(e))
+                        if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(source) => {
+                        return Err(MapsError::Write {
+                            service: describe(key),
+                            source,
+                        });
                     }
-                }
+                },
             }
         }
         Ok(())

@@ -56,7 +56,7 @@ pub fn service_key(addr: SocketAddr) -> ServiceKey {
     }
 }
 
-pub fn service_entry(route: &Route, generation: u32) -> ServiceEntry {
+pub fn service_entry(route: &Route, generation: u32, counter_slot: u32) -> ServiceEntry {
     let (tunnel_family, tunnel_addr) = ip_bytes(route.tunnel.ip());
     ServiceEntry {
         tunnel_addr,
@@ -70,6 +70,7 @@ pub fn service_entry(route: &Route, generation: u32) -> ServiceEntry {
         },
         tunnel_family,
         _pad: 0,
+        counter_slot,
     }
 }
 
@@ -152,8 +153,8 @@ mod tests {
                 tunnel_ready: true,
             };
             let key = service_key(route.service);
-            let entry = service_entry(&route, 7);
-            assert_eq!(entry.generation, 7);
+            let entry = service_entry(&route, 7, 3);
+            assert_eq!((entry.generation, entry.counter_slot), (7, 3));
             assert_eq!(entry_route(&key, &entry), Some(route));
         }
     }

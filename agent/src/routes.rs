@@ -51,39 +51,55 @@ struct RoutesFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DefaultTunnel {
-    ipv4: Option<Address>,
-    ipv6: Option<Address>,
+    #[serde(default, deserialize_with = "tunnel_ipv4")]
+    ipv4: Option<SocketAddr>,
+    #[serde(default, deserialize_with = "tunnel_ipv6")]
+    ipv6: Option<SocketAddr>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct ServiceSpec {
-    address: Address,
+    #[serde(deserialize_with = "service_address")]
+    address: SocketAddr,
     offload_percent: Percent,
-    #[serde(default)]
-    tunnel: Option<Address>,
+    #[serde(default, deserialize_with = "service_tunnel")]
+    tunnel: Option<SocketAddr>,
+}
+
+// serde_yaml locates an error raised after a string was read at the enclosing mapping, so each
+// address field names itself in its message.
+fn service_address<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    address("address", d)
+}
+
+fn service_tunnel<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    address("tunnel", d).map(Some)
+}
+
+fn tunnel_ipv4<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    address("tunnel.ipv4", d).map(Some)
+}
+
+fn tunnel_ipv6<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    address("tunnel.ipv6", d).map(Some)
 }
 
 /// `IP:PORT`, port not 0.
-#[derive(Debug, Clone, Copy)]
-struct Address(SocketAddr);
-
-impl<'de> Deserialize<'de> for Address {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        let addr: SocketAddr = text.parse().map_err(|_| {
-            serde::de::Error::custom(format_args!(
-                "`{text}` is not IP:PORT; write 10.96.0.10:80, or [fd00::10]:80 for IPv6 \
-                 (quoted in YAML)"
-            ))
-        })?;
-        if addr.port() == 0 {
-            return Err(serde::de::Error::custom(format_args!(
-                "`{text}` has port 0; give the port clients connect to"
-            )));
-        }
-        Ok(Address(addr))
+fn address<'de, D: Deserializer<'de>>(field: &str, d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    let addr: SocketAddr = text.parse().map_err(|_| {
+        serde::de::Error::custom(format_args!(
+            "{field}: `{text}` is not IP:PORT; write 10.96.0.10:80, or \"[fd00::10]:80\" for \
+             IPv6 (quoted in YAML)"
+        ))
+    })?;
+    if addr.port() == 0 {
+        return Err(serde::de::Error::custom(format_args!(
+            "{field}: `{text}` has port 0; give the port clients connect to"
+        )));
     }
+    Ok(addr)
 }
 
 /// 0..=100, at most two decimals matter (the data plane counts in basis points).
@@ -134,8 +150,8 @@ pub fn parse(path_label: &str, text: &str) -> Result<Vec<Route>, RoutesError> {
     let mut routes = Vec::with_capacity(file.services.len());
     let mut search_from = 0;
     for (index, spec) in file.services.iter().enumerate() {
-        let service = spec.address.0;
-        let line = line_of(text, &spec.address, &mut search_from);
+        let service = spec.address;
+        let line = line_of(text, service, &mut search_from);
         let invalid = |field: &str, message: String| RoutesError::Invalid {
             path: path_label.to_string(),
             line,
@@ -152,7 +168,7 @@ pub fn parse(path_label: &str, text: &str) -> Result<Vec<Route>, RoutesError> {
             .tunnel
             .as_ref()
             .and_then(|t| if service.is_ipv4() { t.ipv4 } else { t.ipv6 });
-        let Some(tunnel) = spec.tunnel.or(default).map(|a| a.0) else {
+        let Some(tunnel) = spec.tunnel.or(default) else {
             let family = if service.is_ipv4() { "ipv4" } else { "ipv6" };
             return Err(invalid(
                 "tunnel",
@@ -193,9 +209,9 @@ pub fn load(path: &Path) -> Result<Vec<Route>, RoutesError> {
 
 /// 1-based line of the service's `address:` entry: the first line from `from` on that mentions
 /// the address as written or in canonical form.
-fn line_of(text: &str, address: &Address, from: &mut usize) -> usize {
-    let canonical = address.0.to_string();
-    let ip = address.0.ip().to_string();
+fn line_of(text: &str, address: SocketAddr, from: &mut usize) -> usize {
+    let canonical = address.to_string();
+    let ip = address.ip().to_string();
     for (n, line) in text.lines().enumerate().skip(*from) {
         if line.contains("address") && (line.contains(&canonical) || line.contains(&ip)) {
             *from = n + 1;
@@ -250,7 +266,7 @@ services:
             (
                 "bad address",
                 "tunnel: {ipv4: 10.200.0.1:15001}\nservices:\n  - address: 10.96.0:80\n    offloadPercent: 10\n",
-                &["services[0].address", "line 3", "IP:PORT"],
+                &["services[0]", "address: `10.96.0:80`", "line 3", "IP:PORT"],
             ),
             (
                 "typo in a field name",
@@ -280,7 +296,7 @@ services:
             (
                 "port 0",
                 "services:\n  - address: 10.96.0.10:0\n    offloadPercent: 1\n",
-                &["services[0].address", "line 2", "port 0"],
+                &["services[0]", "address: `10.96.0.10:0`", "line 2", "port 0"],
             ),
             ("not YAML", "services: [\n", &["line"]),
         ];

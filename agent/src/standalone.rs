@@ -24,7 +24,7 @@ impl Standalone {
     fn apply_text(&self, dataplane: &mut Dataplane, text: &str) -> anyhow::Result<()> {
         let desired = routes::parse(&self.routes_path.display().to_string(), text)?;
         let current = dataplane.maps.services()?;
-        let changes = plan::plan(&current, &desired);
+        let changes = plan::plan(&current, &desired)?;
         dataplane.maps.apply(&changes)?;
         let removed = changes
             .iter()

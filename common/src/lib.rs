@@ -64,10 +64,13 @@ pub struct ServiceEntry {
     pub flags: u16,
     pub tunnel_family: u8,
     pub _pad: u8,
+    /// Index of this service's counters in the per-CPU `service_counters` array. An array index
+    /// instead of a second hash lookup keeps connect4 cheap; userspace allocates slots.
+    pub counter_slot: u32,
 }
 
-/// Value of the per-CPU `service_counters` map (same key as `services`). Summed over CPUs by
-/// userspace.
+/// Value of the per-CPU `service_counters` array, at `ServiceEntry::counter_slot`. Summed over
+/// CPUs by userspace.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ServiceCounters {
@@ -78,7 +81,8 @@ pub struct ServiceCounters {
     /// Connects that would have been redirected but failed open (tunnel not ready, family
     /// mismatch, or the rewrite failed).
     pub fail_open: u64,
-    /// Connects from the agent's own sockets (marked with the bypass mark), never redirected.
+    /// Connects that the draw would have redirected but that came from the agent's own sockets
+    /// (marked with the bypass mark), so went the local way.
     pub bypassed: u64,
 }
 
@@ -124,7 +128,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         // Sum of field sizes == struct size: nothing the compiler inserted gets hashed.
         assert_eq!(size_of::<ServiceKey>(), 16 + 2 + 1 + 1);
-        assert_eq!(size_of::<ServiceEntry>(), 16 + 4 + 2 + 2 + 2 + 1 + 1);
+        assert_eq!(size_of::<ServiceEntry>(), 16 + 4 + 2 + 2 + 2 + 1 + 1 + 4);
         assert_eq!(size_of::<ServiceCounters>(), 4 * 8);
         assert_eq!(size_of::<OriginalDest>(), 16 + 2 + 1 + 1);
         assert_eq!(size_of::<AgentConfig>(), 8);

@@ -37,7 +37,15 @@ pub fn dataplane() -> Result<()> {
     if !require_privileges() {
         bail!("the benchmark loads eBPF programs and creates network namespaces: run it as root");
     }
-    crate::cargo(&["build", "--release", "-p", "beamlit-agent", "-p", "beamlit-testbed", "--bins"])?;
+    crate::cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "beamlit-agent",
+        "-p",
+        "beamlit-testbed",
+        "--bins",
+    ])?;
     let release = crate::project_root().join("target/release");
     // SAFETY: single-threaded at this point; the testbed reads these when it starts processes.
     unsafe {
@@ -56,9 +64,7 @@ pub fn dataplane() -> Result<()> {
     let with = TestCgroup::new("benchon")?;
     println!("[bench] writing {SERVICES_IN_MAP} services at share 0 into the agent's map");
     let agent = AgentFixture::start(with.path(), &routes(), &[])?;
-    let services = agent.inspect()?["services"]
-        .as_array()
-        .map_or(0, Vec::len);
+    let services = agent.inspect()?["services"].as_array().map_or(0, Vec::len);
     if services != SERVICES_IN_MAP {
         bail!("the agent holds {services} services, expected {SERVICES_IN_MAP}");
     }
@@ -76,15 +82,19 @@ pub fn dataplane() -> Result<()> {
             probe.http = true;
             let report = run_probe(&client.netns, Some(cgroup.path()), &probe)?;
             if report.failed > 0 {
-                bail!("{label}: {} of {} connects failed: {report:?}", report.failed, report.attempts);
+                bail!(
+                    "{label}: {} of {} connects failed: {report:?}",
+                    report.failed,
+                    report.attempts
+                );
             }
             println!(
                 "[bench] round {round} {label:>13}: {rps:>9.0} req/s, connect p50 {:.0} µs, p99 {:.0} µs",
                 report.connect_us.p50, report.connect_us.p99
             );
             side.requests_per_sec.push(rps);
-            side.connect_p50_us.push(report.connect_us.p50);
-            side.connect_p99_us.push(report.connect_us.p99);
+            side.connect_p50_us.push(report.connect_us.p50 as f64);
+            side.connect_p99_us.push(report.connect_us.p99 as f64);
         }
     }
     let (runs, run_ns) = {
@@ -99,14 +109,25 @@ pub fn dataplane() -> Result<()> {
         v[v.len() / 2]
     };
     let ratio = median(&on.requests_per_sec) / median(&off.requests_per_sec);
-    let avg_ns = if runs > 0 { run_ns as f64 / runs as f64 } else { f64::NAN };
+    let avg_ns = if runs > 0 {
+        run_ns as f64 / runs as f64
+    } else {
+        f64::NAN
+    };
     let mut out = String::new();
     writeln!(
         out,
         "\ndataplane benchmark: medians of {ROUNDS} alternating rounds; wrk -t1 -c{WRK_CONNECTIONS} \
          -d{WRK_SECONDS}s with a new connection per request; {CONNECTS_PER_ROUND} probe connects"
     )?;
-    writeln!(out, "{:<24}{:>16}{:>34}{:>10}", "", "without agent", format!("with agent ({SERVICES_IN_MAP} svcs, share 0)"), "ratio")?;
+    writeln!(
+        out,
+        "{:<24}{:>16}{:>34}{:>10}",
+        "",
+        "without agent",
+        format!("with agent ({SERVICES_IN_MAP} svcs, share 0)"),
+        "ratio"
+    )?;
     for (name, a, b) in [
         ("requests/s", &off.requests_per_sec, &on.requests_per_sec),
         ("connect p50 (µs)", &off.connect_p50_us, &on.connect_p50_us),
@@ -206,7 +227,8 @@ fn enable_bpf_stats() -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// Debian's nginx in the backend pod, with its own config, pid file and logs in a temp dir.
+/// Debian's nginx in the backend pod, with its own config, pid file and logs in a temp dir. One
+/// process (`master_process off`): killing it leaves no orphaned worker holding the namespace.
 struct Nginx {
     _child: ChildGuard,
 }
@@ -218,7 +240,7 @@ impl Nginx {
         fs::write(
             &conf,
             format!(
-                "daemon off;\nworker_processes 1;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\n\
+                "daemon off;\nmaster_process off;\nworker_processes 1;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\n\
                  events {{ worker_connections 4096; }}\n\
                  http {{\n  access_log off;\n  client_body_temp_path {dir};\n  proxy_temp_path {dir};\n  \
                  fastcgi_temp_path {dir};\n  uwsgi_temp_path {dir};\n  scgi_temp_path {dir};\n  \
