@@ -94,12 +94,23 @@ fn on_connect(ctx: &SockAddrContext, family: u8) {
     if sock_type != SOCK_STREAM {
         return; // UDP is out of scope.
     }
-    let key = service_key(sa, family);
+    let dialled = service_key(sa, family);
+    // A dual-stack (AF_INET6) socket dialling an IPv4 Service passes through connect6 with the
+    // v4-mapped address ::ffff:a.b.c.d; it is the IPv4 Service all the same.
+    let key = if family == FAMILY_INET6 && is_v4_mapped(&dialled.addr) {
+        let mut v4 = dialled;
+        v4.addr = [0; 16];
+        v4.addr[..4].copy_from_slice(&dialled.addr[12..]);
+        v4.family = FAMILY_INET;
+        v4
+    } else {
+        dialled
+    };
     // SAFETY: the entry is only read, and copied out at once.
     let Some(entry) = (unsafe { SERVICES.get(&key) }).copied() else {
         return;
     };
-    let outcome = decide(ctx, sa, &key, &entry, family);
+    let outcome = decide(ctx, sa, &dialled, &entry, family);
     count(entry.counter_slot, outcome);
 }
 
@@ -115,7 +126,7 @@ enum Outcome {
 fn decide(
     ctx: &SockAddrContext,
     sa: *mut bpf_sock_addr,
-    key: &ServiceKey,
+    dialled: &ServiceKey,
     entry: &ServiceEntry,
     family: u8,
 ) -> Outcome {
@@ -134,18 +145,32 @@ fn decide(
     if is_bypassed(sa) {
         return Outcome::Bypassed;
     }
-    if entry.flags & FLAG_TUNNEL_READY == 0 || entry.tunnel_family != family {
+    if entry.flags & FLAG_TUNNEL_READY == 0 {
         return Outcome::FailOpen;
+    }
+    // The address written must be of the socket's family: an IPv4 tunnel is reachable from an
+    // AF_INET6 socket as ::ffff:a.b.c.d, an IPv6 tunnel never from an AF_INET one.
+    let mut tunnel = entry.tunnel_addr;
+    if entry.tunnel_family != family {
+        if family == FAMILY_INET6 && entry.tunnel_family == FAMILY_INET {
+            tunnel = [0; 16];
+            tunnel[10] = 0xff;
+            tunnel[11] = 0xff;
+            tunnel[12..].copy_from_slice(&entry.tunnel_addr[..4]);
+        } else {
+            return Outcome::FailOpen;
+        }
     }
     // Record before rewriting: a redirected socket without its record could not tell the app
     // (or the tunnel) where it meant to go, so if the record cannot be written we do not redirect.
     // SAFETY: the helper accepts the cgroup/sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // What the socket dialled (v4-mapped stays v4-mapped), so getpeername gives it back as is.
     let original = OriginalDest {
-        addr: key.addr,
-        port: key.port,
+        addr: dialled.addr,
+        port: dialled.port,
         family,
-        proto: key.proto,
+        proto: dialled.proto,
     };
     if SOCKETS
         .insert(&cookie, &original, u64::from(BPF_ANY))
@@ -153,7 +178,7 @@ fn decide(
     {
         return Outcome::FailOpen;
     }
-    write_addr(sa, family, &entry.tunnel_addr, entry.tunnel_port);
+    write_addr(sa, family, &tunnel, entry.tunnel_port);
     debug!(
         ctx,
         "redirected cookie {} to port {} (share {})", cookie, entry.tunnel_port, entry.share_bp
@@ -208,6 +233,11 @@ fn restore_peer(ctx: &SockAddrContext, family: u8) {
     if original.family == family {
         write_addr(ctx.sock_addr, family, &original.addr, original.port);
     }
+}
+
+#[inline(always)]
+fn is_v4_mapped(addr: &[u8; 16]) -> bool {
+    addr[..10] == [0; 10] && addr[10] == 0xff && addr[11] == 0xff
 }
 
 #[inline(always)]

@@ -128,6 +128,22 @@ fn redirected_socket_reports_the_service_address() -> Result<()> {
 }
 
 #[test]
+fn dual_stack_socket_dialling_an_ipv4_service_is_redirected() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let bed = Bed::new("mapped")?;
+    let _agent = bed.agent(100.0, 0.0, &[])?;
+    // An AF_INET6 socket to ::ffff:10.96.0.10 goes through connect6, not connect4.
+    let mut o = opts("[::ffff:10.96.0.10]:80", 100);
+    o.check_peer = true;
+    let r = bed.probe(&o)?;
+    assert_eq!((r.failed, r.count("tunnel")), (0, 100), "{r:?}");
+    assert_eq!(r.peer_mismatch, 0, "getpeername must return the mapped address: {r:?}");
+    Ok(())
+}
+
+#[test]
 fn ipv6_service_is_redirected() -> Result<()> {
     if !require_privileges() {
         return Ok(());
@@ -162,7 +178,10 @@ fn redirection_never_stops_across_sigkill_and_restart() -> Result<()> {
 
     std::thread::sleep(Duration::from_millis(300));
     agent.kill9()?;
-    // No agent at all: the pinned links and maps keep redirecting.
+    // No agent at all: the pinned links and maps keep redirecting, and inspect reads the pins.
+    let row = agent.service(SVC4)?;
+    assert_eq!(row["share_bp"], 10_000, "{row}");
+    assert!(row["redirected"].as_u64() > Some(0), "{row}");
     std::thread::sleep(Duration::from_millis(500));
     agent.restart()?;
     std::thread::sleep(Duration::from_millis(300));

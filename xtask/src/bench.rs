@@ -21,8 +21,6 @@ use beamlit_testbed::{
 
 const SERVICE: &str = "10.96.0.10:80";
 const SERVICES_IN_MAP: usize = 10_000;
-const ROUNDS: usize = 3;
-const WRK_SECONDS: u32 = 5;
 const WRK_CONNECTIONS: u32 = 32;
 const CONNECTS_PER_ROUND: u64 = 3000;
 
@@ -33,7 +31,18 @@ struct Side {
     connect_p99_us: Vec<f64>,
 }
 
-pub fn dataplane() -> Result<()> {
+#[derive(clap::Args)]
+pub struct DataplaneArgs {
+    /// Rounds; each runs both sides, the first side alternating from round to round.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Seconds of wrk per side and round.
+    #[arg(long, default_value_t = 5)]
+    seconds: u32,
+}
+
+pub fn dataplane(args: &DataplaneArgs) -> Result<()> {
+    let (rounds, seconds) = (args.rounds.max(1), args.seconds.max(1));
     if !require_privileges() {
         bail!("the benchmark loads eBPF programs and creates network namespaces: run it as root");
     }
@@ -69,15 +78,24 @@ pub fn dataplane() -> Result<()> {
         bail!("the agent holds {services} services, expected {SERVICES_IN_MAP}");
     }
     let stats = enable_bpf_stats()?;
-    let runs_before = program_stats(&agent, "connect4")?;
+    let before = [
+        program_stats(&agent, "connect4")?,
+        program_stats(&agent, "sock_release")?,
+    ];
 
     let (mut off, mut on) = (Side::default(), Side::default());
-    for round in 1..=ROUNDS {
-        for (label, cgroup, side) in [
+    for round in 1..=rounds {
+        let mut sides = [
             ("without agent", &without, &mut off),
             ("with agent", &with, &mut on),
-        ] {
-            let rps = wrk(&client.netns, cgroup.path())?;
+        ];
+        // ABBA: whichever side runs second in a round runs first in the next, so slow drift in
+        // the machine's state does not favour one side.
+        if round % 2 == 0 {
+            sides.reverse();
+        }
+        for (label, cgroup, side) in sides {
+            let rps = wrk(&client.netns, cgroup.path(), seconds)?;
             let mut probe = ProbeOptions::new(SERVICE.parse()?, CONNECTS_PER_ROUND);
             probe.http = true;
             let report = run_probe(&client.netns, Some(cgroup.path()), &probe)?;
@@ -97,10 +115,20 @@ pub fn dataplane() -> Result<()> {
             side.connect_p99_us.push(report.connect_us.p99 as f64);
         }
     }
-    let (runs, run_ns) = {
-        let (r1, t1) = program_stats(&agent, "connect4")?;
-        (r1 - runs_before.0, t1 - runs_before.1)
+    let average_ns = |name: &str, (runs0, ns0): (u64, u64)| -> Result<(u64, f64)> {
+        let (runs, ns) = program_stats(&agent, name)?;
+        let runs = runs - runs0;
+        Ok((
+            runs,
+            if runs > 0 {
+                (ns - ns0) as f64 / runs as f64
+            } else {
+                f64::NAN
+            },
+        ))
     };
+    let (runs, avg_ns) = average_ns("connect4", before[0])?;
+    let (release_runs, release_ns) = average_ns("sock_release", before[1])?;
     drop(stats);
 
     let median = |v: &[f64]| {
@@ -109,16 +137,11 @@ pub fn dataplane() -> Result<()> {
         v[v.len() / 2]
     };
     let ratio = median(&on.requests_per_sec) / median(&off.requests_per_sec);
-    let avg_ns = if runs > 0 {
-        run_ns as f64 / runs as f64
-    } else {
-        f64::NAN
-    };
     let mut out = String::new();
     writeln!(
         out,
-        "\ndataplane benchmark: medians of {ROUNDS} alternating rounds; wrk -t1 -c{WRK_CONNECTIONS} \
-         -d{WRK_SECONDS}s with a new connection per request; {CONNECTS_PER_ROUND} probe connects"
+        "\ndataplane benchmark: medians of {rounds} alternating rounds; wrk -t1 -c{WRK_CONNECTIONS} \
+         -d{seconds}s with a new connection per request; {CONNECTS_PER_ROUND} probe connects"
     )?;
     writeln!(
         out,
@@ -138,7 +161,8 @@ pub fn dataplane() -> Result<()> {
     }
     writeln!(
         out,
-        "connect4 average run time: {avg_ns:.0} ns over {runs} runs (kernel BPF stats)"
+        "connect4 average run time: {avg_ns:.0} ns over {runs} runs; sock_release {release_ns:.0} \
+         ns over {release_runs} runs (kernel BPF stats)"
     )?;
     writeln!(
         out,
@@ -169,12 +193,12 @@ fn routes() -> String {
     yaml
 }
 
-fn wrk(ns: &Netns, cgroup: &Path) -> Result<f64> {
+fn wrk(ns: &Netns, cgroup: &Path, seconds: u32) -> Result<f64> {
     let mut cmd = ns.cmd("wrk");
     cmd.args([
         "-t1",
         &format!("-c{WRK_CONNECTIONS}"),
-        &format!("-d{WRK_SECONDS}s"),
+        &format!("-d{seconds}s"),
         "-H",
         "Connection: close",
         &format!("http://{SERVICE}/"),
