@@ -125,6 +125,36 @@ impl AgentFixture {
         Ok(())
     }
 
+    /// The running agent's pid, if any.
+    pub fn pid(&mut self) -> Option<u32> {
+        self.child.as_mut().map(|c| c.pid())
+    }
+
+    /// Peak resident memory of the running agent (VmHWM), in KiB.
+    pub fn peak_rss_kib(&mut self) -> Result<u64> {
+        let pid = self.pid().ok_or_else(|| anyhow!("agent not running"))?;
+        let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or_else(|| anyhow!("no VmHWM for pid {pid}"))
+    }
+
+    /// SIGTERM, and waits for the agent to exit (a rolling update or `kubectl delete pod`).
+    pub fn terminate(&mut self, timeout: Duration) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.signal(libc::SIGTERM)?;
+            if child.wait_timeout(timeout)?.is_none() {
+                bail!(
+                    "agent did not exit within {timeout:?} of SIGTERM:\n{}",
+                    self.log()
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Starts the agent again (after [`Self::kill9`]); it adopts the pinned state.
     pub fn restart(&mut self) -> Result<()> {
         self.kill9()?;

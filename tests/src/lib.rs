@@ -5,6 +5,10 @@
 //! failing or panicking test leaves nothing behind. Names carry the pid and a
 //! per-process counter so tests in parallel threads and processes never collide.
 //!
+//! [`cluster`] adds a real Kubernetes control plane (pinned etcd, kube-apiserver,
+//! kube-controller-manager) with simulated nodes whose pods are network
+//! namespaces of a [`Topology`], and kube-proxy-like Service routing.
+//!
 //! Safety rules the API is built around (the machine is shared):
 //! - eBPF programs are only ever attached to a [`TestCgroup`], never the root cgroup;
 //! - every address a test talks to lives in namespaces the test created ([`Topology`]);
@@ -30,16 +34,20 @@
 
 mod agent;
 mod cgroup;
+pub mod cluster;
+pub mod fake_beamlit;
 mod naming;
 mod netns;
 mod privileges;
 mod probe;
 mod process;
 mod tempdir;
+pub mod tls;
 mod topology;
 
 pub use agent::AgentFixture;
 pub use cgroup::TestCgroup;
+pub use fake_beamlit::{FakeBeamlit, FakeBeamlitOptions, FakeStats};
 pub use naming::{cgroup_prefix, cleanup_stale, netns_prefix};
 pub use netns::{Netns, list_netns};
 pub use privileges::{cgroup2_mount, require_privileges};
@@ -49,4 +57,5 @@ pub use probe::{
 };
 pub use process::{ChildGuard, run_in, spawn};
 pub use tempdir::TestDir;
+pub use tls::TestCa;
 pub use topology::{Pod, Topology};

@@ -98,6 +98,17 @@ fn format_decimal(mut v: u64, buf: &mut [u8; 24]) -> usize {
 }
 
 impl ChildGuard {
+    /// Wraps a child started elsewhere (e.g. by the cluster's process keeper).
+    pub(crate) fn from_child(child: Child, program: String) -> Self {
+        Self {
+            pid: child.id(),
+            child: Some(child),
+            program,
+            stderr_log: None,
+            stderr_thread: None,
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.pid
     }

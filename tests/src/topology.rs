@@ -49,6 +49,8 @@ pub struct Topology {
     node: Netns,
     tunnel_if: String,
     pods: Vec<Pod>,
+    /// Pods removed so far; indexes keep counting past them.
+    removed_pods: usize,
     services: Mutex<BTreeMap<SocketAddr, SocketAddr>>,
     table_created: Mutex<bool>,
 }
@@ -100,14 +102,15 @@ impl Topology {
             node,
             tunnel_if: TUNNEL_IF.to_string(),
             pods: Vec::new(),
+            removed_pods: 0,
             services: Mutex::new(BTreeMap::new()),
             table_created: Mutex::new(false),
         })
     }
 
-    /// Adds pod k = (number of pods so far + 1).
+    /// Adds pod k = (number of pods added so far, removed ones included, + 1).
     pub fn add_pod(&mut self, name: &str) -> Result<Pod> {
-        let index = u8::try_from(self.pods.len() + 1)
+        let index = u8::try_from(self.pods.len() + self.removed_pods + 1)
             .ok()
             .filter(|k| *k < 255)
             .context("at most 254 pods per topology")?;
@@ -167,6 +170,21 @@ impl Topology {
         };
         self.pods.push(pod.clone());
         Ok(pod)
+    }
+
+    /// Deletes pod `name`'s namespace (and with it the veth pair). Its index is
+    /// not reused, so a later pod never inherits a stale conntrack entry or
+    /// neighbour. Stop the pod's processes first: they would keep the
+    /// namespace alive (though unreachable).
+    pub fn remove_pod(&mut self, name: &str) -> Result<()> {
+        let pos = self
+            .pods
+            .iter()
+            .position(|p| p.name == name)
+            .with_context(|| format!("no pod {name}"))?;
+        let pod = self.pods.remove(pos);
+        self.removed_pods += 1;
+        pod.netns.delete()
     }
 
     pub fn pods(&self) -> &[Pod] {

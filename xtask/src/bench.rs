@@ -8,6 +8,7 @@
 use std::{
     fmt::Write as _,
     fs,
+    net::SocketAddr,
     os::fd::{FromRawFd, OwnedFd},
     path::Path,
     time::Duration,
@@ -66,7 +67,13 @@ pub fn dataplane(args: &DataplaneArgs) -> Result<()> {
     let client = topology.add_pod("client")?;
     let backend = topology.add_pod("backend")?;
     let workdir = std::env::temp_dir().join(format!("beamlit-bench-{}", std::process::id()));
-    let _nginx = Nginx::start(&backend.netns, &workdir, backend.ipv4.to_string().as_str())?;
+    let backend_addr: SocketAddr = (backend.ipv4, 8080).into();
+    let _nginx = Nginx::start(
+        &backend.netns,
+        &workdir,
+        &static_server(backend_addr),
+        backend_addr,
+    )?;
     topology.add_service(SERVICE.parse()?, (backend.ipv4, 8080).into())?;
 
     let without = TestCgroup::new("benchoff")?;
@@ -95,7 +102,12 @@ pub fn dataplane(args: &DataplaneArgs) -> Result<()> {
             sides.reverse();
         }
         for (label, cgroup, side) in sides {
-            let rps = wrk(&client.netns, cgroup.path(), seconds)?;
+            let rps = wrk(
+                &client.netns,
+                cgroup.path(),
+                &Wrk::new_connections(SERVICE, seconds),
+            )?
+            .requests_per_sec;
             let mut probe = ProbeOptions::new(SERVICE.parse()?, CONNECTS_PER_ROUND);
             probe.http = true;
             let report = run_probe(&client.netns, Some(cgroup.path()), &probe)?;
@@ -175,7 +187,7 @@ pub fn dataplane(args: &DataplaneArgs) -> Result<()> {
     Ok(())
 }
 
-fn verdict(ok: bool) -> &'static str {
+pub(crate) fn verdict(ok: bool) -> &'static str {
     if ok { "met" } else { "MISSED" }
 }
 
@@ -193,28 +205,78 @@ fn routes() -> String {
     yaml
 }
 
-fn wrk(ns: &Netns, cgroup: &Path, seconds: u32) -> Result<f64> {
+pub(crate) struct Wrk {
+    pub url: String,
+    pub seconds: u32,
+    pub connections: u32,
+    /// A new connection per request (measures connect), or keep-alive (measures requests).
+    pub close: bool,
+}
+
+impl Wrk {
+    fn new_connections(target: &str, seconds: u32) -> Self {
+        Self {
+            url: format!("http://{target}/"),
+            seconds,
+            connections: WRK_CONNECTIONS,
+            close: true,
+        }
+    }
+}
+
+pub(crate) struct WrkResult {
+    pub requests_per_sec: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+pub(crate) fn wrk(ns: &Netns, cgroup: &Path, w: &Wrk) -> Result<WrkResult> {
     let mut cmd = ns.cmd("wrk");
     cmd.args([
         "-t1",
-        &format!("-c{WRK_CONNECTIONS}"),
-        &format!("-d{seconds}s"),
-        "-H",
-        "Connection: close",
-        &format!("http://{SERVICE}/"),
+        &format!("-c{}", w.connections),
+        &format!("-d{}s", w.seconds),
+        "--latency",
     ]);
+    if w.close {
+        cmd.args(["-H", "Connection: close"]);
+    }
+    cmd.arg(&w.url);
     let out = run_in(Some(cgroup), cmd)?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
     }
-    if let Some(errors) = text.lines().find(|l| l.contains("Socket errors")) {
-        println!("[bench] wrk: {}", errors.trim());
+    if let Some(errors) = text
+        .lines()
+        .find(|l| l.contains("Socket errors") || l.contains("Non-2xx"))
+    {
+        println!("[bench] wrk {}: {}", w.url, errors.trim());
     }
-    text.lines()
+    let requests_per_sec = text
+        .lines()
         .find_map(|l| l.strip_prefix("Requests/sec:"))
         .and_then(|v| v.trim().parse().ok())
-        .with_context(|| format!("no Requests/sec in wrk output:\n{text}"))
+        .with_context(|| format!("no Requests/sec in wrk output:\n{text}"))?;
+    let percentile = |p: &str| {
+        text.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(p))
+            .and_then(|v| parse_duration_us(v.trim()))
+    };
+    Ok(WrkResult {
+        requests_per_sec,
+        p50_us: percentile("50%").unwrap_or(f64::NAN),
+        p99_us: percentile("99%").unwrap_or(f64::NAN),
+    })
+}
+
+/// wrk's "123.45us", "1.23ms", "2.00s".
+fn parse_duration_us(text: &str) -> Option<f64> {
+    let (number, scale) = [("us", 1.0), ("ms", 1_000.0), ("s", 1_000_000.0)]
+        .into_iter()
+        .find_map(|(suffix, scale)| text.strip_suffix(suffix).map(|n| (n, scale)))?;
+    number.parse::<f64>().ok().map(|n| n * scale)
 }
 
 /// (run count, run time ns) of one of the agent's programs.
@@ -232,7 +294,7 @@ fn program_stats(agent: &AgentFixture, name: &str) -> Result<(u64, u64)> {
 
 /// BPF_ENABLE_STATS(BPF_STATS_RUN_TIME): the kernel times programs while the returned fd is
 /// open, without touching the machine-wide sysctl.
-fn enable_bpf_stats() -> Result<OwnedFd> {
+pub(crate) fn enable_bpf_stats() -> Result<OwnedFd> {
     const BPF_ENABLE_STATS: libc::c_long = 32;
     let mut attr = [0u64; 16];
     // SAFETY: attr is a zeroed bpf_attr; enable_stats.type = BPF_STATS_RUN_TIME (0).
@@ -251,36 +313,45 @@ fn enable_bpf_stats() -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// Debian's nginx in the backend pod, with its own config, pid file and logs in a temp dir. One
+/// Debian's nginx in a pod, with its own config, pid file and logs in a temp dir. One
 /// process (`master_process off`): killing it leaves no orphaned worker holding the namespace.
-struct Nginx {
+pub(crate) struct Nginx {
     _child: ChildGuard,
 }
 
 impl Nginx {
-    fn start(ns: &Netns, workdir: &Path, listen_ip: &str) -> Result<Self> {
+    /// `http_block`: the contents of nginx's `http {}` (servers, upstreams); `ready`: an
+    /// address inside `ns` that answers once nginx is up.
+    pub(crate) fn start(
+        ns: &Netns,
+        workdir: &Path,
+        http_block: &str,
+        ready: SocketAddr,
+    ) -> Result<Self> {
         fs::create_dir_all(workdir)?;
         let conf = workdir.join("nginx.conf");
         fs::write(
             &conf,
             format!(
-                "daemon off;\nmaster_process off;\nworker_processes 1;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\n\
-                 events {{ worker_connections 4096; }}\n\
+                "daemon off;\nmaster_process off;\nworker_processes 1;\npid {dir}/nginx.pid;\n\
+                 error_log {dir}/error.log;\nevents {{ worker_connections 4096; }}\n\
                  http {{\n  access_log off;\n  client_body_temp_path {dir};\n  proxy_temp_path {dir};\n  \
-                 fastcgi_temp_path {dir};\n  uwsgi_temp_path {dir};\n  scgi_temp_path {dir};\n  \
-                 server {{\n    listen {listen_ip}:8080 backlog=4096;\n    \
-                 location / {{ add_header X-Served-By nginx; return 200 \"nginx\\n\"; }}\n  }}\n}}\n",
+                 fastcgi_temp_path {dir};\n  uwsgi_temp_path {dir};\n  scgi_temp_path {dir};\n\
+                 {http_block}\n}}\n",
                 dir = workdir.display()
             ),
         )?;
         let mut cmd = ns.cmd("nginx");
         cmd.arg("-c").arg(&conf).arg("-p").arg(workdir);
         let child = spawn(cmd, None)?;
-        // Ready once the port answers, checked from inside the backend's namespace.
+        // Ready once the port answers, checked from inside the namespace.
         for _ in 0..100 {
             let probe = ns
                 .cmd("bash")
-                .args(["-c", &format!("exec 3<>/dev/tcp/{listen_ip}/8080")])
+                .args([
+                    "-c",
+                    &format!("exec 3<>/dev/tcp/{}/{}", ready.ip(), ready.port()),
+                ])
                 .output()?;
             if probe.status.success() {
                 return Ok(Self { _child: child });
@@ -289,4 +360,12 @@ impl Nginx {
         }
         bail!("nginx did not start; see {}/error.log", workdir.display())
     }
+}
+
+/// An nginx `server` answering 200 with a fixed body: the upstream of every benchmark.
+pub(crate) fn static_server(listen: SocketAddr) -> String {
+    format!(
+        "  server {{\n    listen {listen} backlog=4096;\n    \
+         location / {{ add_header X-Served-By nginx; return 200 \"nginx\\n\"; }}\n  }}\n"
+    )
 }

@@ -23,6 +23,7 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     "nginx",
     "wrk",
+    "curl",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -32,6 +33,10 @@ pub fn setup() -> anyhow::Result<()> {
     step("rust toolchains", rust_toolchains)?;
     step("bpf-linker", bpf_linker)?;
     step("bpffs", bpffs)?;
+    // The real control plane for the cluster tests (about 10 minutes cold, then cached).
+    step("kubernetes binaries", || {
+        crate::cluster::ensure_binaries().map(|dir| format!("in {}", dir.display()))
+    })?;
     println!("[setup] done");
     Ok(())
 }

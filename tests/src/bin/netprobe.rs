@@ -16,12 +16,13 @@ use std::time::{Duration, Instant};
 
 const USAGE: &str = "\
 usage:
-  netprobe serve --listen ADDR [--listen ADDR ...] --name NAME [--http]
+  netprobe serve --listen ADDR [--listen ADDR ...] --name NAME [--http [--body TEXT]]
   netprobe connect --addr ADDR (--count N | --until-file PATH) [--interval-ms M]
                    [--mark MARK] [--check-peer] [--timeout-ms T] [--concurrency C] [--http]
 
 ADDR is IP:PORT or [IPv6]:PORT. MARK is decimal or 0x-hex.
-IPv6 listeners are v6-only; pass --listen twice to serve both families.";
+IPv6 listeners are v6-only; pass --listen twice to serve both families.
+With --http, responses carry `X-Served-By: NAME`; the body is TEXT (default NAME).";
 
 const MAX_ERRORS: usize = 10;
 /// Bounds the headers of a request so a misbehaving client cannot grow memory.
@@ -116,12 +117,14 @@ struct ServeOpts {
     listen: Vec<SocketAddr>,
     name: String,
     http: bool,
+    /// HTTP response body; the name (plus a newline) when absent.
+    body: Option<String>,
 }
 
 impl ServeOpts {
     fn parse(args: &[String]) -> Result<Self, String> {
         let mut it = ArgIter::new(args);
-        let (mut listen, mut name, mut http) = (Vec::new(), None, false);
+        let (mut listen, mut name, mut http, mut body) = (Vec::new(), None, false, None);
         while let Some((key, inline)) = it.next_key() {
             match key {
                 "--listen" => listen.push(parse_addr(key, it.value(key, inline)?)?),
@@ -130,6 +133,7 @@ impl ServeOpts {
                     no_value(key, inline)?;
                     http = true;
                 }
+                "--body" => body = Some(it.value(key, inline)?.to_string()),
                 other => return Err(format!("serve: unknown argument {other:?}")),
             }
         }
@@ -140,7 +144,15 @@ impl ServeOpts {
         if name.is_empty() || name.contains(['\r', '\n']) {
             return Err("serve: --name must be non-empty and on one line".into());
         }
-        Ok(Self { listen, name, http })
+        if body.is_some() && !http {
+            return Err("serve: --body needs --http".into());
+        }
+        Ok(Self {
+            listen,
+            name,
+            http,
+            body,
+        })
     }
 }
 
@@ -241,11 +253,16 @@ fn serve(o: ServeOpts) -> i32 {
         let _ = out.flush();
     }
     let name: Arc<str> = Arc::from(o.name.as_str());
+    let body: Arc<str> = match &o.body {
+        Some(b) => Arc::from(b.as_str()),
+        None => Arc::from(format!("{}\n", o.name).as_str()),
+    };
     let threads: Vec<_> = listeners
         .into_iter()
         .map(|l| {
             let name = Arc::clone(&name);
-            std::thread::spawn(move || accept_loop(l, name, o.http))
+            let body = Arc::clone(&body);
+            std::thread::spawn(move || accept_loop(l, name, body, o.http))
         })
         .collect();
     for t in threads {
@@ -254,14 +271,15 @@ fn serve(o: ServeOpts) -> i32 {
     0
 }
 
-fn accept_loop(listener: TcpListener, name: Arc<str>, http: bool) {
+fn accept_loop(listener: TcpListener, name: Arc<str>, body: Arc<str>, http: bool) {
     loop {
         match listener.accept() {
             Ok((stream, _)) => {
                 let name = Arc::clone(&name);
+                let body = Arc::clone(&body);
                 let spawned = std::thread::Builder::new().spawn(move || {
                     let result = if http {
-                        serve_http(stream, &name)
+                        serve_http(stream, &name, &body)
                     } else {
                         serve_plain(stream, &name)
                     };
@@ -286,11 +304,10 @@ fn serve_plain(mut stream: TcpStream, name: &str) -> io::Result<()> {
     stream.shutdown(Shutdown::Write)
 }
 
-fn serve_http(stream: TcpStream, name: &str) -> io::Result<()> {
+fn serve_http(stream: TcpStream, name: &str, body: &str) -> io::Result<()> {
     stream.set_nodelay(true)?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
-    let body = format!("{name}\n");
     let mut line = String::new();
     loop {
         line.clear();

@@ -1,0 +1,886 @@
+//! fakebeamlit: a stand-in for the remote Beamlit SaaS, run by the privileged
+//! tests inside a network namespace (see `beamlit_testbed::fake_beamlit`).
+//!
+//! It serves, over HTTPS (ALPN h2 / http/1.1) and plain HTTP/1.1:
+//! - `POST .../oauth/token`: OAuth2 client credentials (RFC 6749 §4.4);
+//! - `GET .../sse`: 10 server-sent events, 100 ms apart, each flushed;
+//! - `POST|PUT .../upload`: streams the body through SHA-256;
+//! - `/status/<code>`: that status;
+//! - anything else: a JSON echo of the request;
+//!
+//! plus a raw TCP echo. Observations go to a stats file (rewritten atomically
+//! after every request) because tests must not connect to it from the host.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use base64::Engine as _;
+use beamlit_testbed::fake_beamlit::{FakeAddresses, FakeStats};
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt as _, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde_json::json;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls;
+
+const USAGE: &str = "\
+usage: fakebeamlit [--https ADDR]... [--http ADDR]... [--tcp-echo ADDR]...
+                   [--cert PEM --key PEM] [--client-id ID --client-secret SECRET]
+                   [--token-ttl-secs N] [--require-token]
+                   [--stats-file PATH] [--ready-file PATH]
+
+ADDR is IP:PORT or [IPv6]:PORT (IPv6 listeners are v6-only). --https needs
+--cert (chain, leaf first) and --key. The ready file is written (atomically,
+with the bound addresses as JSON) once every listener is bound; the stats file
+resumes from its previous content if it exists.";
+
+/// The echo returns at most this much of the request body.
+const ECHO_BODY_PREFIX: usize = 64 * 1024;
+/// Token requests are small forms; anything bigger is refused.
+const MAX_FORM: usize = 64 * 1024;
+const SSE_EVENTS: u32 = 10;
+const SSE_INTERVAL: Duration = Duration::from_millis(100);
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!("{USAGE}");
+        return;
+    }
+    let config = match Config::parse(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("fakebeamlit: error: {e}\n\n{USAGE}");
+            std::process::exit(2);
+        }
+    };
+    // Two workers: the test machines are small, and a fake needs no more.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build();
+    let result = runtime
+        .context("building the tokio runtime")
+        .and_then(|rt| rt.block_on(run(config)));
+    if let Err(e) = result {
+        eprintln!("fakebeamlit: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+#[derive(Debug, Default)]
+struct Config {
+    https: Vec<SocketAddr>,
+    http: Vec<SocketAddr>,
+    tcp_echo: Vec<SocketAddr>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_id: String,
+    client_secret: String,
+    token_ttl_secs: u64,
+    require_token: bool,
+    stats_file: Option<PathBuf>,
+    ready_file: Option<PathBuf>,
+}
+
+impl Config {
+    /// `--key value` or `--key=value`; flags take no value.
+    fn parse(args: &[String]) -> Result<Self, String> {
+        let mut c = Config {
+            client_id: "beamlit-test-client".into(),
+            client_secret: "beamlit-test-secret".into(),
+            token_ttl_secs: 3600,
+            ..Config::default()
+        };
+        let mut it = args.iter();
+        while let Some(arg) = it.next() {
+            let (key, inline) = match arg.split_once('=') {
+                Some((k, v)) if k.starts_with("--") => (k, Some(v.to_string())),
+                _ => (arg.as_str(), None),
+            };
+            if key == "--require-token" {
+                if inline.is_some() {
+                    return Err("--require-token takes no value".into());
+                }
+                c.require_token = true;
+                continue;
+            }
+            let value = match inline {
+                Some(v) => v,
+                None => it
+                    .next()
+                    .cloned()
+                    .ok_or_else(|| format!("{key} needs a value"))?,
+            };
+            let addr = || -> Result<SocketAddr, String> {
+                value
+                    .parse()
+                    .map_err(|_| format!("{key}: {value:?} is not IP:PORT or [IPv6]:PORT"))
+            };
+            match key {
+                "--https" => c.https.push(addr()?),
+                "--http" => c.http.push(addr()?),
+                "--tcp-echo" => c.tcp_echo.push(addr()?),
+                "--cert" => c.cert = Some(value.into()),
+                "--key" => c.key = Some(value.into()),
+                "--client-id" => c.client_id = value,
+                "--client-secret" => c.client_secret = value,
+                "--token-ttl-secs" => {
+                    c.token_ttl_secs = value
+                        .parse()
+                        .map_err(|_| format!("{key}: {value:?} is not a number of seconds"))?;
+                }
+                "--stats-file" => c.stats_file = Some(value.into()),
+                "--ready-file" => c.ready_file = Some(value.into()),
+                other => return Err(format!("unknown argument {other:?}")),
+            }
+        }
+        if c.https.is_empty() && c.http.is_empty() && c.tcp_echo.is_empty() {
+            return Err("no listener: give --https, --http or --tcp-echo".into());
+        }
+        if !c.https.is_empty() && (c.cert.is_none() || c.key.is_none()) {
+            return Err("--https needs --cert and --key".into());
+        }
+        Ok(c)
+    }
+}
+
+async fn run(config: Config) -> Result<()> {
+    let tls = match (&config.cert, &config.key) {
+        (Some(cert), Some(key)) if !config.https.is_empty() => Some(tls_acceptor(cert, key)?),
+        _ => None,
+    };
+    let state = Arc::new(State::new(&config)?);
+
+    // Everything is bound before anything is announced, so "ready" means every
+    // address accepts connections.
+    let mut bound = FakeAddresses::default();
+    let mut https = Vec::new();
+    for addr in &config.https {
+        let l = bind(*addr)?;
+        bound.https.push(l.local_addr()?);
+        https.push(l);
+    }
+    let mut http = Vec::new();
+    for addr in &config.http {
+        let l = bind(*addr)?;
+        bound.http.push(l.local_addr()?);
+        http.push(l);
+    }
+    let mut echo = Vec::new();
+    for addr in &config.tcp_echo {
+        let l = bind(*addr)?;
+        bound.tcp_echo.push(l.local_addr()?);
+        echo.push(l);
+    }
+    {
+        let mut out = std::io::stdout().lock();
+        for addr in bound.https.iter().chain(&bound.http).chain(&bound.tcp_echo) {
+            writeln!(out, "listening on {addr}")?;
+        }
+        out.flush()?;
+    }
+    if let Some(path) = &config.ready_file {
+        write_atomically(path, &serde_json::to_vec(&bound)?)?;
+    }
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for l in https {
+        tasks.spawn(serve_http(l, Arc::clone(&state), tls.clone()));
+    }
+    for l in http {
+        tasks.spawn(serve_http(l, Arc::clone(&state), None));
+    }
+    for l in echo {
+        tasks.spawn(serve_echo(l, Arc::clone(&state)));
+    }
+    // Accept loops never return; a panic in one is fatal rather than a
+    // silently missing listener.
+    while let Some(done) = tasks.join_next().await {
+        done.context("a listener task failed")?;
+    }
+    Ok(())
+}
+
+fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("reading {}", cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parsing {}", cert.display()))?;
+    if chain.is_empty() {
+        bail!("{} holds no certificate", cert.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("reading the private key {}", key.display()))?;
+    // ring explicitly: the process-wide default provider would be ambiguous if
+    // another dependency ever enabled aws-lc-rs too.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .context("server certificate and key do not match or are unsupported")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// SO_REUSEADDR so a restarted fake rebinds at once despite connections of the
+/// previous process in TIME_WAIT; IPv6 sockets are v6-only so `0.0.0.0:P` and
+/// `[::]:P` can both be given.
+fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .with_context(|| format!("socket for {addr}"))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("binding {addr}"))?;
+    socket
+        .listen(1024)
+        .with_context(|| format!("listening on {addr}"))?;
+    TcpListener::from_std(socket.into()).with_context(|| format!("registering {addr}"))
+}
+
+/// Shared counters and token store.
+struct State {
+    client_id: String,
+    client_secret: String,
+    token_ttl: Duration,
+    require_token: bool,
+    stats_file: Option<PathBuf>,
+    /// One lock for counters and file: each rewrite is a consistent snapshot,
+    /// and the fixed temp name is never written by two requests at once.
+    stats: Mutex<FakeStats>,
+}
+
+impl State {
+    fn new(config: &Config) -> Result<Self> {
+        let stats = match &config.stats_file {
+            Some(path) => load_stats(path)?,
+            None => FakeStats::default(),
+        };
+        let state = Self {
+            client_id: config.client_id.clone(),
+            client_secret: config.client_secret.clone(),
+            token_ttl: Duration::from_secs(config.token_ttl_secs),
+            require_token: config.require_token,
+            stats_file: config.stats_file.clone(),
+            stats: Mutex::new(stats),
+        };
+        // Written before "ready", so readers always find a file; failing here
+        // (unlike later) is fatal, as nothing could be observed.
+        state.persist(&state.stats.lock().unwrap_or_else(|p| p.into_inner()))?;
+        Ok(state)
+    }
+
+    /// Applies `f` to the counters and rewrites the stats file; returns what
+    /// `f` returned. A failed write is only logged: the request is still
+    /// answered (the test then sees stale stats, and the log says why).
+    fn record<R>(&self, f: impl FnOnce(&mut FakeStats) -> R) -> R {
+        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let r = f(&mut stats);
+        if let Err(e) = self.persist(&stats) {
+            eprintln!("fakebeamlit: updating stats: {e:#}");
+        }
+        r
+    }
+
+    /// Called with the `stats` lock held (see there).
+    fn persist(&self, stats: &FakeStats) -> Result<()> {
+        match &self.stats_file {
+            Some(path) => write_atomically(path, &serde_json::to_vec(stats)?),
+            None => Ok(()),
+        }
+    }
+
+    fn issue_token(&self) -> String {
+        let expiry = now_unix_ms().saturating_add(self.token_ttl.as_millis() as u64);
+        self.record(|s| {
+            let token = format!("tok-{}", s.tokens_issued.len() + 1);
+            s.tokens_issued.push(token.clone());
+            s.token_expiry_unix_ms.insert(token.clone(), expiry);
+            token
+        })
+    }
+
+    fn check_token(&self, token: &str) -> Result<(), &'static str> {
+        let stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        match stats.token_expiry_unix_ms.get(token) {
+            None => Err("unknown token"),
+            Some(&expiry) if now_unix_ms() >= expiry => Err("token expired"),
+            Some(_) => Ok(()),
+        }
+    }
+}
+
+/// Resumes from an earlier run's file (a restart); a missing file is a fresh start.
+fn load_stats(path: &Path) -> Result<FakeStats> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .with_context(|| format!("{} exists but is not a stats file", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(FakeStats::default()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Readers never see a half-written file: write a sibling, then rename over.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+async fn serve_http(listener: TcpListener, state: Arc<State>, tls: Option<TlsAcceptor>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and the like: back off instead of spinning.
+                eprintln!("fakebeamlit: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // Small SSE frames must leave at once, not wait for Nagle.
+        let _ = stream.set_nodelay(true);
+        let state = Arc::clone(&state);
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            match tls {
+                None => serve_conn(TokioIo::new(stream), state, false, peer).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(s)) => serve_conn(TokioIo::new(s), state, true, peer).await,
+                        Ok(Err(e)) => eprintln!("fakebeamlit: TLS handshake with {peer}: {e}"),
+                        Err(_) => eprintln!("fakebeamlit: TLS handshake with {peer} timed out"),
+                    }
+                }
+            }
+        });
+    }
+}
+
+async fn serve_conn<I>(io: I, state: Arc<State>, tls: bool, peer: SocketAddr)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| handle(Arc::clone(&state), tls, req));
+    // `auto` tells HTTP/2 from HTTP/1.1 by the connection preface, which is
+    // what ALPN negotiated on TLS (and h2c prior knowledge on plain HTTP).
+    if let Err(e) = auto::Builder::new(TokioExecutor::new())
+        .serve_connection(io, service)
+        .await
+    {
+        eprintln!("fakebeamlit: connection from {peer}: {e}");
+    }
+}
+
+async fn serve_echo(listener: TcpListener, state: Arc<State>) {
+    loop {
+        let (mut stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                eprintln!("fakebeamlit: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        state.record(|s| s.tcp_connections += 1);
+        eprintln!("fakebeamlit: tcp echo connection from {peer}");
+        tokio::spawn(async move {
+            let _ = stream.set_nodelay(true);
+            if let Err(e) = echo_stream(&mut stream).await {
+                eprintln!("fakebeamlit: tcp echo with {peer}: {e}");
+            }
+        });
+    }
+}
+
+/// Echoes until the client half-closes, then half-closes back.
+async fn echo_stream(stream: &mut TcpStream) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt as _;
+    let (mut r, mut w) = stream.split();
+    tokio::io::copy(&mut r, &mut w).await?;
+    w.shutdown().await
+}
+
+async fn handle(
+    state: Arc<State>,
+    tls: bool,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_string();
+    let is_token = path.ends_with("/oauth/token");
+    let n = state.record(|s| {
+        s.requests += 1;
+        *s.requests_by_path.entry(path.clone()).or_default() += 1;
+        if is_token {
+            s.token_requests += 1;
+        }
+        s.requests
+    });
+    let method = req.method().clone();
+    let version = version_str(req.version());
+
+    let mut resp = if is_token {
+        token_endpoint(&state, req).await
+    } else if let Some(rejection) = unauthorized(&state, &req) {
+        rejection
+    } else if path.ends_with("/sse") && method == Method::GET {
+        sse()
+    } else if path.ends_with("/upload") && (method == Method::POST || method == Method::PUT) {
+        upload(&state, req).await
+    } else if let Some(code) = path.strip_prefix("/status/") {
+        status(code)
+    } else {
+        echo(req, tls).await
+    };
+
+    let headers = resp.headers_mut();
+    headers.insert("x-served-by", HeaderValue::from_static("beamlit"));
+    if let Ok(ray) = HeaderValue::from_str(&format!("fake-{n}")) {
+        headers.insert("cf-ray", ray);
+    }
+    eprintln!(
+        "fakebeamlit: #{n} {method} {path} {version} tls={tls} -> {}",
+        resp.status().as_u16()
+    );
+    Ok(resp)
+}
+
+fn version_str(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "unknown",
+    }
+}
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut resp = Response::new(full(value.to_string()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// Reads at most `limit` bytes of body; `Err(None)` if it is longer.
+async fn read_limited(body: Incoming, limit: usize) -> Result<Vec<u8>, Option<hyper::Error>> {
+    let mut body = body;
+    let mut buf = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.map_err(Some)?.into_data() {
+            if buf.len() + data.len() > limit {
+                return Err(None);
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf)
+}
+
+fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response<Body> {
+    json_response(
+        status,
+        &json!({"error": error, "error_description": description}),
+    )
+}
+
+/// RFC 6749 §4.4 (client credentials) with client authentication by HTTP Basic
+/// (§2.3.1) or by form fields.
+async fn token_endpoint(state: &State, req: Request<Incoming>) -> Response<Body> {
+    if req.method() != Method::POST {
+        let mut resp = oauth_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request",
+            "the token endpoint only accepts POST",
+        );
+        resp.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return resp;
+    }
+    let basic = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| auth_param(v, "basic"))
+        .map(parse_basic);
+    let body = match read_limited(req.into_body(), MAX_FORM).await {
+        Ok(b) => b,
+        Err(None) => {
+            return oauth_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request",
+                "form too large",
+            );
+        }
+        Err(Some(e)) => {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                &format!("reading the body: {e}"),
+            );
+        }
+    };
+    let form: BTreeMap<String, String> = form_urlencoded::parse(&body).into_owned().collect();
+    match form.get("grant_type").map(String::as_str) {
+        None => {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "missing grant_type",
+            );
+        }
+        Some("client_credentials") => {}
+        Some(other) => {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                &format!("grant_type {other:?} is not supported, use client_credentials"),
+            );
+        }
+    }
+    let used_basic = basic.is_some();
+    let creds = match basic {
+        Some(Some(pair)) => Some(pair),
+        Some(None) => None,
+        None => form
+            .get("client_id")
+            .zip(form.get("client_secret"))
+            .map(|(id, secret)| (id.clone(), secret.clone())),
+    };
+    let authenticated = creds.is_some_and(|(id, secret)| {
+        credential_matches(&id, &state.client_id)
+            && credential_matches(&secret, &state.client_secret)
+    });
+    if !authenticated {
+        let mut resp = oauth_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "unknown client or wrong secret",
+        );
+        if used_basic {
+            // §5.2: a failed Basic authentication answers with its challenge.
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"fake-beamlit\""),
+            );
+        }
+        return resp;
+    }
+    let token = state.issue_token();
+    let mut resp = json_response(
+        StatusCode::OK,
+        &json!({
+            "access_token": token,
+            "token_type": "Bearer",
+            "expires_in": state.token_ttl.as_secs(),
+        }),
+    );
+    // §5.1: token responses must not be cached.
+    let h = resp.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+/// The credentials of an `Authorization` value with `scheme` (case-insensitive).
+fn auth_param<'a>(value: &'a str, scheme: &str) -> Option<&'a str> {
+    let (s, rest) = value.trim().split_once(' ')?;
+    s.eq_ignore_ascii_case(scheme).then(|| rest.trim())
+}
+
+/// `base64(id:secret)`; `None` if malformed.
+fn parse_basic(b64: &str) -> Option<(String, String)> {
+    let raw = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    let (id, secret) = text.split_once(':')?;
+    Some((id.to_string(), secret.to_string()))
+}
+
+/// RFC 6749 §2.3.1 form-encodes id and secret before Basic encoding them, but
+/// many clients (curl -u among them) do not; both are accepted so the fake
+/// tests the token flow, not that detail.
+fn credential_matches(given: &str, expected: &str) -> bool {
+    if given == expected {
+        return true;
+    }
+    let decoded: String = form_urlencoded::parse(format!("v={given}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default();
+    decoded == expected
+}
+
+/// With `--require-token`, the 401 (RFC 6750 §3) for a missing, unknown or
+/// expired bearer token; `None` if the request may proceed.
+fn unauthorized(state: &State, req: &Request<Incoming>) -> Option<Response<Body>> {
+    if !state.require_token {
+        return None;
+    }
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| auth_param(v, "bearer"));
+    let (error, why) = match token {
+        None => ("missing_token", "no `Authorization: Bearer` header"),
+        Some(t) => match state.check_token(t) {
+            Ok(()) => return None,
+            Err(why) => ("invalid_token", why),
+        },
+    };
+    let mut resp = oauth_error(StatusCode::UNAUTHORIZED, error, why);
+    let challenge = if token.is_none() {
+        "Bearer realm=\"fake-beamlit\"".to_string()
+    } else {
+        format!(
+            "Bearer realm=\"fake-beamlit\", error=\"invalid_token\", error_description=\"{why}\""
+        )
+    };
+    if let Ok(v) = HeaderValue::from_str(&challenge) {
+        resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
+    Some(resp)
+}
+
+/// Each event is its own body frame; hyper writes and flushes a frame as soon
+/// as it is produced, so clients see them 100 ms apart.
+fn sse() -> Response<Body> {
+    let start = Instant::now();
+    let mut interval = tokio::time::interval(SSE_INTERVAL);
+    // After a stall, keep the spacing rather than bursting to catch up.
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let events = futures::stream::unfold((0u32, interval), move |(i, mut interval)| async move {
+        if i >= SSE_EVENTS {
+            return None;
+        }
+        interval.tick().await;
+        let event = format!("data: event {i} at {}\n\n", start.elapsed().as_millis());
+        Some((
+            Ok::<_, std::io::Error>(Frame::data(Bytes::from(event))),
+            (i + 1, interval),
+        ))
+    });
+    let mut resp = Response::new(StreamBody::new(events).boxed_unsync());
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // Tells buffering proxies (nginx-style) in between not to hold events back.
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp
+}
+
+async fn upload(state: &State, req: Request<Incoming>) -> Response<Body> {
+    let mut body = req.into_body();
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut total: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Ok(data) = frame.into_data() {
+                    total += data.len() as u64;
+                    digest.update(&data);
+                }
+            }
+            Err(e) => {
+                return json_response(
+                    StatusCode::BAD_REQUEST,
+                    &json!({"error": format!("reading the upload after {total} bytes: {e}")}),
+                );
+            }
+        }
+    }
+    state.record(|s| s.bytes_uploaded += total);
+    json_response(
+        StatusCode::OK,
+        &json!({"bytes": total, "sha256": hex(digest.finish().as_ref())}),
+    )
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn status(code: &str) -> Response<Body> {
+    let Some(status) = code
+        .parse::<u16>()
+        .ok()
+        .filter(|c| (200..=599).contains(c))
+        .and_then(|c| StatusCode::from_u16(c).ok())
+    else {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            &json!({"error": format!("/status/{code}: want a code in 200..=599")}),
+        );
+    };
+    if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        // These must not carry a body.
+        let mut resp = Response::new(full(Bytes::new()));
+        *resp.status_mut() = status;
+        return resp;
+    }
+    json_response(
+        status,
+        &json!({"status": status.as_u16(), "served_by": "fake-beamlit"}),
+    )
+}
+
+async fn echo(req: Request<Incoming>, tls: bool) -> Response<Body> {
+    let (parts, mut body) = req.into_parts();
+    let mut headers: BTreeMap<String, String> = BTreeMap::new();
+    for (name, value) in &parts.headers {
+        let value = String::from_utf8_lossy(value.as_bytes());
+        headers
+            .entry(name.as_str().to_string())
+            .and_modify(|v| {
+                v.push_str(", ");
+                v.push_str(&value);
+            })
+            .or_insert_with(|| value.into_owned());
+    }
+    let mut prefix = Vec::new();
+    let mut total: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Ok(data) = frame.into_data() {
+                    total += data.len() as u64;
+                    let room = ECHO_BODY_PREFIX.saturating_sub(prefix.len());
+                    prefix.extend_from_slice(&data[..data.len().min(room)]);
+                }
+            }
+            Err(e) => {
+                return json_response(
+                    StatusCode::BAD_REQUEST,
+                    &json!({"error": format!("reading the body after {total} bytes: {e}")}),
+                );
+            }
+        }
+    }
+    let path = parts.uri.path_and_query().map_or_else(
+        || parts.uri.path().to_string(),
+        |pq| pq.as_str().to_string(),
+    );
+    // HTTP/2 carries the host in `:authority`, which is not a header.
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| headers.get("host").cloned());
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "method": parts.method.as_str(),
+            "path": path,
+            "authority": authority,
+            "version": version_str(parts.version),
+            "headers": headers,
+            "body": String::from_utf8_lossy(&prefix),
+            "body_len": total,
+            "tls": tls,
+            "served_by": "fake-beamlit",
+        }),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn parses_flags() {
+        let c = Config::parse(&args(
+            "--https 10.0.0.1:443 --https=[::1]:443 --http 0.0.0.0:80 --tcp-echo 10.0.0.1:7 \
+             --cert c.pem --key k.pem --client-id me --client-secret s3 --token-ttl-secs 1 \
+             --require-token --stats-file s.json --ready-file r.json",
+        ))
+        .expect("valid flags");
+        assert_eq!(c.https.len(), 2);
+        assert_eq!(c.http.len(), 1);
+        assert_eq!(c.tcp_echo.len(), 1);
+        assert_eq!(c.token_ttl_secs, 1);
+        assert!(c.require_token);
+        assert_eq!(c.client_id, "me");
+        assert!(Config::parse(&args("--https 10.0.0.1:443")).is_err());
+        assert!(Config::parse(&args("")).is_err());
+        assert!(Config::parse(&args("--http nowhere")).is_err());
+        assert!(Config::parse(&args("--http 1.2.3.4:5 --bogus 1")).is_err());
+    }
+
+    #[test]
+    fn basic_and_bearer_parsing() {
+        // "id:se:cret" — the secret may itself contain a colon.
+        let b64 = base64::engine::general_purpose::STANDARD.encode("id:se:cret");
+        assert_eq!(
+            auth_param(&format!("basic {b64}"), "Basic").and_then(parse_basic),
+            Some(("id".to_string(), "se:cret".to_string()))
+        );
+        assert_eq!(parse_basic("!!"), None);
+        assert_eq!(auth_param("Bearer tok-1", "bearer"), Some("tok-1"));
+        assert_eq!(auth_param("Bearer tok-1", "basic"), None);
+        assert!(credential_matches("a%2Bb", "a+b"));
+        assert!(credential_matches("a+b", "a+b"));
+        assert!(!credential_matches("a", "b"));
+    }
+
+    #[test]
+    fn status_codes() {
+        assert_eq!(status("503").status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(status("204").status(), StatusCode::NO_CONTENT);
+        assert_eq!(status("99").status(), StatusCode::BAD_REQUEST);
+        assert_eq!(status("x").status(), StatusCode::BAD_REQUEST);
+    }
+}
