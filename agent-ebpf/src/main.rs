@@ -7,6 +7,9 @@
 //!   change of share drops nothing.
 //! - `getpeername4` / `getpeername6`: a redirected socket reports the Service address it dialled.
 //! - `sock_release`: forget the per-socket record when the socket goes away.
+//! - `sock_ops` (TCP_CONNECT_CB): for a redirected socket, publish its 4-tuple in `flows`, so the
+//!   tunnel can tell which Service an accepted connection was meant for, and refuse any
+//!   connection that this node's eBPF did not redirect.
 //!
 //! Every miss or error returns 1 without rewriting: the connection proceeds as if the agent did
 //! not exist (fail open). The programs never return 0 (which would make connect fail with EPERM).
@@ -15,16 +18,17 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_ANY, bpf_sock, bpf_sock_addr},
+    bindings::{BPF_ANY, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock, bpf_sock_addr},
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie},
-    macros::{btf_map, cgroup_sock, cgroup_sock_addr},
-    programs::{SockAddrContext, SockContext},
+    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    macros::{btf_map, cgroup_sock, cgroup_sock_addr, sock_ops},
+    programs::{SockAddrContext, SockContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use beamlit_common::{
-    AgentConfig, FAMILY_INET, FAMILY_INET6, FLAG_TUNNEL_READY, MAX_REDIRECTED_SOCKETS,
-    MAX_SERVICES, OriginalDest, PROTO_TCP, SHARE_SCALE, ServiceCounters, ServiceEntry, ServiceKey,
+    AgentConfig, FAMILY_INET, FAMILY_INET6, FLAG_TUNNEL_HEARTBEAT, FLAG_TUNNEL_READY, FlowKey,
+    MAX_REDIRECTED_SOCKETS, MAX_SERVICES, OriginalDest, PROTO_TCP, SHARE_SCALE, ServiceCounters,
+    ServiceEntry, ServiceKey, TUNNEL_HEARTBEAT_TIMEOUT_NS,
 };
 
 /// Return value that lets the syscall proceed (with whatever address the program left).
@@ -43,6 +47,11 @@ static SERVICE_COUNTERS: PerCpuArray<ServiceCounters, { MAX_SERVICES as usize }>
 /// Socket cookie -> the Service address the socket dialled. Written only for redirected sockets.
 #[btf_map(name = "sockets", pin_by_name)]
 static SOCKETS: LruHashMap<u64, OriginalDest, { MAX_REDIRECTED_SOCKETS as usize }> =
+    LruHashMap::new();
+
+/// 4-tuple of a redirected connection -> the Service address it dialled. Consumed by the tunnel.
+#[btf_map(name = "flows", pin_by_name)]
+static FLOWS: LruHashMap<FlowKey, OriginalDest, { MAX_REDIRECTED_SOCKETS as usize }> =
     LruHashMap::new();
 
 #[btf_map(name = "config", pin_by_name)]
@@ -84,6 +93,57 @@ pub fn sock_release(ctx: SockContext) -> i32 {
         let _ = SOCKETS.remove(&cookie);
     }
     PROCEED
+}
+
+#[sock_ops]
+pub fn sock_ops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        publish_flow(&ctx);
+    }
+    // sock_ops programs return 1 to let the operation proceed.
+    1
+}
+
+/// At TCP_CONNECT_CB the source port is assigned and the SYN not yet sent, so the flow is in the
+/// map before the tunnel can possibly accept the connection.
+#[inline(always)]
+fn publish_flow(ctx: &SockOpsContext) {
+    // SAFETY: the helper accepts the sock_ops context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out at once.
+    let Some(original) = (unsafe { SOCKETS.get(&cookie) }).copied() else {
+        return; // Not redirected: the common case.
+    };
+    let mut key = FlowKey {
+        client_addr: [0; 16],
+        tunnel_addr: [0; 16],
+        client_port: ctx.local_port() as u16,
+        // The remote port is a big-endian u16 in the upper half of the field.
+        tunnel_port: u16::from_be((ctx.remote_port() >> 16) as u16),
+        family: FAMILY_INET,
+        _pad: [0; 3],
+    };
+    const AF_INET: u32 = 2;
+    if ctx.family() == AF_INET {
+        key.client_addr[..4].copy_from_slice(&ctx.local_ip4().to_ne_bytes());
+        key.tunnel_addr[..4].copy_from_slice(&ctx.remote_ip4().to_ne_bytes());
+    } else {
+        let (local, remote) = (ctx.local_ip6(), ctx.remote_ip6());
+        for i in 0..4 {
+            key.client_addr[i * 4..i * 4 + 4].copy_from_slice(&local[i].to_ne_bytes());
+            key.tunnel_addr[i * 4..i * 4 + 4].copy_from_slice(&remote[i].to_ne_bytes());
+        }
+        if is_v4_mapped(&key.tunnel_addr) {
+            // A dual-stack socket sent to an IPv4 tunnel: the tunnel sees plain IPv4.
+            key.client_addr.copy_within(12..16, 0);
+            key.tunnel_addr.copy_within(12..16, 0);
+            key.client_addr[4..].fill(0);
+            key.tunnel_addr[4..].fill(0);
+        } else {
+            key.family = FAMILY_INET6;
+        }
+    }
+    let _ = FLOWS.insert(&key, &original, u64::from(BPF_ANY));
 }
 
 #[inline(always)]
@@ -148,6 +208,9 @@ fn decide(
     if entry.flags & FLAG_TUNNEL_READY == 0 {
         return Outcome::FailOpen;
     }
+    if entry.flags & FLAG_TUNNEL_HEARTBEAT != 0 && !tunnel_alive() {
+        return Outcome::FailOpen;
+    }
     // The address written must be of the socket's family: an IPv4 tunnel is reachable from an
     // AF_INET6 socket as ::ffff:a.b.c.d, an IPv6 tunnel never from an AF_INET one.
     let mut tunnel = entry.tunnel_addr;
@@ -184,6 +247,18 @@ fn decide(
         "redirected cookie {} to port {} (share {})", cookie, entry.tunnel_port, entry.share_bp
     );
     Outcome::Redirected
+}
+
+/// The agent's tunnel beat within the timeout. Without a config entry, assume it is alive (the
+/// flag is only set by an agent that also writes the config).
+#[inline(always)]
+fn tunnel_alive() -> bool {
+    let Some(config) = CONFIG.get(0) else {
+        return true;
+    };
+    // SAFETY: the helper has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    now.saturating_sub(config.tunnel_heartbeat_ns) < TUNNEL_HEARTBEAT_TIMEOUT_NS
 }
 
 /// The agent marks its own sockets (the tunnel's fallback connections to the real Service) with

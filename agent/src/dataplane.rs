@@ -41,17 +41,19 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/be
 
 /// Programs in attach order: the ones that clean up and report come first, so that any socket
 /// `connect*` redirects is already covered by `getpeername*` and `sock_release`.
-pub const PROGRAMS: [&str; 5] = [
+pub const PROGRAMS: [&str; 6] = [
     "getpeername4",
     "getpeername6",
     "sock_release",
+    "sock_ops",
     "connect4",
     "connect6",
 ];
-const MAPS: [&str; 4] = [
+const MAPS: [&str; 5] = [
     map_names::SERVICES,
     map_names::SERVICE_COUNTERS,
     map_names::SOCKETS,
+    map_names::FLOWS,
     map_names::CONFIG,
 ];
 
@@ -191,9 +193,12 @@ impl Dataplane {
         };
 
         let mut maps = PinnedMaps::open(&config.bpffs_dir)?;
+        // Keep the heartbeat a previous agent wrote: its tunnel may still be draining.
+        let heartbeat = maps.config().map_or(0, |c| c.tunnel_heartbeat_ns);
         maps.set_config(AgentConfig {
             bypass_mark: config.bypass_mark,
             _pad: 0,
+            tunnel_heartbeat_ns: heartbeat,
         })?;
 
         let mut attachments = Vec::with_capacity(PROGRAMS.len());
@@ -300,6 +305,11 @@ fn attach_program(
             let id = p.attach(cgroup, LINK_MODE).map_err(program_err)?;
             FdLink::try_from(p.take_link(id).map_err(program_err)?)
         }
+        aya::programs::Program::SockOps(p) => {
+            p.load().map_err(program_err)?;
+            let id = p.attach(cgroup, LINK_MODE).map_err(program_err)?;
+            FdLink::try_from(p.take_link(id).map_err(program_err)?)
+        }
         _ => {
             return Err(program_err(
                 aya::programs::ProgramError::UnexpectedProgramType,
@@ -324,6 +334,10 @@ fn load_and_fd(
             p.fd()?.try_clone().map_err(Into::into)
         }
         aya::programs::Program::CgroupSock(p) => {
+            p.load()?;
+            p.fd()?.try_clone().map_err(Into::into)
+        }
+        aya::programs::Program::SockOps(p) => {
             p.load()?;
             p.fd()?.try_clone().map_err(Into::into)
         }

@@ -4,7 +4,8 @@
 //! - [`maps`] reads and writes the pinned maps; [`model`] translates routes to map entries;
 //! - [`plan`] computes the map changes for a set of routes (pure);
 //! - [`routes`] parses the standalone routes file; [`standalone`] keeps the maps in line with it;
-//! - [`inspect`] prints the maps in human terms.
+//! - [`inspect`] prints the maps in human terms;
+//! - [`tunnel`] is the egress tunnel that forwards redirected connections to remote backends.
 pub mod dataplane;
 pub mod inspect;
 pub mod maps;
@@ -13,3 +14,4 @@ pub mod plan;
 pub mod routes;
 pub mod standalone;
 pub mod sys;
+pub mod tunnel;

@@ -4,7 +4,8 @@ use anyhow::Context as _;
 use beamlit_agent::{
     dataplane::{self, Dataplane, DataplaneConfig, EbpfLogLevel},
     inspect, routes,
-    standalone::Standalone,
+    standalone::{self, Standalone},
+    tunnel::metrics::Metrics,
 };
 use clap::{Parser, Subcommand};
 use tracing::info;
@@ -68,6 +69,16 @@ struct RunArgs {
     /// How often the routes file is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 250)]
     reload_interval_ms: u64,
+    /// Network namespace (a file such as /var/run/netns/NAME) in which the egress tunnel makes
+    /// its sockets. Default: the agent's own (hostNetwork in Kubernetes).
+    #[arg(long)]
+    tunnel_netns: Option<PathBuf>,
+    /// Worker threads of the egress tunnel (default: the CPUs available, at most 4).
+    #[arg(long)]
+    tunnel_workers: Option<usize>,
+    /// Serve Prometheus /metrics (and /healthz) on this address, e.g. 0.0.0.0:9464.
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 fn parse_mark(s: &str) -> Result<u32, String> {
@@ -101,10 +112,25 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => run(&cli.bpffs, args),
         Command::Check { routes } => {
             let parsed = routes::load(&routes)?;
-            println!("{}: {} service(s), valid", routes.display(), parsed.len());
-            for r in parsed {
+            println!(
+                "{}: {} service(s), valid",
+                routes.display(),
+                parsed.routes.len()
+            );
+            for r in &parsed.routes {
+                let remote = parsed.backends.get(&r.service).map_or_else(
+                    || "external tunnel".to_string(),
+                    |(_, b)| {
+                        format!(
+                            "remote {}://{}{}",
+                            b.scheme.as_str(),
+                            b.authority(),
+                            b.path_prefix
+                        )
+                    },
+                );
                 println!(
-                    "  {}  offload {:.2}%  tunnel {}",
+                    "  {}  offload {:.2}%  tunnel {}  {remote}",
                     r.service,
                     r.share.percent(),
                     r.tunnel
@@ -139,12 +165,8 @@ fn run(bpffs: &std::path::Path, args: RunArgs) -> anyhow::Result<()> {
         Some(c) => c,
         None => dataplane::cgroup2_root().context("finding the cgroup v2 root")?,
     };
-    let standalone = Standalone {
-        routes_path: args.routes,
-        reload_interval: Duration::from_millis(args.reload_interval_ms.max(10)),
-    };
     // Validate before touching the kernel: a bad file must not change anything.
-    routes::load(&standalone.routes_path)
+    routes::load(&args.routes)
         .context("not starting; the routes already in the maps (if any) stay in force")?;
     let config = DataplaneConfig {
         bpffs_dir: bpffs.to_path_buf(),
@@ -154,9 +176,29 @@ fn run(bpffs: &std::path::Path, args: RunArgs) -> anyhow::Result<()> {
     };
     let mut dp = Dataplane::start(&config).context("starting the data plane")?;
     info!(cgroup = %cgroup.display(), bpffs = %bpffs.display(), "data plane ready");
-    let text = standalone.apply_file(&mut dp)?;
+    let metrics = std::sync::Arc::new(Metrics::new());
+    let mut standalone = Standalone::new(
+        args.routes,
+        Duration::from_millis(args.reload_interval_ms.max(10)),
+        args.tunnel_netns,
+        bpffs.to_path_buf(),
+        metrics.clone(),
+        args.tunnel_workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get().min(4))),
+    );
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
-        .block_on(standalone.run(&mut dp, text))
+        .block_on(async move {
+            if let Some(addr) = args.metrics_addr {
+                let metrics = metrics.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = standalone::serve_metrics(addr, metrics).await {
+                        tracing::error!("{e:#}");
+                    }
+                });
+            }
+            let text = standalone.apply_file(&mut dp).await?;
+            standalone.run(&mut dp, text).await
+        })
 }

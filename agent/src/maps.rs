@@ -85,6 +85,13 @@ impl PinnedMaps {
             .map_err(|source| self.err(map_names::CONFIG, source))
     }
 
+    /// Records that the tunnel is alive now (CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns).
+    pub fn beat(&mut self) -> Result<(), MapsError> {
+        let mut config = self.config()?;
+        config.tunnel_heartbeat_ns = monotonic_ns();
+        self.set_config(config)
+    }
+
     pub fn set_config(&mut self, config: AgentConfig) -> Result<(), MapsError> {
         let result = self.config.set(0, &config, 0);
         result.map_err(|source| self.err(map_names::CONFIG, source))
@@ -135,6 +142,16 @@ impl PinnedMaps {
             source,
         }
     }
+}
+
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn zeroed_counters() -> std::io::Result<PerCpuValues<ServiceCounters>> {

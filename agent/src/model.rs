@@ -3,7 +3,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use beamlit_common::{
-    FAMILY_INET, FAMILY_INET6, FLAG_TUNNEL_READY, PROTO_TCP, SHARE_SCALE, ServiceEntry, ServiceKey,
+    FAMILY_INET, FAMILY_INET6, FLAG_TUNNEL_HEARTBEAT, FLAG_TUNNEL_READY, PROTO_TCP, SHARE_SCALE,
+    ServiceEntry, ServiceKey,
 };
 
 /// Offload share in basis points (0..=10000): 1 bp = 0.01% of new connections.
@@ -44,6 +45,8 @@ pub struct Route {
     pub tunnel: SocketAddr,
     /// Cleared while the tunnel does not accept connections: new connections then fail open.
     pub tunnel_ready: bool,
+    /// The tunnel is the agent's own: redirection also requires its heartbeat to be fresh.
+    pub tunnel_heartbeat: bool,
 }
 
 pub fn service_key(addr: SocketAddr) -> ServiceKey {
@@ -63,11 +66,15 @@ pub fn service_entry(route: &Route, generation: u32, counter_slot: u32) -> Servi
         generation,
         share_bp: route.share.basis_points(),
         tunnel_port: route.tunnel.port(),
-        flags: if route.tunnel_ready {
+        flags: (if route.tunnel_ready {
             FLAG_TUNNEL_READY
         } else {
             0
-        },
+        }) | (if route.tunnel_heartbeat {
+            FLAG_TUNNEL_HEARTBEAT
+        } else {
+            0
+        }),
         tunnel_family,
         _pad: 0,
         counter_slot,
@@ -91,6 +98,7 @@ pub fn entry_route(key: &ServiceKey, entry: &ServiceEntry) -> Option<Route> {
             entry.tunnel_port,
         ),
         tunnel_ready: entry.flags & FLAG_TUNNEL_READY != 0,
+        tunnel_heartbeat: entry.flags & FLAG_TUNNEL_HEARTBEAT != 0,
     })
 }
 
@@ -151,6 +159,7 @@ mod tests {
                 share: Share::from_percent(30.0).expect("valid"),
                 tunnel: tunnel.parse().expect("test address"),
                 tunnel_ready: true,
+                tunnel_heartbeat: true,
             };
             let key = service_key(route.service);
             let entry = service_entry(&route, 7, 3);

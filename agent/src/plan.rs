@@ -96,6 +96,7 @@ mod tests {
             .parse()
             .expect("test address"),
             tunnel_ready: true,
+            tunnel_heartbeat: false,
         }
     }
 

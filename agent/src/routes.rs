@@ -10,15 +10,44 @@
 //!   - address: "[fd00:96::10]:80"
 //!     offloadPercent: 100
 //!     tunnel: "[fd00:200::1]:15002"   # per-service override
+//!     remote:                   # optional: the agent's own tunnel forwards to this backend
+//!       scheme: https
+//!       host: run.beamlit.com
+//!       pathPrefix: /$workspace/models/$model
+//!       workspace: my-workspace
+//!       model: my-model
+//!       headersToAdd: {X-Beamlit-Environment: production}
+//!       auth:
+//!         oauth: {tokenUrl: "https://api.beamlit.com/v0/oauth/token", clientId: ID,
+//!                 clientSecretFile: /etc/beamlit/client-secret}
 //! ```
 //!
 //! Field checks live in `Deserialize` impls so that serde_yaml reports them with the field's
 //! path, line and column; checks across fields name the service and its line.
-use std::{collections::BTreeSet, fmt, net::SocketAddr, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use serde::{Deserialize, Deserializer};
 
-use crate::model::{Route, Share};
+use crate::{
+    model::{Route, Share},
+    tunnel::backend::{self, Auth, Mode, OAuthClient, RemoteBackend, Scheme, Secret},
+};
+
+/// A parsed routes file.
+#[derive(Debug, Default)]
+pub struct RouteSet {
+    pub routes: Vec<Route>,
+    /// Services the agent's own tunnel serves: service → (tunnel address, remote backend).
+    pub backends: BTreeMap<SocketAddr, (SocketAddr, RemoteBackend)>,
+    /// CA bundle trusted in addition to the system roots, for private backends.
+    pub extra_ca_file: Option<PathBuf>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RoutesError {
@@ -50,11 +79,69 @@ struct RoutesFile {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 struct DefaultTunnel {
     #[serde(default, deserialize_with = "tunnel_ipv4")]
     ipv4: Option<SocketAddr>,
     #[serde(default, deserialize_with = "tunnel_ipv6")]
     ipv6: Option<SocketAddr>,
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RemoteSpec {
+    #[serde(default)]
+    mode: Option<ModeSpec>,
+    #[serde(default)]
+    scheme: Option<SchemeSpec>,
+    host: String,
+    #[serde(default)]
+    path_prefix: Option<String>,
+    #[serde(default)]
+    workspace: Option<String>,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    headers_to_add: BTreeMap<String, String>,
+    #[serde(default)]
+    auth: Option<AuthSpec>,
+    #[serde(default)]
+    connect_timeout_ms: Option<u64>,
+    #[serde(default)]
+    header_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum ModeSpec {
+    Http,
+    Tcp,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum SchemeSpec {
+    Http,
+    Https,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct AuthSpec {
+    #[serde(default)]
+    bearer_token_file: Option<PathBuf>,
+    #[serde(default)]
+    oauth: Option<OAuthSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct OAuthSpec {
+    token_url: String,
+    client_id: String,
+    client_secret_file: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -65,6 +152,8 @@ struct ServiceSpec {
     offload_percent: Percent,
     #[serde(default, deserialize_with = "service_tunnel")]
     tunnel: Option<SocketAddr>,
+    #[serde(default)]
+    remote: Option<RemoteSpec>,
 }
 
 // serde_yaml locates an error raised after a string was read at the enclosing mapping, so each
@@ -134,7 +223,7 @@ impl<'de> Deserialize<'de> for Percent {
 
 /// Parses and validates a routes file. The result has distinct service addresses, each with a
 /// tunnel of its own family.
-pub fn parse(path_label: &str, text: &str) -> Result<Vec<Route>, RoutesError> {
+pub fn parse(path_label: &str, text: &str) -> Result<RouteSet, RoutesError> {
     let file: RoutesFile = if text.trim().is_empty() {
         RoutesFile {
             tunnel: None,
@@ -148,6 +237,7 @@ pub fn parse(path_label: &str, text: &str) -> Result<Vec<Route>, RoutesError> {
     };
     let mut seen = BTreeSet::new();
     let mut routes = Vec::with_capacity(file.services.len());
+    let mut backends = BTreeMap::new();
     let mut search_from = 0;
     for (index, spec) in file.services.iter().enumerate() {
         let service = spec.address;
@@ -187,18 +277,168 @@ pub fn parse(path_label: &str, text: &str) -> Result<Vec<Route>, RoutesError> {
                 ),
             ));
         }
+        if let Some(remote) = &spec.remote {
+            let backend = remote_backend(remote)
+                .map_err(|(field, message)| invalid(&format!("remote.{field}"), message))?;
+            backends.insert(service, (tunnel, backend));
+        }
         routes.push(Route {
             service,
             share: spec.offload_percent.0,
             tunnel,
-            // Standalone mode: the tunnel is whatever listens there, outside the agent.
+            // Without `remote`, the tunnel is whatever listens there, outside the agent. With
+            // it, the agent sets readiness from its own listener (see `standalone`).
             tunnel_ready: true,
+            tunnel_heartbeat: spec.remote.is_some(),
         });
     }
-    Ok(routes)
+    Ok(RouteSet {
+        routes,
+        backends,
+        extra_ca_file: file.tunnel.and_then(|t| t.ca_file),
+    })
 }
 
-pub fn load(path: &Path) -> Result<Vec<Route>, RoutesError> {
+/// Checks across a `remote:` section; errors are (field, message).
+fn remote_backend(spec: &RemoteSpec) -> Result<RemoteBackend, (String, String)> {
+    let scheme = match spec.scheme.unwrap_or(SchemeSpec::Https) {
+        SchemeSpec::Http => Scheme::Http,
+        SchemeSpec::Https => Scheme::Https,
+    };
+    let (host, port) = split_host_port(&spec.host, scheme.default_port()).ok_or_else(|| {
+        (
+            "host".to_string(),
+            format!(
+                "`{}` is not host[:port]; write run.beamlit.com, 10.0.0.9:8443 or [fd00::9]:443",
+                spec.host
+            ),
+        )
+    })?;
+    let mut headers_to_add = Vec::new();
+    for (name, value) in &spec.headers_to_add {
+        let header = http::HeaderName::try_from(name.as_str()).map_err(|_| {
+            (
+                format!("headersToAdd.{name}"),
+                "is not a valid header name".to_string(),
+            )
+        })?;
+        let value = http::HeaderValue::try_from(value.as_str()).map_err(|_| {
+            (
+                format!("headersToAdd.{name}"),
+                "has a value that is not a valid header value".to_string(),
+            )
+        })?;
+        headers_to_add.push((header, value));
+    }
+    let read_secret = |field: &str, path: &Path| -> Result<Secret, (String, String)> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            (
+                field.to_string(),
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
+        let value = text.trim().to_string();
+        if value.is_empty() {
+            return Err((field.to_string(), format!("{} is empty", path.display())));
+        }
+        Ok(Secret::new(value))
+    };
+    let auth = match &spec.auth {
+        None => Auth::None,
+        Some(AuthSpec {
+            bearer_token_file: Some(_),
+            oauth: Some(_),
+        }) => {
+            return Err((
+                "auth".into(),
+                "set either bearerTokenFile or oauth, not both".into(),
+            ));
+        }
+        Some(AuthSpec {
+            bearer_token_file: Some(path),
+            ..
+        }) => Auth::Bearer(read_secret("auth.bearerTokenFile", path)?),
+        Some(AuthSpec {
+            oauth: Some(oauth), ..
+        }) => {
+            let token_url: http::Uri = oauth.token_url.parse().map_err(|_| {
+                (
+                    "auth.oauth.tokenUrl".to_string(),
+                    format!("`{}` is not a URL", oauth.token_url),
+                )
+            })?;
+            if !matches!(token_url.scheme_str(), Some("http" | "https")) {
+                return Err((
+                    "auth.oauth.tokenUrl".into(),
+                    format!(
+                        "`{}` must start with https:// (or http://)",
+                        oauth.token_url
+                    ),
+                ));
+            }
+            Auth::OAuth(OAuthClient {
+                token_url,
+                client_id: oauth.client_id.clone(),
+                client_secret: read_secret(
+                    "auth.oauth.clientSecretFile",
+                    &oauth.client_secret_file,
+                )?,
+            })
+        }
+        Some(_) => Auth::None,
+    };
+    Ok(RemoteBackend {
+        mode: match spec.mode.unwrap_or(ModeSpec::Http) {
+            ModeSpec::Http => Mode::Http,
+            ModeSpec::Tcp => Mode::Tcp,
+        },
+        scheme,
+        host,
+        port,
+        path_prefix: backend::substitute_path_prefix(
+            spec.path_prefix.as_deref().unwrap_or(""),
+            spec.workspace.as_deref().unwrap_or(""),
+            spec.model.as_deref().unwrap_or(""),
+        ),
+        headers_to_add,
+        auth,
+        connect_timeout: spec
+            .connect_timeout_ms
+            .map_or(backend::DEFAULT_CONNECT_TIMEOUT, Duration::from_millis),
+        header_timeout: spec
+            .header_timeout_ms
+            .map_or(backend::DEFAULT_HEADER_TIMEOUT, Duration::from_millis),
+    })
+}
+
+/// `host`, `host:port`, `[v6]`, `[v6]:port`, or a bare IPv6 literal.
+fn split_host_port(text: &str, default_port: u16) -> Option<(String, u16)> {
+    let text = text.trim();
+    if let Some(rest) = text.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        host.parse::<std::net::Ipv6Addr>().ok()?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse().ok().filter(|p| *p != 0)?,
+            None if after.is_empty() => default_port,
+            None => return None,
+        };
+        return Some((host.to_string(), port));
+    }
+    if text.parse::<std::net::Ipv6Addr>().is_ok() {
+        return Some((text.to_string(), default_port));
+    }
+    let (host, port) = match text.rsplit_once(':') {
+        Some((h, p)) => (h, p.parse().ok().filter(|p| *p != 0)?),
+        None => (text, default_port),
+    };
+    let valid = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
+    valid.then(|| (host.to_string(), port))
+}
+
+pub fn load(path: &Path) -> Result<RouteSet, RoutesError> {
     let label = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| RoutesError::Read {
         path: label.clone(),
@@ -239,7 +479,7 @@ services:
 
     #[test]
     fn parses_a_good_file() {
-        let routes = parse("r.yaml", GOOD).expect("valid file");
+        let routes = parse("r.yaml", GOOD).expect("valid file").routes;
         assert_eq!(routes.len(), 2);
         assert_eq!(routes[0].service.to_string(), "10.96.0.10:80");
         assert_eq!(routes[0].share.basis_points(), 3000);
@@ -249,9 +489,54 @@ services:
     }
 
     #[test]
+    fn remote_backend_with_defaults_and_substitution() {
+        let text = "tunnel: {ipv4: 10.200.0.1:15001}\nservices:\n  - address: 10.96.0.10:80\n    \
+                    offloadPercent: 100\n    remote:\n      host: run.beamlit.com\n      \
+                    pathPrefix: /$workspace/models/$model\n      workspace: ws\n      model: m\n      \
+                    headersToAdd: {X-Env: prod}\n";
+        let set = parse("r.yaml", text).expect("valid");
+        let (tunnel, b) = &set.backends[&"10.96.0.10:80".parse().expect("addr")];
+        assert_eq!(tunnel.to_string(), "10.200.0.1:15001");
+        assert_eq!((b.scheme, b.mode), (Scheme::Https, Mode::Http));
+        assert_eq!((b.host.as_str(), b.port), ("run.beamlit.com", 443));
+        assert_eq!(b.path_prefix, "/ws/models/m");
+        assert_eq!(b.headers_to_add[0].0.as_str(), "x-env");
+        assert_eq!(b.auth, Auth::None);
+    }
+
+    #[test]
+    fn host_port_forms() {
+        for (text, expected) in [
+            ("run.beamlit.com", Some(("run.beamlit.com", 443))),
+            ("10.0.0.9:8443", Some(("10.0.0.9", 8443))),
+            ("[fd00::9]:80", Some(("fd00::9", 80))),
+            ("fd00::9", Some(("fd00::9", 443))),
+            ("host:0", None),
+            ("a b", None),
+            ("", None),
+        ] {
+            assert_eq!(
+                split_host_port(text, 443),
+                expected.map(|(h, p)| (h.to_string(), p)),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
     fn empty_file_means_no_routes() {
-        assert!(parse("r.yaml", "").expect("empty is valid").is_empty());
-        assert!(parse("r.yaml", "services: []\n").expect("valid").is_empty());
+        assert!(
+            parse("r.yaml", "")
+                .expect("empty is valid")
+                .routes
+                .is_empty()
+        );
+        assert!(
+            parse("r.yaml", "services: []\n")
+                .expect("valid")
+                .routes
+                .is_empty()
+        );
     }
 
     /// Each bad file must name the line and the field, and say how to fix it.

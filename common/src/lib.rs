@@ -12,6 +12,7 @@ pub mod map_names {
     pub const SERVICES: &str = "services";
     pub const SERVICE_COUNTERS: &str = "service_counters";
     pub const SOCKETS: &str = "sockets";
+    pub const FLOWS: &str = "flows";
     pub const CONFIG: &str = "config";
 }
 
@@ -33,6 +34,12 @@ pub const PROTO_TCP: u8 = 6;
 /// when the tunnel for the entry is not accepting connections, so new connections fail open
 /// to the local path.
 pub const FLAG_TUNNEL_READY: u16 = 1 << 0;
+/// `ServiceEntry::flags`: the tunnel is the agent's own, so redirection also requires its
+/// heartbeat (`AgentConfig::tunnel_heartbeat_ns`) to be fresh. A killed agent cannot clear
+/// `FLAG_TUNNEL_READY`; a stale heartbeat makes new connections fail open all the same.
+pub const FLAG_TUNNEL_HEARTBEAT: u16 = 1 << 1;
+/// How stale the heartbeat may be (the agent beats every 100 ms).
+pub const TUNNEL_HEARTBEAT_TIMEOUT_NS: u64 = 500_000_000;
 
 /// Key of the `services` map: the address a client dials.
 #[repr(C)]
@@ -98,6 +105,26 @@ pub struct OriginalDest {
     pub proto: u8,
 }
 
+/// Key of the `flows` LRU map: the 4-tuple of a redirected connection as the tunnel sees it on
+/// accept (peer = client, local = tunnel). Written by `sock_ops` when the client's SYN is about to
+/// leave (its source port is known by then), consumed by the tunnel on accept. A connection the
+/// tunnel finds no flow for was not redirected by this node's eBPF, and is refused.
+///
+/// IPv4 addresses (including v4-mapped ones of dual-stack sockets) are stored as family 4 in the
+/// first 4 bytes, as the tunnel's IPv4 listener reports them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct FlowKey {
+    pub client_addr: [u8; 16],
+    pub tunnel_addr: [u8; 16],
+    /// Host byte order.
+    pub client_port: u16,
+    /// Host byte order.
+    pub tunnel_port: u16,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
 /// The single value of the `config` array map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -106,6 +133,8 @@ pub struct AgentConfig {
     /// sockets, which must be able to reach the real Service). 0 disables the check.
     pub bypass_mark: u32,
     pub _pad: u32,
+    /// CLOCK_MONOTONIC (the clock of `bpf_ktime_get_ns`) when the tunnel last proved alive.
+    pub tunnel_heartbeat_ns: u64,
 }
 
 #[cfg(feature = "user")]
@@ -117,6 +146,7 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceCounters {}
     unsafe impl aya::Pod for super::OriginalDest {}
     unsafe impl aya::Pod for super::AgentConfig {}
+    unsafe impl aya::Pod for super::FlowKey {}
 }
 
 #[cfg(test)]
@@ -131,6 +161,7 @@ mod tests {
         assert_eq!(size_of::<ServiceEntry>(), 16 + 4 + 2 + 2 + 2 + 1 + 1 + 4);
         assert_eq!(size_of::<ServiceCounters>(), 4 * 8);
         assert_eq!(size_of::<OriginalDest>(), 16 + 2 + 1 + 1);
-        assert_eq!(size_of::<AgentConfig>(), 8);
+        assert_eq!(size_of::<AgentConfig>(), 16);
+        assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 3);
     }
 }

@@ -139,7 +139,10 @@ fn dual_stack_socket_dialling_an_ipv4_service_is_redirected() -> Result<()> {
     o.check_peer = true;
     let r = bed.probe(&o)?;
     assert_eq!((r.failed, r.count("tunnel")), (0, 100), "{r:?}");
-    assert_eq!(r.peer_mismatch, 0, "getpeername must return the mapped address: {r:?}");
+    assert_eq!(
+        r.peer_mismatch, 0,
+        "getpeername must return the mapped address: {r:?}"
+    );
     Ok(())
 }
 

@@ -1,0 +1,359 @@
+//! The egress tunnel: where redirected connections land on the node, and how they reach the
+//! Service's remote backend. Built from small layers, each testable alone:
+//!
+//! accept ([`Tunnel`] listeners) → identify ([`flows`]: the Service the client dialled, or
+//! refuse) → route (the Service's [`backend::RemoteBackend`]) → auth ([`auth`]: static token or
+//! cached OAuth token) → forward ([`http`] reverse proxy, or [`tcp`] pass-through).
+//!
+//! The tunnel runs on its own tokio runtime, on a thread that first joins the tunnel's network
+//! namespace (`--tunnel-netns`; by default the agent's own): every socket it makes — listeners,
+//! upstream connections, token requests — lives there, while the agent's eBPF work stays in the
+//! host namespace where bpffs and cgroups are.
+pub mod auth;
+pub mod backend;
+pub mod client;
+pub mod flows;
+pub mod http;
+pub mod metrics;
+pub mod tcp;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::SocketAddr,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{info, warn};
+
+use self::{
+    auth::TokenCache,
+    backend::{Auth, Mode, RemoteBackend},
+    client::HttpClient,
+    flows::FlowTable,
+    metrics::Metrics,
+};
+
+/// How often the tunnel tells the data plane it is alive; see `FLAG_TUNNEL_HEARTBEAT`.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// What the tunnel needs to forward one Service's connections.
+pub struct Route {
+    /// The Service address, as used in logs and metric labels.
+    pub label: String,
+    pub backend: RemoteBackend,
+    pub tokens: Option<Arc<TokenCache>>,
+    pub http: HttpClient,
+    /// Rare outcomes (errors) by label; hot-path series through `stats`.
+    pub metrics: Arc<Metrics>,
+    pub stats: metrics::RouteMetrics,
+}
+
+pub struct TunnelConfig {
+    /// A network namespace file (e.g. /var/run/netns/NAME) to create the tunnel's sockets in.
+    pub netns: Option<PathBuf>,
+    pub bpffs_dir: PathBuf,
+    pub extra_ca_file: Option<PathBuf>,
+    /// Worker threads of the tunnel's runtime.
+    pub workers: usize,
+}
+
+pub struct Tunnel {
+    runtime: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    routes: RwLock<HashMap<SocketAddr, Arc<Route>>>,
+    listeners: Mutex<BTreeMap<SocketAddr, tokio::task::AbortHandle>>,
+    flows: FlowTable,
+    http: HttpClient,
+    metrics: Arc<Metrics>,
+    /// Keyed by (token URL, client id): services sharing a client share its token.
+    tokens: Mutex<HashMap<(String, String), Arc<TokenCache>>>,
+}
+
+impl Tunnel {
+    pub fn start(config: &TunnelConfig, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let flows = FlowTable::open(&config.bpffs_dir)?;
+        let mut heartbeat = crate::maps::PinnedMaps::open(&config.bpffs_dir)?;
+        let tls = client::tls_config(config.extra_ca_file.as_deref())?;
+        let (handle, stop) = runtime_in_netns(config.netns.as_deref(), config.workers.max(1))?;
+        let http = client::http_client(tls, backend::DEFAULT_CONNECT_TIMEOUT);
+        // The heartbeat runs on the tunnel's own runtime: it proves that runtime is alive, not
+        // merely the agent's main loop.
+        handle.spawn(async move {
+            let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+            loop {
+                tick.tick().await;
+                if let Err(e) = heartbeat.beat() {
+                    warn!("tunnel heartbeat: {e}");
+                }
+            }
+        });
+        Ok(Self {
+            runtime: handle,
+            stop: Some(stop),
+            shared: Arc::new(Shared {
+                routes: RwLock::new(HashMap::new()),
+                listeners: Mutex::new(BTreeMap::new()),
+                flows,
+                http,
+                metrics,
+                tokens: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// Installs the routes (service address → (tunnel address, backend)) and makes sure a
+    /// listener accepts on each tunnel address. Returns the tunnel addresses that accept
+    /// connections: only those may be marked ready in the data plane.
+    pub async fn update(
+        &self,
+        backends: &BTreeMap<SocketAddr, (SocketAddr, RemoteBackend)>,
+    ) -> BTreeSet<SocketAddr> {
+        let mut routes = HashMap::new();
+        for (service, (_, backend)) in backends {
+            let tokens = match &backend.auth {
+                Auth::OAuth(oauth) => Some(self.token_cache(oauth, backend.connect_timeout)),
+                _ => None,
+            };
+            routes.insert(
+                *service,
+                Arc::new(Route {
+                    label: service.to_string(),
+                    backend: backend.clone(),
+                    tokens,
+                    http: self.shared.http.clone(),
+                    metrics: self.shared.metrics.clone(),
+                    stats: self.shared.metrics.for_route(&service.to_string()),
+                }),
+            );
+        }
+        if let Ok(mut current) = self.shared.routes.write() {
+            *current = routes;
+        }
+        let wanted: BTreeSet<SocketAddr> = backends.values().map(|(t, _)| *t).collect();
+        let mut accepting = BTreeSet::new();
+        for addr in &wanted {
+            let running = self
+                .shared
+                .listeners
+                .lock()
+                .map(|l| l.get(addr).is_some_and(|h| !h.is_finished()))
+                .unwrap_or(false);
+            if running {
+                accepting.insert(*addr);
+                continue;
+            }
+            let shared = self.shared.clone();
+            let addr = *addr;
+            let bound = self
+                .runtime
+                .spawn(async move { TcpListener::bind(addr).await })
+                .await;
+            match bound {
+                Ok(Ok(listener)) => {
+                    info!(%addr, "tunnel listening");
+                    let task = self.runtime.spawn(accept_loop(listener, shared));
+                    if let Ok(mut l) = self.shared.listeners.lock() {
+                        l.insert(addr, task.abort_handle());
+                    }
+                    accepting.insert(addr);
+                }
+                Ok(Err(e)) => warn!(%addr, "tunnel cannot listen: {e}; its services fail open"),
+                Err(e) => warn!(%addr, "tunnel runtime gone: {e}"),
+            }
+        }
+        // Listeners no route needs any more.
+        if let Ok(mut l) = self.shared.listeners.lock() {
+            l.retain(|addr, handle| {
+                let keep = wanted.contains(addr);
+                if !keep {
+                    handle.abort();
+                    info!(%addr, "tunnel listener closed");
+                }
+                keep
+            });
+        }
+        accepting
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.metrics
+    }
+
+    /// Flows published by sock_ops that no connection has claimed yet.
+    pub fn pending_flows(&self) -> usize {
+        self.shared.flows.pending()
+    }
+
+    fn token_cache(&self, oauth: &backend::OAuthClient, timeout: Duration) -> Arc<TokenCache> {
+        let key = (oauth.token_url.to_string(), oauth.client_id.clone());
+        let Ok(mut caches) = self.shared.tokens.lock() else {
+            return Arc::new(TokenCache::new(
+                oauth.clone(),
+                self.shared.http.clone(),
+                timeout,
+                self.shared.metrics.clone(),
+            ));
+        };
+        match caches.get(&key) {
+            // A changed secret for the same client starts a fresh cache.
+            Some(cache) if cache.client() == oauth => cache.clone(),
+            _ => {
+                let cache = Arc::new(TokenCache::new(
+                    oauth.clone(),
+                    self.shared.http.clone(),
+                    timeout,
+                    self.shared.metrics.clone(),
+                ));
+                caches.insert(key, cache.clone());
+                cache
+            }
+        }
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let shared = shared.clone();
+                tokio::spawn(async move { handle_connection(stream, peer, &shared).await });
+            }
+            Err(e) => {
+                // EMFILE and the like: back off instead of spinning.
+                warn!("tunnel accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
+    let Ok(local) = stream.local_addr() else {
+        return;
+    };
+    let Some(service) = shared.flows.take(peer, local) else {
+        // Not redirected by this node's eBPF: refuse with a reset, so the client sees it at once.
+        shared.metrics.refused();
+        warn!(client = %peer, tunnel = %local, "refused a connection this node did not redirect");
+        reset_on_close(&stream);
+        return;
+    };
+    let route = shared
+        .routes
+        .read()
+        .ok()
+        .and_then(|r| r.get(&service).cloned());
+    let Some(route) = route else {
+        shared
+            .metrics
+            .connection(&service.to_string(), "no_remote_backend");
+        warn!(%service, "redirected connection for a service without a remote backend");
+        reset_on_close(&stream);
+        return;
+    };
+    let _ = stream.set_nodelay(true);
+    route.stats.accepted.inc();
+    match route.backend.mode {
+        Mode::Http => http::serve(stream, peer, route).await,
+        Mode::Tcp => {
+            if let Err(e) = tcp::forward(stream, &route.backend, &route.label, &route.metrics).await
+            {
+                route.metrics.connection(&route.label, "tcp_error");
+                warn!(service = %route.label, "{e}");
+            }
+        }
+    }
+}
+
+/// SO_LINGER 0: closing sends a reset, so a refused client fails at once instead of seeing an
+/// orderly close it could mistake for an empty answer. A zero linger never blocks on close.
+fn reset_on_close(stream: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid fd, option struct of the size passed.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+/// A multi-threaded runtime whose threads live in `netns`. Worker threads are created by the
+/// thread that built the runtime and inherit its network namespace.
+fn runtime_in_netns(
+    netns: Option<&Path>,
+    workers: usize,
+) -> anyhow::Result<(tokio::runtime::Handle, tokio::sync::oneshot::Sender<()>)> {
+    let netns = netns.map(Path::to_path_buf);
+    let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("tunnel".into())
+        .spawn(move || {
+            let setup = || -> anyhow::Result<tokio::runtime::Runtime> {
+                if let Some(path) = &netns {
+                    let file = std::fs::File::open(path)
+                        .with_context(|| format!("opening network namespace {}", path.display()))?;
+                    // SAFETY: setns on this thread only, with a valid namespace fd.
+                    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        anyhow::bail!(
+                            "entering network namespace {}: {}",
+                            path.display(),
+                            std::io::Error::last_os_error()
+                        );
+                    }
+                }
+                // One worker: a current-thread runtime, with no work-stealing synchronization.
+                let mut builder = if workers == 1 {
+                    tokio::runtime::Builder::new_current_thread()
+                } else {
+                    let mut b = tokio::runtime::Builder::new_multi_thread();
+                    b.worker_threads(workers);
+                    b
+                };
+                Ok(builder.thread_name("tunnel-worker").enable_all().build()?)
+            };
+            match setup() {
+                Ok(runtime) => {
+                    let _ = handle_tx.send(Ok(runtime.handle().clone()));
+                    runtime.block_on(async {
+                        let _ = stop_rx.await;
+                    });
+                }
+                Err(e) => {
+                    let _ = handle_tx.send(Err(e));
+                }
+            }
+        })?;
+    let handle = handle_tx_recv(handle_rx)?;
+    Ok((handle, stop_tx))
+}
+
+fn handle_tx_recv(
+    rx: std::sync::mpsc::Receiver<anyhow::Result<tokio::runtime::Handle>>,
+) -> anyhow::Result<tokio::runtime::Handle> {
+    rx.recv().context("tunnel thread ended before starting")?
+}

@@ -1,0 +1,358 @@
+//! The egress tunnel's HTTP mode against the fake Beamlit (HTTPS with a test CA, OAuth client
+//! credentials, echo, SSE, upload). Clients are curl and netprobe in a pod namespace, inside the
+//! test cgroup; every address lives in namespaces the test made.
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use beamlit_testbed::{
+    AgentFixture, ChildGuard, FakeBeamlit, FakeBeamlitOptions, Pod, ProbeOptions, TestCa,
+    TestCgroup, TestDir, Topology, require_privileges, run_in, run_probe, spawn,
+    start_server_multi,
+};
+
+const SVC: &str = "10.96.0.10:80";
+const CLIENT_SECRET: &str = "s3cret-never-logged";
+
+struct Bed {
+    client: Pod,
+    cgroup: TestCgroup,
+    fake: FakeBeamlit,
+    dir: TestDir,
+    node_netns: String,
+    remote_ip: std::net::Ipv4Addr,
+    _local: ChildGuard,
+    _topology: Topology,
+}
+
+impl Bed {
+    fn new(hint: &str, token_ttl: Duration) -> Result<Self> {
+        let mut topology = Topology::new(hint)?;
+        let client = topology.add_pod("client")?;
+        let local = topology.add_pod("local")?;
+        let remote = topology.add_pod("remote")?;
+        let local_server = start_server_multi(
+            &local.netns,
+            None,
+            &[(local.ipv4, 8080).into()],
+            "local",
+            true,
+        )?;
+        topology.add_service(SVC.parse()?, (local.ipv4, 8080).into())?;
+        let fake = FakeBeamlit::start(
+            &remote.netns,
+            FakeBeamlitOptions {
+                https: vec![(remote.ipv4, 8443).into()],
+                client_id: "agent-test".into(),
+                client_secret: CLIENT_SECRET.into(),
+                token_ttl,
+                require_token: true,
+                ..FakeBeamlitOptions::default()
+            },
+        )?;
+        let dir = TestDir::new(hint)?;
+        std::fs::write(dir.join("client-secret"), CLIENT_SECRET)?;
+        Ok(Self {
+            client,
+            cgroup: TestCgroup::new(hint)?,
+            fake,
+            node_netns: format!("/var/run/netns/{}", topology.node().name()),
+            remote_ip: remote.ipv4,
+            dir,
+            _local: local_server,
+            _topology: topology,
+        })
+    }
+
+    fn routes(&self, ca: &std::path::Path) -> String {
+        let remote = format!("{}:8443", self.remote_ip);
+        format!(
+            "tunnel:\n  ipv4: 10.200.0.1:15001\n  caFile: {ca}\nservices:\n  - address: {SVC}\n    \
+             offloadPercent: 100\n    remote:\n      scheme: https\n      host: \"{remote}\"\n      \
+             pathPrefix: /$workspace/models/$model\n      workspace: ws\n      model: php-apache\n      \
+             headersToAdd: {{X-Beamlit-Environment: production}}\n      connectTimeoutMs: 1000\n      \
+             auth:\n        oauth:\n          tokenUrl: \"https://{remote}/oauth/token\"\n          \
+             clientId: agent-test\n          clientSecretFile: {secret}\n",
+            ca = ca.display(),
+            secret = self.dir.join("client-secret").display(),
+        )
+    }
+
+    fn agent(&self, extra: &[&str]) -> Result<AgentFixture> {
+        let mut args = vec!["--tunnel-netns", self.node_netns.as_str()];
+        args.extend_from_slice(extra);
+        AgentFixture::start(self.cgroup.path(), &self.routes(self.fake.ca_pem()), &args)
+    }
+
+    /// curl from the client pod, in the test cgroup (so the eBPF programs apply).
+    fn curl(&self, args: &[&str]) -> Result<Output> {
+        let mut cmd = self.client.netns.cmd("curl");
+        cmd.args(["-sS", "--max-time", "30"]).args(args);
+        run_in(Some(self.cgroup.path()), cmd)
+    }
+
+    fn get_json(&self, path: &str) -> Result<serde_json::Value> {
+        let out = self.curl(&[&format!("http://{SVC}{path}")])?;
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "not JSON: {} {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+}
+
+/// (status, body, elapsed) of one request through the Service address.
+fn status_of(bed: &Bed, path: &str) -> Result<(u16, String, Duration)> {
+    let started = Instant::now();
+    let out = bed.curl(&["-w", "\n%{http_code}", &format!("http://{SVC}{path}")])?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').context("no status line")?;
+    Ok((code.trim().parse()?, body.to_string(), started.elapsed()))
+}
+
+#[test]
+fn requests_arrive_with_prefix_headers_host_and_token() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let bed = Bed::new("thttp", Duration::from_secs(3600))?;
+    let agent = bed.agent(&[])?;
+    let echo = bed.get_json("/predict?x=1")?;
+    assert_eq!(echo["path"], "/ws/models/php-apache/predict?x=1", "{echo}");
+    let headers = &echo["headers"];
+    assert_eq!(headers["x-beamlit-environment"], "production", "{echo}");
+    assert_eq!(headers["authorization"], "Bearer tok-1", "{echo}");
+    assert_eq!(
+        headers["x-forwarded-for"],
+        bed.client.ipv4.to_string(),
+        "{echo}"
+    );
+    assert_eq!(headers["x-forwarded-proto"], "http", "{echo}");
+    // What the client sent as Host (curl omits the default port).
+    assert_eq!(headers["x-forwarded-host"], "10.96.0.10", "{echo}");
+    // HTTP/2 to the remote, chosen by ALPN; :authority is the remote, not the Service.
+    assert_eq!(echo["version"], "HTTP/2", "{echo}");
+    assert_eq!(
+        echo["authority"],
+        format!("{}:8443", bed.remote_ip),
+        "{echo}"
+    );
+    assert!(
+        !agent.log().contains(CLIENT_SECRET),
+        "secret in the agent log"
+    );
+    Ok(())
+}
+
+#[test]
+fn many_requests_share_one_token() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let bed = Bed::new("ttoken", Duration::from_secs(3600))?;
+    let _agent = bed.agent(&[])?;
+    let mut opts = ProbeOptions::new(SVC.parse()?, 1000);
+    opts.http = true;
+    opts.concurrency = Some(8);
+    let r = run_probe(&bed.client.netns, Some(bed.cgroup.path()), &opts)?;
+    assert_eq!((r.failed, r.count("beamlit")), (0, 1000), "{r:?}");
+    assert_eq!(bed.fake.stats()?.token_requests, 1);
+    Ok(())
+}
+
+#[test]
+fn short_lived_tokens_are_refreshed_before_they_expire() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let bed = Bed::new("trefresh", Duration::from_secs(2))?;
+    let _agent = bed.agent(&[])?;
+    let started = Instant::now();
+    let mut opts = ProbeOptions::new(SVC.parse()?, 1);
+    opts.http = true;
+    let mut sent = 0;
+    while started.elapsed() < Duration::from_secs(5) {
+        let r = run_probe(&bed.client.netns, Some(bed.cgroup.path()), &opts)?;
+        assert_eq!(r.count("beamlit"), 1, "request {sent} failed: {r:?}");
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let tokens = bed.fake.stats()?.token_requests;
+    println!("{sent} requests over 5 s with 2 s tokens: {tokens} token requests");
+    assert!((2..=5).contains(&tokens), "{tokens} token requests");
+    Ok(())
+}
+
+#[test]
+fn server_sent_events_stream_as_they_are_produced() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let bed = Bed::new("tsse", Duration::from_secs(3600))?;
+    let _agent = bed.agent(&[])?;
+    let mut cmd = bed.client.netns.cmd("curl");
+    cmd.args(["-sSN", "--max-time", "10", &format!("http://{SVC}/sse")])
+        .stdout(Stdio::piped());
+    let started = Instant::now();
+    let mut curl = spawn(cmd, Some(bed.cgroup.path()))?;
+    let stdout = curl.take_stdout().context("curl stdout")?;
+    let mut first = None;
+    let mut events = 0;
+    for line in BufReader::new(stdout).lines() {
+        if line?.starts_with("data:") {
+            events += 1;
+            first.get_or_insert(started.elapsed());
+        }
+    }
+    let total = started.elapsed();
+    let first = first.context("no event arrived")?;
+    println!("first SSE event after {first:?}, stream of {events} events took {total:?}");
+    assert_eq!(events, 10);
+    // The fake sends one event every 100 ms: buffering would deliver everything at the end.
+    assert!(
+        first + Duration::from_millis(600) < total,
+        "first {first:?}, total {total:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_100_mb_upload_streams_with_bounded_memory() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let bed = Bed::new("tupload", Duration::from_secs(3600))?;
+    let mut agent = bed.agent(&[])?;
+    let file = bed.dir.join("upload.bin");
+    let size: u64 = 100 * 1024 * 1024;
+    std::fs::File::create(&file)?.set_len(size)?;
+    let out = bed.curl(&[
+        "--data-binary",
+        &format!("@{}", file.display()),
+        "-H",
+        "Content-Type: application/octet-stream",
+        &format!("http://{SVC}/upload"),
+    ])?;
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| String::from_utf8_lossy(&out.stderr).to_string())?;
+    assert_eq!(answer["bytes"], size, "{answer}");
+    let peak = agent.peak_rss_kib()?;
+    println!("agent peak RSS after a 100 MB upload: {} MiB", peak / 1024);
+    assert!(
+        peak < 64 * 1024,
+        "agent peak RSS {peak} KiB: the body was buffered"
+    );
+    Ok(())
+}
+
+#[test]
+fn remote_down_gives_a_fast_clear_502_and_recovers() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let mut bed = Bed::new("tdown", Duration::from_secs(3600))?;
+    let _agent = bed.agent(&[])?;
+    assert_eq!(status_of(&bed, "/ok")?.0, 200);
+    bed.fake.stop()?;
+    let (code, body, elapsed) = status_of(&bed, "/ok")?;
+    println!("remote down: {code} in {elapsed:?}: {body}");
+    assert_eq!(code, 502, "{body}");
+    assert!(
+        body.contains("unreachable") && body.contains("refused"),
+        "{body}"
+    );
+    assert!(elapsed < Duration::from_secs(2), "{elapsed:?}");
+    bed.fake.restart()?;
+    let mut ok = false;
+    for _ in 0..20 {
+        if status_of(&bed, "/ok")?.0 == 200 {
+            ok = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(ok, "requests did not recover after the remote came back");
+    Ok(())
+}
+
+#[test]
+fn a_remote_signed_by_another_ca_is_refused_and_nothing_is_sent() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let bed = Bed::new("tca", Duration::from_secs(3600))?;
+    let other = TestCa::with_name(bed.dir.path(), "unrelated-ca")?;
+    let agent = AgentFixture::start(
+        bed.cgroup.path(),
+        &bed.routes(other.ca_pem_path()),
+        &["--tunnel-netns", &bed.node_netns],
+    )?;
+    let (code, body, _) = status_of(&bed, "/ok")?;
+    assert_eq!(
+        code, 503,
+        "the token request is the first TLS contact: {body}"
+    );
+    assert!(body.to_lowercase().contains("certificate"), "{body}");
+    let stats = bed.fake.stats()?;
+    assert_eq!((stats.token_requests, stats.requests), (0, 0), "{stats:?}");
+    drop(agent);
+    Ok(())
+}
+
+#[test]
+fn metrics_count_requests_and_refusals_without_secrets() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let bed = Bed::new("tmetrics", Duration::from_secs(3600))?;
+    let port = free_loopback_port()?;
+    let metrics_addr = format!("127.0.0.1:{port}");
+    let _agent = bed.agent(&["--metrics-addr", &metrics_addr])?;
+    for _ in 0..3 {
+        assert_eq!(status_of(&bed, "/ok")?.0, 200);
+    }
+    let mut direct = ProbeOptions::new("10.200.0.1:15001".parse()?, 2);
+    direct.timeout_ms = Some(1000);
+    let _ = run_probe(&bed.client.netns, Some(bed.cgroup.path()), &direct)?;
+    // Loopback in the host namespace: the agent's own metrics endpoint.
+    let out = Command::new("curl")
+        .args(["-sS", &format!("http://{metrics_addr}/metrics")])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = |needle: &str| {
+        text.lines()
+            .find(|l| l.starts_with(needle) && !l.starts_with('#'))
+    };
+    let requests = line(&format!(
+        "beamlit_tunnel_requests_total{{service=\"{SVC}\",outcome=\"2xx\"}}"
+    ))
+    .with_context(|| format!("no request counter in:\n{text}"))?;
+    assert!(requests.ends_with(" 3"), "{requests}");
+    assert!(
+        line("beamlit_tunnel_refused_connections_total 2").is_some(),
+        "{text}"
+    );
+    assert!(
+        line("beamlit_tunnel_token_refreshes_total{outcome=\"ok\"} 1").is_some(),
+        "{text}"
+    );
+    assert!(
+        text.contains("beamlit_tunnel_upstream_latency_seconds_bucket"),
+        "{text}"
+    );
+    assert!(
+        !text.contains(CLIENT_SECRET) && !text.contains("tok-1"),
+        "secret in metrics"
+    );
+    Ok(())
+}
+
+fn free_loopback_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
