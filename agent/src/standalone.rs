@@ -2,7 +2,7 @@
 //! No Kubernetes.
 use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     dataplane::Dataplane,
@@ -71,7 +71,8 @@ impl Standalone {
         );
         for route in &set.routes {
             let remote = set.backends.get(&route.service).map(|(_, b)| b.authority());
-            info!(
+            // Per route at debug: a node can hold thousands.
+            debug!(
                 service = %route.service,
                 offload_percent = route.share.percent(),
                 tunnel = %route.tunnel,

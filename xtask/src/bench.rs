@@ -16,8 +16,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use beamlit_testbed::{
-    AgentFixture, ChildGuard, Netns, ProbeOptions, TestCgroup, Topology, require_privileges,
-    run_in, run_probe, spawn,
+    AgentFixture, ChildGuard, Netns, ProbeOptions, TestCgroup, Topology, run_in, run_probe, spawn,
 };
 
 const SERVICE: &str = "10.96.0.10:80";
@@ -44,24 +43,7 @@ pub struct DataplaneArgs {
 
 pub fn dataplane(args: &DataplaneArgs) -> Result<()> {
     let (rounds, seconds) = (args.rounds.max(1), args.seconds.max(1));
-    if !require_privileges() {
-        bail!("the benchmark loads eBPF programs and creates network namespaces: run it as root");
-    }
-    crate::cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "beamlit-agent",
-        "-p",
-        "beamlit-testbed",
-        "--bins",
-    ])?;
-    let release = crate::project_root().join("target/release");
-    // SAFETY: single-threaded at this point; the testbed reads these when it starts processes.
-    unsafe {
-        std::env::set_var("BEAMLIT_AGENT_BIN", release.join("beamlit-agent"));
-        std::env::set_var("BEAMLIT_NETPROBE_BIN", release.join("netprobe"));
-    }
+    crate::build_agent_and_testbed("benchmark", true)?;
 
     let mut topology = Topology::new("bench")?;
     let client = topology.add_pod("client")?;

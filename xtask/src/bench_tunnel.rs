@@ -8,8 +8,8 @@
 //! Rounds alternate the order. Then the agent's peak memory with 1000 open client connections.
 use std::{fmt::Write as _, fs, net::SocketAddr};
 
-use anyhow::{Result, bail};
-use beamlit_testbed::{AgentFixture, TestCgroup, Topology, require_privileges};
+use anyhow::Result;
+use beamlit_testbed::{AgentFixture, TestCgroup, Topology};
 
 use crate::bench::{Nginx, Wrk, WrkResult, static_server, verdict, wrk};
 
@@ -32,24 +32,7 @@ pub struct TunnelArgs {
 }
 
 pub fn tunnel(args: &TunnelArgs) -> Result<()> {
-    if !require_privileges() {
-        bail!("the benchmark loads eBPF programs and creates network namespaces: run it as root");
-    }
-    crate::cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "beamlit-agent",
-        "-p",
-        "beamlit-testbed",
-        "--bins",
-    ])?;
-    let release = crate::project_root().join("target/release");
-    // SAFETY: single-threaded at this point; the testbed reads these when it starts processes.
-    unsafe {
-        std::env::set_var("BEAMLIT_AGENT_BIN", release.join("beamlit-agent"));
-        std::env::set_var("BEAMLIT_NETPROBE_BIN", release.join("netprobe"));
-    }
+    crate::build_agent_and_testbed("benchmark", true)?;
 
     let mut topology = Topology::new("benchtun")?;
     let client = topology.add_pod("client")?;

@@ -9,8 +9,7 @@ use std::{
 
 use anyhow::{Result, bail};
 use beamlit_testbed::{
-    AgentFixture, ProbeOptions, TestCgroup, Topology, require_privileges, run_probe,
-    start_server_multi,
+    AgentFixture, ProbeOptions, TestCgroup, Topology, run_probe, start_server_multi,
 };
 
 const SERVICE: &str = "10.96.0.10:80";
@@ -23,19 +22,9 @@ extern "C" fn on_sigint(_: libc::c_int) {
 }
 
 pub fn demo() -> Result<()> {
-    if !require_privileges() {
-        bail!("the demo loads eBPF programs and creates network namespaces: run it as root");
-    }
     crate::setup::setup()?;
     println!("[demo] building the agent");
-    crate::cargo(&[
-        "build",
-        "-p",
-        "beamlit-agent",
-        "-p",
-        "beamlit-testbed",
-        "--bins",
-    ])?;
+    crate::build_agent_and_testbed("demo", false)?;
     // SAFETY: installs an async-signal-safe handler (one atomic store); Ctrl-C then ends the
     // loop and every fixture is torn down by Drop.
     unsafe {

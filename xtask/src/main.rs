@@ -107,6 +107,36 @@ pub(crate) fn cargo(args: &[&str]) -> anyhow::Result<()> {
     run_status(&mut c)
 }
 
+/// Builds the agent and the test bed's programs (release or debug), and points the test bed at
+/// them. For the tasks that run the agent outside `cargo test` (bench, demo).
+pub(crate) fn build_agent_and_testbed(what: &str, release: bool) -> anyhow::Result<()> {
+    if !beamlit_testbed::require_privileges() {
+        bail!("the {what} loads eBPF programs and creates network namespaces: run it as root");
+    }
+    let mut args = vec![
+        "build",
+        "-p",
+        "beamlit-agent",
+        "-p",
+        "beamlit-testbed",
+        "--bins",
+    ];
+    if release {
+        args.push("--release");
+    }
+    cargo(&args)?;
+    let dir = project_root()
+        .join("target")
+        .join(if release { "release" } else { "debug" });
+    // SAFETY: called before any thread is started; the test bed reads these when it starts
+    // processes.
+    unsafe {
+        std::env::set_var("BEAMLIT_AGENT_BIN", dir.join("beamlit-agent"));
+        std::env::set_var("BEAMLIT_NETPROBE_BIN", dir.join("netprobe"));
+    }
+    Ok(())
+}
+
 pub(crate) struct Cmd(Command);
 
 pub(crate) fn cmd(program: &str, args: &[&str]) -> Cmd {

@@ -89,15 +89,23 @@ impl RemoteBackend {
     /// `host[:port]` as it goes into the Host header and the upstream URI (port only when it is
     /// not the scheme's default).
     pub fn authority(&self) -> String {
-        let host = if self.host.contains(':') {
+        if self.port == self.scheme.default_port() {
+            self.bracketed_host()
+        } else {
+            self.host_port()
+        }
+    }
+
+    /// `host:port` always, as a socket address to connect to.
+    pub fn host_port(&self) -> String {
+        format!("{}:{}", self.bracketed_host(), self.port)
+    }
+
+    fn bracketed_host(&self) -> String {
+        if self.host.contains(':') {
             format!("[{}]", self.host) // IPv6 literal
         } else {
             self.host.clone()
-        };
-        if self.port == self.scheme.default_port() {
-            host
-        } else {
-            format!("{host}:{}", self.port)
         }
     }
 }

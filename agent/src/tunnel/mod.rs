@@ -195,14 +195,11 @@ impl Tunnel {
 
     fn token_cache(&self, oauth: &backend::OAuthClient, timeout: Duration) -> Arc<TokenCache> {
         let key = (oauth.token_url.to_string(), oauth.client_id.clone());
-        let Ok(mut caches) = self.shared.tokens.lock() else {
-            return Arc::new(TokenCache::new(
-                oauth.clone(),
-                self.shared.http.clone(),
-                timeout,
-                self.shared.metrics.clone(),
-            ));
-        };
+        let mut caches = self
+            .shared
+            .tokens
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         match caches.get(&key) {
             // A changed secret for the same client starts a fresh cache.
             Some(cache) if cache.client() == oauth => cache.clone(),
@@ -348,12 +345,8 @@ fn runtime_in_netns(
                 }
             }
         })?;
-    let handle = handle_tx_recv(handle_rx)?;
+    let handle = handle_rx
+        .recv()
+        .context("tunnel thread ended before starting")??;
     Ok((handle, stop_tx))
-}
-
-fn handle_tx_recv(
-    rx: std::sync::mpsc::Receiver<anyhow::Result<tokio::runtime::Handle>>,
-) -> anyhow::Result<tokio::runtime::Handle> {
-    rx.recv().context("tunnel thread ended before starting")?
 }

@@ -9,7 +9,7 @@ pub async fn forward(
     service: &str,
     metrics: &Metrics,
 ) -> Result<(), String> {
-    let target = format!("{}:{}", bracket(&backend.host), backend.port);
+    let target = backend.host_port();
     let mut upstream = tokio::time::timeout(backend.connect_timeout, TcpStream::connect(&target))
         .await
         .map_err(|_| {
@@ -26,12 +26,4 @@ pub async fn forward(
     metrics.bytes(service, "to_remote", sent);
     metrics.bytes(service, "from_remote", received);
     Ok(())
-}
-
-fn bracket(host: &str) -> String {
-    if host.contains(':') {
-        format!("[{host}]")
-    } else {
-        host.to_string()
-    }
 }
