@@ -89,8 +89,11 @@ pub fn sock_release(ctx: SockContext) -> i32 {
     if protocol == u32::from(PROTO_TCP) {
         // SAFETY: the helper accepts the cgroup/sock context.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        // A miss is the common case (most sockets were never redirected).
-        let _ = SOCKETS.remove(&cookie);
+        // Most sockets were never redirected: a lookup (lockless) before the delete (which takes
+        // the bucket lock even on a miss) keeps their release cheap.
+        if SOCKETS.get_ptr(&cookie).is_some() {
+            let _ = SOCKETS.remove(&cookie);
+        }
     }
     PROCEED
 }
