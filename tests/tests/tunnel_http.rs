@@ -46,6 +46,7 @@ impl Bed {
             &remote.netns,
             FakeBeamlitOptions {
                 https: vec![(remote.ipv4, 8443).into()],
+                http: vec![(remote.ipv4, 8080).into()],
                 client_id: "agent-test".into(),
                 client_secret: CLIENT_SECRET.into(),
                 token_ttl,
@@ -68,13 +69,19 @@ impl Bed {
     }
 
     fn routes(&self, ca: &std::path::Path) -> String {
-        let remote = format!("{}:8443", self.remote_ip);
+        self.routes_to(ca, "https", 8443)
+    }
+
+    /// Routes to the fake's `scheme` listener on `port`; the token endpoint stays on HTTPS.
+    fn routes_to(&self, ca: &std::path::Path, scheme: &str, port: u16) -> String {
+        let remote = format!("{}:{port}", self.remote_ip);
+        let token_host = format!("{}:8443", self.remote_ip);
         format!(
             "tunnel:\n  ipv4: 10.200.0.1:15001\n  caFile: {ca}\nservices:\n  - address: {SVC}\n    \
-             offloadPercent: 100\n    remote:\n      scheme: https\n      host: \"{remote}\"\n      \
+             offloadPercent: 100\n    remote:\n      scheme: {scheme}\n      host: \"{remote}\"\n      \
              pathPrefix: /$workspace/models/$model\n      workspace: ws\n      model: php-apache\n      \
              headersToAdd: {{X-Beamlit-Environment: production}}\n      connectTimeoutMs: 1000\n      \
-             auth:\n        oauth:\n          tokenUrl: \"https://{remote}/oauth/token\"\n          \
+             auth:\n        oauth:\n          tokenUrl: \"https://{token_host}/oauth/token\"\n          \
              clientId: agent-test\n          clientSecretFile: {secret}\n",
             ca = ca.display(),
             secret = self.dir.join("client-secret").display(),
@@ -241,6 +248,19 @@ fn a_100_mb_upload_streams_with_bounded_memory() -> Result<()> {
     let answer: serde_json::Value = serde_json::from_slice(&out.stdout)
         .with_context(|| String::from_utf8_lossy(&out.stderr).to_string())?;
     assert_eq!(answer["bytes"], size, "{answer}");
+    // A client that streams with chunked transfer encoding (no Content-Length).
+    let chunked = bed.dir.join("chunked.bin");
+    std::fs::File::create(&chunked)?.set_len(10 * 1024 * 1024)?;
+    let out = bed.curl(&[
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        &format!("@{}", chunked.display()),
+        &format!("http://{SVC}/upload"),
+    ])?;
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| String::from_utf8_lossy(&out.stderr).to_string())?;
+    assert_eq!(answer["bytes"], 10 * 1024 * 1024, "{answer}");
     let peak = agent.peak_rss_kib()?;
     println!("agent peak RSS after a 100 MB upload: {} MiB", peak / 1024);
     assert!(
@@ -355,4 +375,55 @@ fn metrics_count_requests_and_refusals_without_secrets() -> Result<()> {
 fn free_loopback_port() -> Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
+}
+
+#[test]
+fn connection_upgrades_are_spliced_through_to_an_http1_remote() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let bed = Bed::new("tupgrade", Duration::from_secs(3600))?;
+    // Upgrades exist only in HTTP/1.1: the fake's plain listener speaks nothing else.
+    let _agent = AgentFixture::start(
+        bed.cgroup.path(),
+        &bed.routes_to(bed.fake.ca_pem(), "http", 8080),
+        &["--tunnel-netns", &bed.node_netns],
+    )?;
+    let script = format!(
+        r#"
+import socket
+s = socket.create_connection(("10.96.0.10", 80), timeout=5)
+s.sendall(b"GET /upgrade HTTP/1.1\r\nHost: 10.96.0.10\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+buf = b""
+while b"\r\n\r\n" not in buf:
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    buf += chunk
+head, _, rest = buf.partition(b"\r\n\r\n")
+print(head.split(b"\r\n")[0].decode())
+s.sendall(b"{payload}\n")
+got = rest
+while b"\n" not in got:
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    got += chunk
+print(got.decode().strip())
+"#,
+        payload = "ping through the tunnel"
+    );
+    let mut cmd = bed.client.netns.cmd("python3");
+    cmd.args(["-c", &script]);
+    let out = run_in(Some(bed.cgroup.path()), cmd)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut lines = stdout.lines();
+    assert_eq!(
+        lines.next(),
+        Some("HTTP/1.1 101 Switching Protocols"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(lines.next(), Some("ping through the tunnel"), "{stdout}");
+    Ok(())
 }

@@ -50,7 +50,9 @@ pub fn dataplane(args: &DataplaneArgs) -> Result<()> {
     // Thousands of new connections a second for minutes: without reuse of TIME_WAIT ports the
     // client runs out of ephemeral ports and both sides collapse alike.
     client.netns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
-    client.netns.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+    client
+        .netns
+        .sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
     let backend = topology.add_pod("backend")?;
     let workdir = std::env::temp_dir().join(format!("beamlit-bench-{}", std::process::id()));
     let backend_addr: SocketAddr = (backend.ipv4, 8080).into();

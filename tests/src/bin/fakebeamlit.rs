@@ -6,6 +6,8 @@
 //! - `GET .../sse`: 10 server-sent events, 100 ms apart, each flushed;
 //! - `POST|PUT .../upload`: streams the body through SHA-256;
 //! - `/status/<code>`: that status;
+//! - `GET .../upgrade` with `Upgrade: echo`: `101 Switching Protocols`, then echoes raw bytes
+//!   (HTTP/1.1 only, as upgrades are);
 //! - anything else: a JSON echo of the request;
 //!
 //! plus a raw TCP echo. Observations go to a stats file (rewritten atomically
@@ -402,7 +404,7 @@ where
     // `auto` tells HTTP/2 from HTTP/1.1 by the connection preface, which is
     // what ALPN negotiated on TLS (and h2c prior knowledge on plain HTTP).
     if let Err(e) = auto::Builder::new(TokioExecutor::new())
-        .serve_connection(io, service)
+        .serve_connection_with_upgrades(io, service)
         .await
     {
         eprintln!("fakebeamlit: connection from {peer}: {e}");
@@ -466,6 +468,8 @@ async fn handle(
         upload(&state, req).await
     } else if let Some(code) = path.strip_prefix("/status/") {
         status(code)
+    } else if path.ends_with("/upgrade") && method == Method::GET {
+        upgrade(req)
     } else {
         echo(req, tls).await
     };
@@ -716,6 +720,42 @@ fn sse() -> Response<Body> {
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     // Tells buffering proxies (nginx-style) in between not to hold events back.
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp
+}
+
+/// `Upgrade: echo`: switch protocols, then echo whatever the client sends on the raw stream.
+fn upgrade(mut req: Request<Incoming>) -> Response<Body> {
+    let wants_echo = req
+        .headers()
+        .get(hyper::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("echo"));
+    if !wants_echo {
+        let mut resp = Response::new(full(Bytes::from_static(b"send Upgrade: echo\n")));
+        *resp.status_mut() = StatusCode::BAD_REQUEST;
+        return resp;
+    }
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let mut io = hyper_util::rt::TokioIo::new(upgraded);
+                let (mut r, mut w) = tokio::io::split(&mut io);
+                if let Err(e) = tokio::io::copy(&mut r, &mut w).await {
+                    eprintln!("fakebeamlit: upgraded echo: {e}");
+                }
+            }
+            Err(e) => eprintln!("fakebeamlit: upgrade failed: {e}"),
+        }
+    });
+    let mut resp = Response::new(full(Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    resp.headers_mut()
+        .insert(hyper::header::UPGRADE, HeaderValue::from_static("echo"));
+    resp.headers_mut().insert(
+        hyper::header::CONNECTION,
+        HeaderValue::from_static("upgrade"),
+    );
     resp
 }
 
