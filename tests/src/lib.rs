@@ -35,6 +35,7 @@
 mod agent;
 mod cgroup;
 pub mod cluster;
+pub mod crds;
 pub mod fake_beamlit;
 mod naming;
 mod netns;
@@ -52,8 +53,9 @@ pub use naming::{cgroup_prefix, cleanup_stale, netns_prefix};
 pub use netns::{Netns, list_netns};
 pub use privileges::{cgroup2_mount, require_privileges};
 pub use probe::{
-    LatencyStats, ProbeOptions, ProbeReport, agent_bin, finish_probe, netprobe_bin, probe_command,
-    run_probe, spawn_probe, start_server, start_server_multi, try_agent_bin, try_netprobe_bin,
+    LatencyStats, ProbeOptions, ProbeReport, agent_bin, controller_bin, finish_probe, netprobe_bin,
+    probe_command, run_probe, spawn_probe, start_server, start_server_multi, try_agent_bin,
+    try_netprobe_bin,
 };
 pub use process::{ChildGuard, run_in, spawn};
 pub use tempdir::TestDir;

@@ -285,6 +285,15 @@ pub fn try_agent_bin() -> Result<PathBuf> {
     )
 }
 
+pub fn controller_bin() -> PathBuf {
+    locate(
+        "beamlit-controller",
+        "BEAMLIT_CONTROLLER_BIN",
+        "cargo build -p beamlit-controller --bins",
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"))
+}
+
 /// `CARGO_BIN_EXE_*` only exists for this package's own integration tests, so
 /// other crates' tests find binaries next to their own executable: test
 /// binaries live in `target/<profile>/deps/`, binaries in `target/<profile>/`.

@@ -33,6 +33,8 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Write the ModelDeployment CRD, generated from the Rust types, into crds/.
+    Crds,
     /// Standalone demo: a client pod whose requests switch from the local backend to the
     /// tunnel when the offload share changes, then back.
     Demo,
@@ -65,6 +67,13 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::setup(),
         Task::Test { args } => test(&args),
         Task::Demo => demo::demo(),
+        Task::Crds => {
+            let path = project_root().join(beamlit_controller::crd::CRD_FILE);
+            std::fs::write(&path, beamlit_controller::crd::crd_yaml()?)
+                .with_context(|| format!("writing {}", path.display()))?;
+            println!("wrote {}", path.display());
+            Ok(())
+        }
         Task::Bench { which } => match which {
             Bench::Dataplane(args) => bench::dataplane(&args),
             Bench::Tunnel(args) => bench_tunnel::tunnel(&args),

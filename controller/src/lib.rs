@@ -1,0 +1,16 @@
+//! The Beamlit offloading controller.
+//!
+//! - [`crd`]: the `ModelDeployment` custom resource (`deployment.beamlit.com/v1alpha1`);
+//! - [`decision`]: the offload decision, a pure function of spec, readiness, metrics, the
+//!   previous decision and the time;
+//! - [`metric_math`]: the HPA's arithmetic for metric values against targets;
+//! - [`resolve`]: the Service and its ready endpoints, from watched objects;
+//! - [`status`]: the status written, from observations and the decision;
+//! - [`reconcile`]: the controller loop; [`metrics`]: its Prometheus metrics and probes.
+pub mod crd;
+pub mod decision;
+pub mod metric_math;
+pub mod metrics;
+pub mod reconcile;
+pub mod resolve;
+pub mod status;

@@ -1,0 +1,353 @@
+//! The controller loop: thin. Gather what the ModelDeployment points at, ask the pure
+//! [`crate::decision`] what to do, write it to status (server-side apply) and say so in
+//! an Event when it changes. Every input error becomes a condition and an Event, never a crash.
+use std::{sync::Arc, time::Duration};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{ListParams, Patch, PatchParams},
+    runtime::{
+        Controller,
+        controller::Action,
+        events::{Event, EventType, Recorder, Reporter},
+        reflector::{ObjectRef, Store},
+        watcher,
+    },
+};
+use tracing::{info, warn};
+
+use crate::{
+    crd::{MetricValue, ModelDeployment, ModelDeploymentStatus},
+    decision,
+    resolve::{self, ResolveError},
+    status::{self, ConditionState, DecisionFields, Observed},
+};
+
+pub const FIELD_MANAGER: &str = "beamlit-controller";
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("ModelDeployment without a namespace")]
+    NoNamespace,
+}
+
+pub struct Context {
+    pub client: Client,
+    pub reporter: Reporter,
+    pub stabilization_window: Duration,
+    /// Re-evaluation interval when nothing changes (metrics move without events).
+    pub resync: Duration,
+    pub metrics: crate::metrics::ControllerMetrics,
+}
+
+/// Runs the controller until the process is told to stop.
+pub async fn run(ctx: Arc<Context>) {
+    let client = ctx.client.clone();
+    let models: Api<ModelDeployment> = Api::all(client.clone());
+    let controller = Controller::new(models, watcher::Config::default()).shutdown_on_signal();
+    let store = controller.store();
+    let by_slice = store.clone();
+    controller
+        // A Service appearing, changing or going away re-evaluates the models that use it.
+        .watches(
+            Api::<Service>::all(client.clone()),
+            watcher::Config::default(),
+            move |service| referencing(&store, service.namespace(), &service.name_any()),
+        )
+        // Endpoint readiness is what drives failover: watch it directly.
+        .watches(
+            Api::<EndpointSlice>::all(client),
+            watcher::Config::default().labels(SERVICE_NAME_LABEL),
+            move |slice| {
+                let name = slice.labels().get(SERVICE_NAME_LABEL).cloned();
+                name.map(|n| referencing(&by_slice, slice.namespace(), &n))
+                    .unwrap_or_default()
+            },
+        )
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                warn!("reconcile: {e}");
+            }
+        })
+        .await;
+}
+
+/// The ModelDeployments whose serviceRef names this Service.
+fn referencing(
+    store: &Store<ModelDeployment>,
+    namespace: Option<String>,
+    name: &str,
+) -> Vec<ObjectRef<ModelDeployment>> {
+    store
+        .state()
+        .iter()
+        .filter(|md| {
+            md.spec.service_ref.as_ref().is_some_and(|r| {
+                r.name == name && r.namespace.clone().or_else(|| md.namespace()) == namespace
+            })
+        })
+        .map(|md| ObjectRef::from_obj(md.as_ref()))
+        .collect()
+}
+
+fn error_policy(md: Arc<ModelDeployment>, error: &Error, ctx: Arc<Context>) -> Action {
+    warn!(model_deployment = %md.name_any(), "{error}; retrying in 5 s");
+    ctx.metrics.reconcile_error();
+    Action::requeue(Duration::from_secs(5))
+}
+
+pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.metrics.reconcile();
+    let namespace = md.namespace().ok_or(Error::NoNamespace)?;
+    let client = &ctx.client;
+    let now = std::time::SystemTime::now();
+
+    let (service, service_error) = match resolve_service(client, &md, &namespace).await? {
+        Ok(service) => (Some(service), None),
+        Err(e) => (None, Some(e)),
+    };
+    let ready_endpoints = match &service {
+        Some(s) => {
+            let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &s.namespace);
+            let list = slices
+                .list(&ListParams::default().labels(&format!("{SERVICE_NAME_LABEL}={}", s.name)))
+                .await?;
+            resolve::ready_endpoints(&list.items)
+        }
+        None => 0,
+    };
+    let (readings, metric_values) = evaluate_metrics(&md);
+
+    let previous_status = md.status.clone();
+    let previous = previous_status.as_ref().and_then(decision_from_status);
+    let offloading = md.spec.offloading_config.as_ref();
+    let inputs = decision::Inputs {
+        enabled: md.spec.enabled,
+        has_offloading_config: offloading.is_some(),
+        percentage: offloading.map_or(0, |o| {
+            u8::try_from(o.behavior.percentage.clamp(0, 100)).unwrap_or(100)
+        }),
+        // Without a resolvable Service there is nothing to offload: keep the decision neutral
+        // rather than claim "no ready endpoints".
+        ready_endpoints: if service.is_some() {
+            ready_endpoints
+        } else {
+            u32::MAX
+        },
+        metrics: &readings,
+        previous: previous.as_ref(),
+        now,
+        stabilization_window: ctx.stabilization_window,
+    };
+    let next = decision::decide(&inputs);
+
+    let mut conditions = vec![ConditionState {
+        type_: "Ready",
+        ok: Some(service_error.is_none()),
+        reason: service_error
+            .as_ref()
+            .map_or("Resolved".to_string(), |e| e.reason().to_string()),
+        message: service_error
+            .as_ref()
+            .map_or_else(|| "the Service resolved".to_string(), ToString::to_string),
+    }];
+    conditions.push(ConditionState {
+        type_: "Offloading",
+        ok: Some(next.percent > 0),
+        reason: next.reason.to_string(),
+        message: next.message.clone(),
+    });
+    conditions.push(ConditionState {
+        type_: "RemoteBackendConfigured",
+        ok: Some(offloading.is_some_and(|o| o.remote_backend.is_some())),
+        reason: if offloading.is_some_and(|o| o.remote_backend.is_some()) {
+            "InSpec".into()
+        } else {
+            "UsesDefault".into()
+        },
+        message: "the remote backend comes from spec.offloadingConfig.remoteBackend or the \
+                  controller's default"
+            .into(),
+    });
+    let status = status::build(
+        previous_status.as_ref(),
+        Observed {
+            generation: md.metadata.generation,
+            service,
+            ready_endpoints,
+            metrics: metric_values,
+            conditions,
+        },
+        decision_fields(&next),
+        jiff::Timestamp::try_from(now).unwrap_or_else(|_| jiff::Timestamp::now()),
+    );
+    patch_status(client, &md, &namespace, &status).await?;
+
+    let recorder = Recorder::new(client.clone(), ctx.reporter.clone());
+    let reference = md.object_ref(&());
+    if let Some(message) = decision::transition(previous.as_ref(), &next) {
+        info!(model_deployment = %md.name_any(), percent = next.percent, reason = %next.reason, "{message}");
+        ctx.metrics.decision(&next.reason.to_string());
+        publish(
+            &recorder,
+            &reference,
+            EventType::Normal,
+            &next.reason.to_string(),
+            "Decide",
+            &message,
+        )
+        .await;
+    }
+    if let Some(e) = &service_error {
+        let was = previous_status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+            .map(|c| c.reason.clone());
+        if was.as_deref() != Some(e.reason()) {
+            publish(
+                &recorder,
+                &reference,
+                EventType::Warning,
+                e.reason(),
+                "Resolve",
+                &e.to_string(),
+            )
+            .await;
+        }
+    }
+    Ok(Action::requeue(ctx.resync))
+}
+
+async fn publish(
+    recorder: &Recorder,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: &str,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, reference).await {
+        warn!("publishing an Event: {e}");
+    }
+}
+
+async fn resolve_service(
+    client: &Client,
+    md: &ModelDeployment,
+    namespace: &str,
+) -> Result<Result<crate::crd::ResolvedService, ResolveError>, Error> {
+    let Some(service_ref) = &md.spec.service_ref else {
+        return Ok(Err(ResolveError::NoServiceRef));
+    };
+    let service_namespace = service_ref
+        .namespace
+        .clone()
+        .unwrap_or_else(|| namespace.to_string());
+    let services: Api<Service> = Api::namespaced(client.clone(), &service_namespace);
+    Ok(match services.get_opt(&service_ref.name).await? {
+        Some(service) => resolve::resolve_service(&service, service_ref, &service_namespace),
+        None => Err(ResolveError::ServiceNotFound {
+            namespace: service_namespace,
+            name: service_ref.name.clone(),
+        }),
+    })
+}
+
+/// Metric sources (metrics.k8s.io, custom/external metrics, Prometheus) are not wired to the
+/// controller yet: every metric is reported as unavailable, in status and to the decision, which
+/// never offloads on an unavailable metric.
+fn evaluate_metrics(md: &ModelDeployment) -> (Vec<decision::MetricReading>, Vec<MetricValue>) {
+    let metrics = md
+        .spec
+        .offloading_config
+        .as_ref()
+        .map(|o| o.metrics.as_slice())
+        .unwrap_or(&[]);
+    metrics
+        .iter()
+        .map(|m| {
+            let why = format!(
+                "{} metrics are not collected by this controller version yet",
+                m.type_
+            );
+            (
+                decision::MetricReading::unavailable(why.clone()),
+                MetricValue {
+                    name: metric_name(m),
+                    current: None,
+                    target: None,
+                    above: false,
+                    error: Some(why),
+                },
+            )
+        })
+        .unzip()
+}
+
+fn metric_name(m: &k8s_openapi::api::autoscaling::v2::MetricSpec) -> String {
+    m.resource
+        .as_ref()
+        .map(|r| r.name.clone())
+        .or_else(|| m.container_resource.as_ref().map(|r| r.name.clone()))
+        .or_else(|| m.pods.as_ref().map(|p| p.metric.name.clone()))
+        .or_else(|| m.object.as_ref().map(|o| o.metric.name.clone()))
+        .or_else(|| m.external.as_ref().map(|e| e.metric.name.clone()))
+        .unwrap_or_else(|| m.type_.clone())
+}
+
+async fn patch_status(
+    client: &Client,
+    md: &ModelDeployment,
+    namespace: &str,
+    status: &ModelDeploymentStatus,
+) -> Result<(), Error> {
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), namespace);
+    let patch = serde_json::json!({
+        "apiVersion": ModelDeployment::api_version(&()),
+        "kind": ModelDeployment::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &md.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// The previous decision, restored from status: this is how a restarted controller continues
+/// where it was.
+fn decision_from_status(status: &ModelDeploymentStatus) -> Option<decision::Decision> {
+    decision::Decision::from_status_fields(
+        status.offload_percent,
+        status.reason.as_deref()?,
+        status.since.as_deref()?,
+        status.last_metric_above.as_deref(),
+        status.message.clone().unwrap_or_default(),
+    )
+}
+
+fn decision_fields(d: &decision::Decision) -> DecisionFields {
+    let (since, last_metric_above) = d.status_times();
+    DecisionFields {
+        percent: i32::from(d.percent),
+        reason: d.reason.to_string(),
+        message: d.message.clone(),
+        since,
+        last_metric_above,
+    }
+}
