@@ -4,12 +4,14 @@
 //! - [`decision`]: the offload decision, a pure function of spec, readiness, metrics, the
 //!   previous decision and the time;
 //! - [`metric_math`]: the HPA's arithmetic for metric values against targets;
+//! - [`metric_source`]: where metric values come from (Prometheus, for now);
 //! - [`resolve`]: the Service and its ready endpoints, from watched objects;
 //! - [`status`]: the status written, from observations and the decision;
 //! - [`reconcile`]: the controller loop; [`metrics`]: its Prometheus metrics and probes.
 pub mod crd;
 pub mod decision;
 pub mod metric_math;
+pub mod metric_source;
 pub mod metrics;
 pub mod reconcile;
 pub mod resolve;

@@ -23,6 +23,9 @@ struct Cli {
     /// Seconds between re-evaluations of each ModelDeployment when nothing changes.
     #[arg(long, default_value_t = 15)]
     resync_secs: u64,
+    /// Prometheus to read External metrics from, e.g. http://prometheus.monitoring:9090.
+    #[arg(long)]
+    prometheus_url: Option<String>,
     /// Address for /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:8080")]
     http_addr: SocketAddr,
@@ -38,6 +41,11 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    let prometheus = cli
+        .prometheus_url
+        .as_deref()
+        .map(beamlit_controller::metric_source::Prometheus::new)
+        .transpose()?;
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
@@ -52,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
         stabilization_window: Duration::from_secs(cli.stabilization_window_secs),
         resync: Duration::from_secs(cli.resync_secs.max(1)),
         metrics: controller_metrics,
+        prometheus,
     });
     tokio::select! {
         () = reconcile::run(ctx) => {}

@@ -43,6 +43,8 @@ pub struct Context {
     /// Re-evaluation interval when nothing changes (metrics move without events).
     pub resync: Duration,
     pub metrics: crate::metrics::ControllerMetrics,
+    /// Source of External metrics, if configured.
+    pub prometheus: Option<crate::metric_source::Prometheus>,
 }
 
 /// Runs the controller until the process is told to stop.
@@ -122,7 +124,7 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         }
         None => 0,
     };
-    let (readings, metric_values) = evaluate_metrics(&md);
+    let (readings, metric_values) = evaluate_metrics(&md, ctx.prometheus.as_ref()).await;
 
     let previous_status = md.status.clone();
     let previous = previous_status.as_ref().and_then(decision_from_status);
@@ -266,46 +268,25 @@ async fn resolve_service(
     })
 }
 
-/// Metric sources (metrics.k8s.io, custom/external metrics, Prometheus) are not wired to the
-/// controller yet: every metric is reported as unavailable, in status and to the decision, which
-/// never offloads on an unavailable metric.
-fn evaluate_metrics(md: &ModelDeployment) -> (Vec<decision::MetricReading>, Vec<MetricValue>) {
+/// Every metric of the spec, read and compared (see [`crate::metric_source`]).
+async fn evaluate_metrics(
+    md: &ModelDeployment,
+    prometheus: Option<&crate::metric_source::Prometheus>,
+) -> (Vec<decision::MetricReading>, Vec<MetricValue>) {
     let metrics = md
         .spec
         .offloading_config
         .as_ref()
         .map(|o| o.metrics.as_slice())
         .unwrap_or(&[]);
-    metrics
-        .iter()
-        .map(|m| {
-            let why = format!(
-                "{} metrics are not collected by this controller version yet",
-                m.type_
-            );
-            (
-                decision::MetricReading::unavailable(why.clone()),
-                MetricValue {
-                    name: metric_name(m),
-                    current: None,
-                    target: None,
-                    above: false,
-                    error: Some(why),
-                },
-            )
-        })
-        .unzip()
-}
-
-fn metric_name(m: &k8s_openapi::api::autoscaling::v2::MetricSpec) -> String {
-    m.resource
-        .as_ref()
-        .map(|r| r.name.clone())
-        .or_else(|| m.container_resource.as_ref().map(|r| r.name.clone()))
-        .or_else(|| m.pods.as_ref().map(|p| p.metric.name.clone()))
-        .or_else(|| m.object.as_ref().map(|o| o.metric.name.clone()))
-        .or_else(|| m.external.as_ref().map(|e| e.metric.name.clone()))
-        .unwrap_or_else(|| m.type_.clone())
+    let mut readings = Vec::with_capacity(metrics.len());
+    let mut values = Vec::with_capacity(metrics.len());
+    for metric in metrics {
+        let (reading, value) = crate::metric_source::evaluate(metric, prometheus).await;
+        readings.push(reading);
+        values.push(value);
+    }
+    (readings, values)
 }
 
 async fn patch_status(

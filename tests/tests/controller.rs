@@ -50,15 +50,21 @@ struct ControllerProcess {
     child: Option<ChildGuard>,
     dir: TestDir,
     kubeconfig: std::path::PathBuf,
+    extra_args: Vec<String>,
     starts: u32,
 }
 
 impl ControllerProcess {
     fn start(cluster: &TestCluster) -> Result<Self> {
+        Self::start_with(cluster, &[])
+    }
+
+    fn start_with(cluster: &TestCluster, extra_args: &[&str]) -> Result<Self> {
         let mut c = Self {
             child: None,
             dir: TestDir::new("controller")?,
             kubeconfig: cluster.kubeconfig().to_path_buf(),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             starts: 0,
         };
         c.spawn()?;
@@ -72,8 +78,9 @@ impl ControllerProcess {
             .local_addr()?
             .port();
         let mut cmd = Command::new(controller_bin());
-        cmd.args(["--resync-secs", "2", "--stabilization-window-secs", "5"])
+        cmd.args(["--resync-secs", "1", "--stabilization-window-secs", "5"])
             .args(["--http-addr", &format!("127.0.0.1:{port}")])
+            .args(&self.extra_args)
             .env("KUBECONFIG", &self.kubeconfig)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -337,5 +344,175 @@ fn a_restarted_controller_keeps_the_decision() -> Result<()> {
         "{}",
         controller.log()
     );
+    Ok(())
+}
+
+/// A metric the test controls, in Prometheus' text format on a loopback port.
+struct Exporter {
+    addr: std::net::SocketAddr,
+    value: std::sync::Arc<std::sync::Mutex<f64>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Exporter {
+    fn start(initial: f64) -> Result<Self> {
+        use std::io::{Read as _, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let value = std::sync::Arc::new(std::sync::Mutex::new(initial));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (v, st) = (value.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !st.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut conn, _)) => {
+                        let _ = conn.set_nonblocking(false);
+                        let mut buf = [0u8; 2048];
+                        let _ = conn.read(&mut buf);
+                        let current = v.lock().map(|g| *g).unwrap_or(f64::NAN);
+                        let body = format!(
+                            "# TYPE model_load gauge\nmodel_load{{model=\"php-apache\"}} {current}\n"
+                        );
+                        let _ = write!(
+                            conn,
+                            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n\
+                             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        Ok(Self { addr, value, stop })
+    }
+
+    fn set(&self, v: f64) {
+        if let Ok(mut g) = self.value.lock() {
+            *g = v;
+        }
+    }
+}
+
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Debian's Prometheus on loopback, scraping the exporter every second.
+fn start_prometheus(dir: &TestDir, target: std::net::SocketAddr) -> Result<(ChildGuard, String)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nscrape_configs:\n  \
+             - job_name: model\n    static_configs: [{{targets: [\"{target}\"]}}]\n"
+        ),
+    )?;
+    let log = std::fs::File::create(dir.join("prometheus.log"))?;
+    let mut cmd = Command::new("prometheus");
+    cmd.arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let child = spawn(cmd, None)?;
+    let url = format!("http://127.0.0.1:{port}");
+    let started = Instant::now();
+    loop {
+        let ready = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+        if ready {
+            return Ok((child, url));
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            bail!(
+                "Prometheus did not start: {}",
+                std::fs::read_to_string(dir.join("prometheus.log"))?
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn an_external_metric_from_prometheus_drives_offloading_with_a_stabilization_window() -> Result<()>
+{
+    if !require_privileges() {
+        return Ok(());
+    }
+    let cluster = TestCluster::shared()?;
+    install_model_deployment_crd(cluster)?;
+    let ns = cluster.namespace("ctlprom")?;
+    cluster.apply(ns.name(), PHP_APACHE)?;
+    cluster.wait_deployment_ready(ns.name(), "php-apache", 1, Duration::from_secs(60))?;
+    let exporter = Exporter::start(5.0)?;
+    let dir = TestDir::new("prometheus")?;
+    let (_prometheus, url) = start_prometheus(&dir, exporter.addr)?;
+    let md = seed_model_deployment(ns.name()).replace(
+        "      - type: Resource\n        resource:\n          name: cpu\n          target:\n            type: Utilization\n            averageUtilization: 90\n",
+        "      - type: External\n        external:\n          metric:\n            name: model_load\n            selector:\n              matchLabels:\n                model: php-apache\n          target:\n            type: Value\n            value: \"10\"\n",
+    );
+    assert!(
+        md.contains("model_load"),
+        "the seed's metric block moved: {md}"
+    );
+    cluster.apply(ns.name(), &md)?;
+    let controller = ControllerProcess::start_with(cluster, &["--prometheus-url", &url])?;
+    let wait = |what: &str, timeout: u64, check: &dyn Fn(&serde_json::Value) -> bool| {
+        wait_status(
+            cluster,
+            ns.name(),
+            "php-apache",
+            Duration::from_secs(timeout),
+            what,
+            check,
+        )
+        .with_context(|| controller.log())
+    };
+
+    wait("metric 5 of 10: healthy", 30, &|s| {
+        s["metrics"][0]["current"] == "5" && s["offloadPercent"] == 0 && s["reason"] == "Healthy"
+    })?;
+    assert_eq!(
+        status(cluster, ns.name(), "php-apache")?["metrics"][0]["target"],
+        "10"
+    );
+
+    exporter.set(50.0);
+    let took = wait("metric 50 of 10: offload 50%", 15, &|s| {
+        s["offloadPercent"] == 50 && s["reason"] == "MetricAboveTarget"
+    })?;
+    println!("metric above target -> 50% in {took:?} (1 s scrapes, 1 s resync)");
+
+    exporter.set(5.0);
+    let dropped = Instant::now();
+    wait("back below: still offloading while stabilizing", 15, &|s| {
+        s["metrics"][0]["current"] == "5"
+            && s["offloadPercent"] == 50
+            && s["reason"] == "Stabilizing"
+    })?;
+    wait("after the 5 s window: 0%", 20, &|s| {
+        s["offloadPercent"] == 0 && s["reason"] == "Healthy"
+    })?;
+    let held = dropped.elapsed();
+    println!("offloading stopped {held:?} after the metric fell (window 5 s)");
+    assert!(
+        held >= Duration::from_secs(4),
+        "stopped before the window: {held:?}"
+    );
+
+    // And it fires again (the earlier product fired once per spec change).
+    exporter.set(50.0);
+    wait("above again: offload again", 15, &|s| {
+        s["offloadPercent"] == 50
+    })?;
     Ok(())
 }

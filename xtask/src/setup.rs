@@ -24,6 +24,7 @@ const APT_PACKAGES: &[&str] = &[
     "nginx",
     "wrk",
     "curl",
+    "prometheus",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
