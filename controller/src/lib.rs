@@ -7,9 +7,11 @@
 //! - [`metric_source`]: where metric values come from (Prometheus, for now);
 //! - [`resolve`]: the Service and its ready endpoints, from watched objects;
 //! - [`status`]: the status written, from observations and the decision;
-//! - [`reconcile`]: the controller loop; [`metrics`]: its Prometheus metrics and probes.
+//! - [`reconcile`]: the controller loop; [`metrics`]: its Prometheus metrics and probes;
+//! - [`leader`]: leader election on a Lease, so that one replica decides.
 pub mod crd;
 pub mod decision;
+pub mod leader;
 pub mod metric_math;
 pub mod metric_source;
 pub mod metrics;

@@ -26,6 +26,18 @@ struct Cli {
     /// Prometheus to read External metrics from, e.g. http://prometheus.monitoring:9090.
     #[arg(long)]
     prometheus_url: Option<String>,
+    /// Elect a leader among replicas with a coordination.k8s.io Lease; only the leader decides.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// Namespace of the Lease (default: POD_NAMESPACE, else `default`).
+    #[arg(long)]
+    leader_election_namespace: Option<String>,
+    /// Name of the Lease.
+    #[arg(long, default_value = "beamlit-controller")]
+    leader_election_name: String,
+    /// Seconds a Lease holds without renewal; another replica takes over after that.
+    #[arg(long, default_value_t = 15)]
+    lease_duration_secs: u64,
     /// Address for /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:8080")]
     http_addr: SocketAddr,
@@ -62,8 +74,47 @@ async fn main() -> anyhow::Result<()> {
         metrics: controller_metrics,
         prometheus,
     });
+    let elector = cli.leader_election.then(|| {
+        let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
+            format!(
+                "{}-{}",
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_string())
+                    .unwrap_or_else(|_| "controller".into()),
+                std::process::id()
+            )
+        });
+        let lease_duration = Duration::from_secs(cli.lease_duration_secs.max(2));
+        beamlit_controller::leader::Elector::new(
+            ctx.client.clone(),
+            beamlit_controller::leader::LeaderConfig {
+                namespace: cli
+                    .leader_election_namespace
+                    .clone()
+                    .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                    .unwrap_or_else(|| "default".into()),
+                name: cli.leader_election_name.clone(),
+                identity,
+                lease_duration,
+                renew_every: lease_duration / 3,
+            },
+        )
+    });
+    if let Some(elector) = &elector {
+        elector.acquire().await.context("leader election")?;
+    }
+    let keep_leading = async {
+        match &elector {
+            Some(elector) => elector.keep().await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         () = reconcile::run(ctx) => {}
+        () = keep_leading => {
+            // Another replica may already be deciding: stop at once, as client-go does.
+            anyhow::bail!("lost the leader lease; exiting so that only the leader decides");
+        }
         result = http => {
             result.context("http server task")??;
         }

@@ -55,8 +55,9 @@ struct ControllerProcess {
 }
 
 impl ControllerProcess {
+    /// Without leader election: tests run several controllers at once (each decides the same).
     fn start(cluster: &TestCluster) -> Result<Self> {
-        Self::start_with(cluster, &[])
+        Self::start_with(cluster, &["--leader-election=false"])
     }
 
     fn start_with(cluster: &TestCluster, extra_args: &[&str]) -> Result<Self> {
@@ -95,6 +96,31 @@ impl ControllerProcess {
             child.kill()?;
         }
         self.spawn()
+    }
+
+    fn pid(&mut self) -> Option<u32> {
+        self.child.as_mut().map(|c| c.pid())
+    }
+
+    fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+        }
+        Ok(())
+    }
+
+    fn wait_log(&self, needle: &str, timeout: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        while !self.log().contains(needle) {
+            if started.elapsed() > timeout {
+                bail!(
+                    "controller did not log {needle:?} within {timeout:?}:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(started.elapsed())
     }
 
     fn log(&self) -> String {
@@ -465,7 +491,10 @@ fn an_external_metric_from_prometheus_drives_offloading_with_a_stabilization_win
         "the seed's metric block moved: {md}"
     );
     cluster.apply(ns.name(), &md)?;
-    let controller = ControllerProcess::start_with(cluster, &["--prometheus-url", &url])?;
+    let controller = ControllerProcess::start_with(
+        cluster,
+        &["--leader-election=false", "--prometheus-url", &url],
+    )?;
     let wait = |what: &str, timeout: u64, check: &dyn Fn(&serde_json::Value) -> bool| {
         wait_status(
             cluster,
@@ -514,5 +543,85 @@ fn an_external_metric_from_prometheus_drives_offloading_with_a_stabilization_win
     wait("above again: offload again", 15, &|s| {
         s["offloadPercent"] == 50
     })?;
+    Ok(())
+}
+
+#[test]
+fn one_leader_decides_and_a_follower_takes_over_when_it_dies() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let cluster = TestCluster::shared()?;
+    install_model_deployment_crd(cluster)?;
+    let ns = cluster.namespace("ctllead")?;
+    cluster.apply(ns.name(), PHP_APACHE)?;
+    cluster.wait_deployment_ready(ns.name(), "php-apache", 1, Duration::from_secs(60))?;
+    cluster.apply(ns.name(), &seed_model_deployment(ns.name()))?;
+    let lease = format!("beamlit-test-{}", std::process::id());
+    let args = [
+        "--leader-election-namespace",
+        ns.name(),
+        "--leader-election-name",
+        &lease,
+        "--lease-duration-secs",
+        "3",
+    ];
+    let mut first = ControllerProcess::start_with(cluster, &args)?;
+    first.wait_log("became the leader", Duration::from_secs(20))?;
+    let second = ControllerProcess::start_with(cluster, &args)?;
+    second.wait_log(
+        "waiting for the lease held by another controller",
+        Duration::from_secs(20),
+    )?;
+    let holder = cluster.kubectl(&[
+        "get",
+        "lease",
+        &lease,
+        "-n",
+        ns.name(),
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ])?;
+    let first_pid = first.pid().context("first controller running")?;
+    assert!(
+        holder.ends_with(&format!("-{first_pid}")),
+        "holder {holder}, leader pid {first_pid}"
+    );
+    wait_status(
+        cluster,
+        ns.name(),
+        "php-apache",
+        Duration::from_secs(30),
+        "a decision",
+        |s| s["readyEndpoints"] == 1,
+    )
+    .with_context(|| first.log())?;
+    assert!(
+        !second.log().contains("became the leader"),
+        "two leaders:\n{}",
+        second.log()
+    );
+
+    // The leader dies without a word; the follower takes over once the Lease expires.
+    first.kill()?;
+    let took = second.wait_log("became the leader", Duration::from_secs(15))?;
+    println!("follower became the leader {took:?} after the leader was killed (lease 3 s)");
+    cluster.kubectl(&[
+        "scale",
+        "deployment",
+        "php-apache",
+        "--replicas=0",
+        "-n",
+        ns.name(),
+    ])?;
+    wait_status(
+        cluster,
+        ns.name(),
+        "php-apache",
+        Duration::from_secs(30),
+        "the new leader's 100%",
+        |s| s["offloadPercent"] == 100,
+    )
+    .with_context(|| second.log())?;
     Ok(())
 }
