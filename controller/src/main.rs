@@ -26,6 +26,9 @@ struct Cli {
     /// Prometheus to read External metrics from, e.g. http://prometheus.monitoring:9090.
     #[arg(long)]
     prometheus_url: Option<String>,
+    /// Handle only the ModelDeployments of these namespaces (comma-separated; default: all).
+    #[arg(long, value_delimiter = ',')]
+    namespaces: Vec<String>,
     /// Elect a leader among replicas with a coordination.k8s.io Lease; only the leader decides.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     leader_election: bool,
@@ -73,6 +76,7 @@ async fn main() -> anyhow::Result<()> {
         resync: Duration::from_secs(cli.resync_secs.max(1)),
         metrics: controller_metrics,
         prometheus,
+        namespaces: cli.namespaces.clone(),
     });
     let elector = cli.leader_election.then(|| {
         let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {

@@ -45,25 +45,47 @@ pub struct Context {
     pub metrics: crate::metrics::ControllerMetrics,
     /// Source of External metrics, if configured.
     pub prometheus: Option<crate::metric_source::Prometheus>,
+    /// Namespaces whose ModelDeployments this controller handles; empty means all.
+    pub namespaces: Vec<String>,
+}
+
+impl Context {
+    fn handles(&self, namespace: Option<&str>) -> bool {
+        self.namespaces.is_empty()
+            || namespace.is_some_and(|n| self.namespaces.iter().any(|a| a == n))
+    }
+}
+
+/// An API over one namespace when the controller handles exactly one, else over all.
+fn scoped<K>(client: &Client, namespaces: &[String]) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespaces {
+        [one] => Api::namespaced(client.clone(), one),
+        _ => Api::all(client.clone()),
+    }
 }
 
 /// Runs the controller until the process is told to stop.
 pub async fn run(ctx: Arc<Context>) {
     let client = ctx.client.clone();
-    let models: Api<ModelDeployment> = Api::all(client.clone());
+    let models: Api<ModelDeployment> = scoped(&client, &ctx.namespaces);
     let controller = Controller::new(models, watcher::Config::default()).shutdown_on_signal();
     let store = controller.store();
     let by_slice = store.clone();
+    // A serviceRef may name another namespace; with one allowed namespace, so must the Service.
+    let services: Api<Service> = scoped(&client, &ctx.namespaces);
+    let slices: Api<EndpointSlice> = scoped(&client, &ctx.namespaces);
     controller
         // A Service appearing, changing or going away re-evaluates the models that use it.
-        .watches(
-            Api::<Service>::all(client.clone()),
-            watcher::Config::default(),
-            move |service| referencing(&store, service.namespace(), &service.name_any()),
-        )
+        .watches(services, watcher::Config::default(), move |service| {
+            referencing(&store, service.namespace(), &service.name_any())
+        })
         // Endpoint readiness is what drives failover: watch it directly.
         .watches(
-            Api::<EndpointSlice>::all(client),
+            slices,
             watcher::Config::default().labels(SERVICE_NAME_LABEL),
             move |slice| {
                 let name = slice.labels().get(SERVICE_NAME_LABEL).cloned();
@@ -105,8 +127,11 @@ fn error_policy(md: Arc<ModelDeployment>, error: &Error, ctx: Arc<Context>) -> A
 }
 
 pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.metrics.reconcile();
     let namespace = md.namespace().ok_or(Error::NoNamespace)?;
+    if !ctx.handles(Some(&namespace)) {
+        return Ok(Action::await_change());
+    }
+    ctx.metrics.reconcile();
     let client = &ctx.client;
     let now = std::time::SystemTime::now();
 

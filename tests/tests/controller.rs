@@ -55,9 +55,13 @@ struct ControllerProcess {
 }
 
 impl ControllerProcess {
-    /// Without leader election: tests run several controllers at once (each decides the same).
-    fn start(cluster: &TestCluster) -> Result<Self> {
-        Self::start_with(cluster, &["--leader-election=false"])
+    /// Without leader election, and handling only the test's namespace: tests run several
+    /// controllers at once, and two controllers deciding for one object would both write.
+    fn start(cluster: &TestCluster, namespace: &str) -> Result<Self> {
+        Self::start_with(
+            cluster,
+            &["--leader-election=false", "--namespaces", namespace],
+        )
     }
 
     fn start_with(cluster: &TestCluster, extra_args: &[&str]) -> Result<Self> {
@@ -179,7 +183,7 @@ fn scaling_to_zero_offloads_everything_within_a_second_and_back() -> Result<()> 
     cluster.apply(ns.name(), PHP_APACHE)?;
     cluster.wait_deployment_ready(ns.name(), "php-apache", 1, Duration::from_secs(60))?;
     cluster.apply(ns.name(), &seed_model_deployment(ns.name()))?;
-    let controller = ControllerProcess::start(cluster)?;
+    let controller = ControllerProcess::start(cluster, ns.name())?;
 
     wait_status(
         cluster,
@@ -264,7 +268,7 @@ fn input_errors_become_conditions_and_events_and_recover() -> Result<()> {
         1,
     );
     cluster.apply(ns.name(), &absent)?;
-    let controller = ControllerProcess::start(cluster)?;
+    let controller = ControllerProcess::start(cluster, ns.name())?;
 
     let ready_reason = |s: &serde_json::Value| {
         s["conditions"]
@@ -335,7 +339,7 @@ fn a_restarted_controller_keeps_the_decision() -> Result<()> {
     cluster.apply(ns.name(), PHP_APACHE)?;
     cluster.wait_deployment_ready(ns.name(), "php-apache", 1, Duration::from_secs(60))?;
     cluster.apply(ns.name(), &seed_model_deployment(ns.name()))?;
-    let mut controller = ControllerProcess::start(cluster)?;
+    let mut controller = ControllerProcess::start(cluster, ns.name())?;
     cluster.kubectl(&[
         "scale",
         "deployment",
@@ -493,7 +497,13 @@ fn an_external_metric_from_prometheus_drives_offloading_with_a_stabilization_win
     cluster.apply(ns.name(), &md)?;
     let controller = ControllerProcess::start_with(
         cluster,
-        &["--leader-election=false", "--prometheus-url", &url],
+        &[
+            "--leader-election=false",
+            "--namespaces",
+            ns.name(),
+            "--prometheus-url",
+            &url,
+        ],
     )?;
     let wait = |what: &str, timeout: u64, check: &dyn Fn(&serde_json::Value) -> bool| {
         wait_status(
@@ -559,6 +569,8 @@ fn one_leader_decides_and_a_follower_takes_over_when_it_dies() -> Result<()> {
     cluster.apply(ns.name(), &seed_model_deployment(ns.name()))?;
     let lease = format!("beamlit-test-{}", std::process::id());
     let args = [
+        "--namespaces",
+        ns.name(),
         "--leader-election-namespace",
         ns.name(),
         "--leader-election-name",
