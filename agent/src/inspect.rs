@@ -13,6 +13,9 @@ pub struct Report {
     /// Redirected sockets still open (records in the `sockets` map).
     pub redirected_sockets: usize,
     pub bypass_mark: u32,
+    /// Milliseconds since the agent's tunnel last beat (`None`: never). Services whose tunnel is
+    /// the agent's fail open once this passes 500 ms.
+    pub tunnel_heartbeat_age_ms: Option<u64>,
     pub programs: Vec<ProgramRow>,
 }
 
@@ -84,11 +87,15 @@ pub fn report(dir: &Path) -> anyhow::Result<Report> {
             }
         })
         .collect();
+    let config = maps.config()?;
     Ok(Report {
         bpffs_dir: dir.display().to_string(),
         services,
         redirected_sockets: maps.redirected_sockets()?,
-        bypass_mark: maps.config()?.bypass_mark,
+        bypass_mark: config.bypass_mark,
+        tunnel_heartbeat_age_ms: (config.tunnel_heartbeat_ns != 0).then(|| {
+            crate::maps::monotonic_ns().saturating_sub(config.tunnel_heartbeat_ns) / 1_000_000
+        }),
         programs,
     })
 }
@@ -129,8 +136,19 @@ pub fn render(report: &Report) -> String {
     if report.services.is_empty() {
         out.push_str("(no services)\n");
     }
+    let heartbeat = report.tunnel_heartbeat_age_ms.map_or_else(
+        || "never (no agent tunnel)".to_string(),
+        |ms| {
+            let state = if ms < 500 {
+                "alive"
+            } else {
+                "stale: its services fail open"
+            };
+            format!("{ms} ms ago ({state})")
+        },
+    );
     out.push_str(&format!(
-        "\nlive redirected sockets: {}\nbypass mark: {:#x}\npins: {}\n\n",
+        "\nlive redirected sockets: {}\nbypass mark: {:#x}\ntunnel heartbeat: {heartbeat}\npins: {}\n\n",
         report.redirected_sockets, report.bypass_mark, report.bpffs_dir
     ));
     let mut programs = vec![

@@ -40,7 +40,7 @@ use crate::{
 };
 
 /// A parsed routes file.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct RouteSet {
     pub routes: Vec<Route>,
     /// Services the agent's own tunnel serves: service → (tunnel address, remote backend).

@@ -22,6 +22,8 @@ pub struct Standalone {
     pub metrics: Arc<Metrics>,
     pub tunnel_workers: usize,
     tunnel: Option<Tunnel>,
+    /// The routes last applied to the maps (an invalid edit leaves them in force).
+    applied: Option<RouteSet>,
 }
 
 impl Standalone {
@@ -41,6 +43,7 @@ impl Standalone {
             metrics,
             tunnel_workers,
             tunnel: None,
+            applied: None,
         }
     }
 
@@ -59,6 +62,7 @@ impl Standalone {
         let current = dataplane.maps.services()?;
         let changes = plan::plan(&current, &set.routes)?;
         dataplane.maps.apply(&changes)?;
+        self.applied = Some(set.clone());
         let removed = changes
             .iter()
             .filter(|c| matches!(c, plan::Change::Remove(_)))
@@ -143,7 +147,7 @@ impl Standalone {
                 _ = sigterm.recv() => break,
             }
         }
-        self.stop_tunnel(dataplane, &last_text).await;
+        self.stop_tunnel(dataplane).await;
         info!(
             "exiting; the programs stay attached and the maps pinned, so redirection continues \
              (`beamlit-agent cleanup` removes them)"
@@ -153,11 +157,12 @@ impl Standalone {
 
     /// Before the tunnel goes away, its services stop being redirected (fail open to the local
     /// path), so no new connection is sent to a closed port.
-    async fn stop_tunnel(&mut self, dataplane: &mut Dataplane, text: &str) {
+    async fn stop_tunnel(&mut self, dataplane: &mut Dataplane) {
         if self.tunnel.is_none() {
             return;
         }
-        if let Ok(mut set) = routes::parse("", text) {
+        // The routes in force, not the file's latest text, which may be an invalid edit.
+        if let Some(mut set) = self.applied.clone() {
             mark_readiness(&mut set, &BTreeSet::new());
             let result = dataplane
                 .maps

@@ -336,35 +336,9 @@ pub fn crd_yaml() -> anyhow::Result<String> {
 mod tests {
     use super::*;
 
-    /// The seed README's ModelDeployment, verbatim.
-    pub const SEED: &str = r#"
-apiVersion: deployment.beamlit.com/v1alpha1
-kind: ModelDeployment
-metadata:
-  name: php-apache
-spec:
-  model: "php-apache"
-  environment: "production"
-  modelSourceRef:
-    apiVersion: apps/v1
-    kind: Deployment
-    name: php-apache
-    namespace: default
-  serviceRef:
-    name: php-apache
-    namespace: default
-    targetPort: 80
-  offloadingConfig:
-    behavior:
-      percentage: 50
-    metrics:
-      - type: Resource
-        resource:
-          name: cpu
-          target:
-            type: Utilization
-            averageUtilization: 90
-"#;
+    /// The seed README's ModelDeployment, verbatim (checked against the README in
+    /// tests/tests/crd.rs).
+    const SEED: &str = include_str!("../../tests/fixtures/model-deployment.yaml");
 
     #[test]
     fn the_seed_parses_with_its_values() {

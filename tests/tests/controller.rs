@@ -16,34 +16,8 @@ const PHP_APACHE: &str = include_str!("../fixtures/php-apache.yaml");
 
 /// The seed README's ModelDeployment, pointed at the test's namespace instead of `default`.
 fn seed_model_deployment(namespace: &str) -> String {
-    r#"apiVersion: deployment.beamlit.com/v1alpha1
-kind: ModelDeployment
-metadata:
-  name: php-apache
-spec:
-  model: "php-apache"
-  environment: "production"
-  modelSourceRef:
-    apiVersion: apps/v1
-    kind: Deployment
-    name: php-apache
-    namespace: default
-  serviceRef:
-    name: php-apache
-    namespace: default
-    targetPort: 80
-  offloadingConfig:
-    behavior:
-      percentage: 50
-    metrics:
-      - type: Resource
-        resource:
-          name: cpu
-          target:
-            type: Utilization
-            averageUtilization: 90
-"#
-    .replace("namespace: default", &format!("namespace: {namespace}"))
+    include_str!("../fixtures/model-deployment.yaml")
+        .replace("namespace: default", &format!("namespace: {namespace}"))
 }
 
 struct ControllerProcess {

@@ -3,37 +3,32 @@
 //! with a message that names the field.
 use anyhow::{Context as _, Result};
 use beamlit_testbed::{
-    cluster::TestCluster, crds::install_model_deployment_crd as install_crd, require_privileges,
+    cluster::{TestCluster, workspace_root},
+    crds::install_model_deployment_crd as install_crd,
+    require_privileges,
 };
 
 /// The seed README's ModelDeployment, verbatim (its namespace lines point at `default`).
-const SEED: &str = r#"apiVersion: deployment.beamlit.com/v1alpha1
-kind: ModelDeployment
-metadata:
-  name: php-apache
-spec:
-  model: "php-apache"
-  environment: "production"
-  modelSourceRef:
-    apiVersion: apps/v1
-    kind: Deployment
-    name: php-apache
-    namespace: default
-  serviceRef:
-    name: php-apache
-    namespace: default
-    targetPort: 80
-  offloadingConfig:
-    behavior:
-      percentage: 50
-    metrics:
-      - type: Resource
-        resource:
-          name: cpu
-          target:
-            type: Utilization
-            averageUtilization: 90
-"#;
+const SEED: &str = include_str!("../fixtures/model-deployment.yaml");
+
+/// The fixture is the seed README's ModelDeployment as written.
+#[test]
+fn fixture_matches_seed() {
+    let seed = workspace_root().join("../shared/seed/beamlit-controller-README.md");
+    let Ok(text) = std::fs::read_to_string(&seed) else {
+        eprintln!("{} not present; skipping", seed.display());
+        return;
+    };
+    let marker = "kubectl apply -f - <<EOF\n";
+    let start = text
+        .find(&format!(
+            "{marker}apiVersion: deployment.beamlit.com/v1alpha1"
+        ))
+        .expect("ModelDeployment block in the seed");
+    let body = &text[start + marker.len()..];
+    let end = body.find("\nEOF\n").expect("end of the block");
+    assert_eq!(&body[..=end], SEED);
+}
 
 #[test]
 fn the_seed_is_accepted_and_defaults_are_applied_by_the_server() -> Result<()> {

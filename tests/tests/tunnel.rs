@@ -89,8 +89,10 @@ fn redirected_connections_reach_the_remote_through_the_tunnel() -> Result<()> {
     }
     let bed = Bed::new("tuntcp")?;
     let agent = bed.agent(100)?;
-    // Ready only once the agent's own listener accepts.
+    // Ready only once the agent's own listener accepts; its heartbeat is fresh.
     assert_eq!(agent.service(SVC4)?["tunnel_ready"], true);
+    let age = agent.inspect()?["tunnel_heartbeat_age_ms"].as_u64();
+    assert!(age.is_some_and(|ms| ms < 500), "heartbeat age {age:?}");
     let r = bed.probe(SVC4, 200)?;
     assert_eq!((r.failed, r.count("remote")), (0, 200), "{r:?}");
     // Many at once: every accepted connection finds its own flow.
@@ -137,6 +139,9 @@ fn when_the_tunnel_stops_new_connections_fail_open_to_the_local_path() -> Result
     let mut agent = bed.agent(100)?;
     let r = bed.probe(SVC4, 20)?;
     assert_eq!(r.count("remote"), 20, "{r:?}");
+    // An invalid edit just before stopping: readiness is still cleared from the routes in force.
+    agent.write_routes("services: [\n")?;
+    agent.wait_log("keeping the last good routes", Duration::from_secs(5))?;
     agent.terminate(Duration::from_secs(5))?;
     // The agent cleared readiness before its tunnel went away; the pinned programs now let
     // connections through to the local backend instead of a closed port.
