@@ -257,6 +257,9 @@ pub struct ModelDeploymentStatus {
     pub conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<ResolvedService>,
+    /// The workload serving the model, as found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<ResolvedWorkload>,
     #[serde(default)]
     pub ready_endpoints: i32,
     #[serde(default)]
@@ -276,6 +279,16 @@ pub struct ResolvedService {
     pub port: i32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_port: Option<IntOrString>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvedWorkload {
+    pub kind: String,
+    pub name: String,
+    pub namespace: String,
+    /// Ready replicas (ready pods for a DaemonSet) as the workload reports them.
+    pub ready_replicas: i32,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

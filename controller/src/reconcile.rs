@@ -4,7 +4,11 @@
 use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt as _;
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet},
+    core::v1::Service,
+    discovery::v1::EndpointSlice,
+};
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{ListParams, Patch, PatchParams},
@@ -19,7 +23,7 @@ use kube::{
 use tracing::{info, warn};
 
 use crate::{
-    crd::{MetricValue, ModelDeployment, ModelDeploymentStatus},
+    crd::{MetricValue, ModelDeployment, ModelDeploymentStatus, ResolvedWorkload, WorkloadKind},
     decision,
     resolve::{self, ResolveError},
     status::{self, ConditionState, DecisionFields, Observed},
@@ -75,6 +79,7 @@ pub async fn run(ctx: Arc<Context>) {
     let controller = Controller::new(models, watcher::Config::default()).shutdown_on_signal();
     let store = controller.store();
     let by_slice = store.clone();
+    let by_workload = store.clone();
     // A serviceRef may name another namespace; with one allowed namespace, so must the Service.
     let services: Api<Service> = scoped(&client, &ctx.namespaces);
     let slices: Api<EndpointSlice> = scoped(&client, &ctx.namespaces);
@@ -91,6 +96,67 @@ pub async fn run(ctx: Arc<Context>) {
                 let name = slice.labels().get(SERVICE_NAME_LABEL).cloned();
                 name.map(|n| referencing(&by_slice, slice.namespace(), &n))
                     .unwrap_or_default()
+            },
+        )
+        // The workload's changes (scaling, rollouts, deletion) are reported in status.
+        .watches(
+            scoped::<Deployment>(&client, &ctx.namespaces),
+            watcher::Config::default(),
+            {
+                let store = by_workload.clone();
+                move |w| {
+                    naming_workload(
+                        &store,
+                        WorkloadKind::Deployment,
+                        w.namespace(),
+                        &w.name_any(),
+                    )
+                }
+            },
+        )
+        .watches(
+            scoped::<StatefulSet>(&client, &ctx.namespaces),
+            watcher::Config::default(),
+            {
+                let store = by_workload.clone();
+                move |w| {
+                    naming_workload(
+                        &store,
+                        WorkloadKind::StatefulSet,
+                        w.namespace(),
+                        &w.name_any(),
+                    )
+                }
+            },
+        )
+        .watches(
+            scoped::<ReplicaSet>(&client, &ctx.namespaces),
+            watcher::Config::default(),
+            {
+                let store = by_workload.clone();
+                move |w| {
+                    naming_workload(
+                        &store,
+                        WorkloadKind::ReplicaSet,
+                        w.namespace(),
+                        &w.name_any(),
+                    )
+                }
+            },
+        )
+        .watches(
+            scoped::<DaemonSet>(&client, &ctx.namespaces),
+            watcher::Config::default(),
+            {
+                let store = by_workload.clone();
+                move |w| {
+                    naming_workload(
+                        &store,
+                        WorkloadKind::DaemonSet,
+                        w.namespace(),
+                        &w.name_any(),
+                    )
+                }
             },
         )
         .run(reconcile, error_policy, ctx)
@@ -115,6 +181,26 @@ fn referencing(
             md.spec.service_ref.as_ref().is_some_and(|r| {
                 r.name == name && r.namespace.clone().or_else(|| md.namespace()) == namespace
             })
+        })
+        .map(|md| ObjectRef::from_obj(md.as_ref()))
+        .collect()
+}
+
+/// The ModelDeployments whose modelSourceRef names this workload.
+fn naming_workload(
+    store: &Store<ModelDeployment>,
+    kind: WorkloadKind,
+    namespace: Option<String>,
+    name: &str,
+) -> Vec<ObjectRef<ModelDeployment>> {
+    store
+        .state()
+        .iter()
+        .filter(|md| {
+            let r = &md.spec.model_source_ref;
+            r.kind == kind
+                && r.name == name
+                && r.namespace.clone().or_else(|| md.namespace()) == namespace
         })
         .map(|md| ObjectRef::from_obj(md.as_ref()))
         .collect()
@@ -150,6 +236,10 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         None => 0,
     };
     let (readings, metric_values) = evaluate_metrics(&md, ctx.prometheus.as_ref()).await;
+    let (workload, workload_error) = match resolve_workload(client, &md, &namespace).await? {
+        Ok(w) => (Some(w), None),
+        Err(why) => (None, Some(why)),
+    };
 
     let previous_status = md.status.clone();
     let previous = previous_status.as_ref().and_then(decision_from_status);
@@ -185,6 +275,18 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
             .map_or_else(|| "the Service resolved".to_string(), ToString::to_string),
     }];
     conditions.push(ConditionState {
+        type_: "WorkloadFound",
+        ok: Some(workload_error.is_none()),
+        reason: if workload_error.is_none() {
+            "Found".into()
+        } else {
+            "WorkloadNotFound".into()
+        },
+        message: workload_error
+            .clone()
+            .unwrap_or_else(|| "the workload exists".into()),
+    });
+    conditions.push(ConditionState {
         type_: "Offloading",
         ok: Some(next.percent > 0),
         reason: next.reason.to_string(),
@@ -207,6 +309,7 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         Observed {
             generation: md.metadata.generation,
             service,
+            workload,
             ready_endpoints,
             metrics: metric_values,
             conditions,
@@ -230,6 +333,23 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
             &message,
         )
         .await;
+    }
+    if let Some(why) = &workload_error {
+        let was = previous_status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "WorkloadFound"))
+            .map(|c| c.status.clone());
+        if was.as_deref() != Some("False") {
+            publish(
+                &recorder,
+                &reference,
+                EventType::Warning,
+                "WorkloadNotFound",
+                "Resolve",
+                why,
+            )
+            .await;
+        }
     }
     if let Some(e) = &service_error {
         let was = previous_status
@@ -269,6 +389,48 @@ async fn publish(
     if let Err(e) = recorder.publish(&event, reference).await {
         warn!("publishing an Event: {e}");
     }
+}
+
+/// The workload of `modelSourceRef`; namespace defaults to the ModelDeployment's. `Err` says
+/// what is missing and how to fix it.
+async fn resolve_workload(
+    client: &Client,
+    md: &ModelDeployment,
+    namespace: &str,
+) -> Result<Result<ResolvedWorkload, String>, Error> {
+    let r = &md.spec.model_source_ref;
+    let ns = r.namespace.clone().unwrap_or_else(|| namespace.to_string());
+    let ready = match r.kind {
+        WorkloadKind::Deployment => Api::<Deployment>::namespaced(client.clone(), &ns)
+            .get_opt(&r.name)
+            .await?
+            .map(|w| w.status.and_then(|s| s.ready_replicas).unwrap_or(0)),
+        WorkloadKind::StatefulSet => Api::<StatefulSet>::namespaced(client.clone(), &ns)
+            .get_opt(&r.name)
+            .await?
+            .map(|w| w.status.and_then(|s| s.ready_replicas).unwrap_or(0)),
+        WorkloadKind::ReplicaSet => Api::<ReplicaSet>::namespaced(client.clone(), &ns)
+            .get_opt(&r.name)
+            .await?
+            .map(|w| w.status.and_then(|s| s.ready_replicas).unwrap_or(0)),
+        WorkloadKind::DaemonSet => Api::<DaemonSet>::namespaced(client.clone(), &ns)
+            .get_opt(&r.name)
+            .await?
+            .map(|w| w.status.map_or(0, |s| s.number_ready)),
+    };
+    let kind = format!("{:?}", r.kind);
+    Ok(match ready {
+        Some(ready_replicas) => Ok(ResolvedWorkload {
+            kind,
+            name: r.name.clone(),
+            namespace: ns,
+            ready_replicas,
+        }),
+        None => Err(format!(
+            "{kind} {ns}/{} does not exist; create it or fix spec.modelSourceRef",
+            r.name
+        )),
+    })
 }
 
 async fn resolve_service(

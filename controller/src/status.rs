@@ -2,7 +2,7 @@
 //! conditions keep their transition times and unchanged facts never churn the object.
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::crd::{MetricValue, ModelDeploymentStatus, ResolvedService};
+use crate::crd::{MetricValue, ModelDeploymentStatus, ResolvedService, ResolvedWorkload};
 
 /// One condition's desired state; `lastTransitionTime` is carried over unless status changes.
 pub struct ConditionState {
@@ -15,6 +15,7 @@ pub struct ConditionState {
 pub struct Observed {
     pub generation: Option<i64>,
     pub service: Option<ResolvedService>,
+    pub workload: Option<ResolvedWorkload>,
     pub ready_endpoints: u32,
     pub metrics: Vec<MetricValue>,
     pub conditions: Vec<ConditionState>,
@@ -50,6 +51,7 @@ pub fn build(
         last_metric_above: decision.last_metric_above,
         conditions,
         service: observed.service,
+        workload: observed.workload,
         ready_endpoints: i32::try_from(observed.ready_endpoints).unwrap_or(i32::MAX),
         metrics: observed.metrics,
         // Filled from the agents' acknowledgements once cluster mode exists; kept as it was.
@@ -90,6 +92,7 @@ mod tests {
         Observed {
             generation: Some(3),
             service: None,
+            workload: None,
             ready_endpoints: 1,
             metrics: vec![],
             conditions: vec![ConditionState {

@@ -135,6 +135,13 @@ fn wait_status(
     }
 }
 
+fn condition(status: &serde_json::Value, type_: &str) -> serde_json::Value {
+    status["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == type_).cloned())
+        .unwrap_or_default()
+}
+
 fn events(cluster: &TestCluster, ns: &str) -> Result<String> {
     cluster.kubectl(&[
         "get",
@@ -170,6 +177,8 @@ fn scaling_to_zero_offloads_everything_within_a_second_and_back() -> Result<()> 
     .with_context(|| controller.log())?;
     let s = status(cluster, ns.name(), "php-apache")?;
     assert_eq!(s["service"]["port"], 80, "{s}");
+    assert_eq!(s["workload"]["kind"], "Deployment", "{s}");
+    assert_eq!(s["workload"]["readyReplicas"], 1, "{s}");
     assert!(
         s["service"]["addresses"][0]
             .as_str()
@@ -270,7 +279,20 @@ fn input_errors_become_conditions_and_events_and_recover() -> Result<()> {
         message.contains("absent") && message.contains("spec.serviceRef"),
         "{s}"
     );
-    assert!(events(cluster, ns.name())?.contains("ServiceNotFound"));
+    // The Deployment does not exist yet either.
+    let workload = condition(&s, "WorkloadFound");
+    assert_eq!(workload["status"], "False", "{s}");
+    assert!(
+        workload["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("spec.modelSourceRef")),
+        "{s}"
+    );
+    let events_now = events(cluster, ns.name())?;
+    assert!(
+        events_now.contains("ServiceNotFound") && events_now.contains("WorkloadNotFound"),
+        "{events_now}"
+    );
 
     // A named port the Service does not have.
     cluster.apply(ns.name(), PHP_APACHE)?;
@@ -296,7 +318,10 @@ fn input_errors_become_conditions_and_events_and_recover() -> Result<()> {
         "php-apache",
         Duration::from_secs(30),
         "Ready",
-        |s| ready_reason(s) == Some(("True".into(), "Resolved".into())),
+        |s| {
+            ready_reason(s) == Some(("True".into(), "Resolved".into()))
+                && condition(s, "WorkloadFound")["status"] == "True"
+        },
     )
     .with_context(|| controller.log())?;
     Ok(())
