@@ -1,5 +1,6 @@
 //! Project tasks: `cargo xtask <setup|test|demo|bench>`.
 mod bench;
+mod bench_controller;
 mod bench_tunnel;
 mod cluster;
 mod demo;
@@ -59,6 +60,9 @@ enum Bench {
     /// The egress tunnel vs a direct connection vs nginx as a reverse proxy (requests/s,
     /// latency), and the agent's memory with 1000 open client connections.
     Tunnel(bench_tunnel::TunnelArgs),
+    /// 1000 ModelDeployments against a real apiserver: time to reconcile all after start, the
+    /// controller's memory, API requests per minute at steady state.
+    Controller(bench_controller::ControllerArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -77,6 +81,7 @@ fn main() -> anyhow::Result<()> {
         Task::Bench { which } => match which {
             Bench::Dataplane(args) => bench::dataplane(&args),
             Bench::Tunnel(args) => bench_tunnel::tunnel(&args),
+            Bench::Controller(args) => bench_controller::controller(&args),
         },
         Task::Cluster { action } => cluster::run(action),
     }
