@@ -1,5 +1,6 @@
 //! The Beamlit offloading controller.
 //!
+//! - [`config`]: the configuration file, refused with the bad key named;
 //! - [`crd`]: the `ModelDeployment` custom resource (`deployment.beamlit.com/v1alpha1`);
 //! - [`decision`]: the offload decision, a pure function of spec, readiness, metrics, the
 //!   previous decision and the time;
@@ -9,6 +10,7 @@
 //! - [`status`]: the status written, from observations and the decision;
 //! - [`reconcile`]: the controller loop; [`metrics`]: its Prometheus metrics and probes;
 //! - [`leader`]: leader election on a Lease, so that one replica decides.
+pub mod config;
 pub mod crd;
 pub mod decision;
 pub mod leader;

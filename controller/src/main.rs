@@ -1,7 +1,10 @@
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use beamlit_controller::{
+    config::{self, FileConfig},
+    leader::{Elector, LeaderConfig},
+    metric_source::Prometheus,
     metrics::{self, ControllerMetrics},
     reconcile::{self, Context},
 };
@@ -10,40 +13,128 @@ use kube::runtime::events::Reporter;
 
 /// Beamlit offloading controller.
 ///
-/// Watches ModelDeployments, their Services and EndpointSlices, decides what share of each
-/// model's new connections to offload (100% at once when the Service has no ready endpoints),
-/// and writes the decision to the ModelDeployment's status, where the node agents read it.
-/// Uses the in-cluster service account, or KUBECONFIG outside a cluster.
+/// Watches ModelDeployments, their Services, EndpointSlices and workloads, decides what share of
+/// each model's new connections to offload (100% at once when the Service has no ready
+/// endpoints; `behavior.percentage` while a metric is above its target), and writes the decision
+/// to the ModelDeployment's status, where the node agents read it. Uses the in-cluster service
+/// account, or KUBECONFIG outside a cluster.
+///
+/// Settings come from flags, then from --config, then from the defaults shown.
 #[derive(Parser)]
 #[command(name = "beamlit-controller", version, about, long_about)]
 struct Cli {
-    /// Seconds a metric must stay below target before offloading stops.
-    #[arg(long, default_value_t = 60)]
-    stabilization_window_secs: u64,
-    /// Seconds between re-evaluations of each ModelDeployment when nothing changes.
-    #[arg(long, default_value_t = 15)]
-    resync_secs: u64,
+    /// YAML configuration file (what the Helm chart renders); unknown keys are refused.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+    /// Seconds a metric must stay below target before offloading stops [default: 60].
+    #[arg(long)]
+    stabilization_window_secs: Option<u64>,
+    /// Seconds between re-evaluations of each ModelDeployment when nothing changes [default: 15].
+    #[arg(long)]
+    resync_secs: Option<u64>,
     /// Prometheus to read External metrics from, e.g. http://prometheus.monitoring:9090.
     #[arg(long)]
     prometheus_url: Option<String>,
-    /// Handle only the ModelDeployments of these namespaces (comma-separated; default: all).
+    /// Handle only the ModelDeployments of these namespaces (comma-separated) [default: all].
     #[arg(long, value_delimiter = ',')]
     namespaces: Vec<String>,
-    /// Elect a leader among replicas with a coordination.k8s.io Lease; only the leader decides.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    leader_election: bool,
-    /// Namespace of the Lease (default: POD_NAMESPACE, else `default`).
+    /// Elect a leader among replicas with a coordination.k8s.io Lease; only the leader decides
+    /// [default: true].
+    #[arg(long, action = clap::ArgAction::Set)]
+    leader_election: Option<bool>,
+    /// Namespace of the Lease [default: POD_NAMESPACE, else `default`].
     #[arg(long)]
     leader_election_namespace: Option<String>,
-    /// Name of the Lease.
-    #[arg(long, default_value = "beamlit-controller")]
-    leader_election_name: String,
-    /// Seconds a Lease holds without renewal; another replica takes over after that.
-    #[arg(long, default_value_t = 15)]
-    lease_duration_secs: u64,
-    /// Address for /metrics, /healthz and /readyz.
-    #[arg(long, default_value = "0.0.0.0:8080")]
+    /// Name of the Lease [default: beamlit-controller].
+    #[arg(long)]
+    leader_election_name: Option<String>,
+    /// Seconds a Lease holds without renewal; another replica takes over after that [default: 15].
+    #[arg(long)]
+    lease_duration_secs: Option<u64>,
+    /// Address for /metrics, /healthz and /readyz [default: 0.0.0.0:8080].
+    #[arg(long)]
+    http_addr: Option<SocketAddr>,
+}
+
+/// The settings in force: flag, else file, else default.
+struct Settings {
+    stabilization_window: Duration,
+    resync: Duration,
+    prometheus: Option<Prometheus>,
+    namespaces: Vec<String>,
+    leader: Option<LeaderConfig>,
     http_addr: SocketAddr,
+}
+
+impl Settings {
+    fn resolve(cli: &Cli, file: FileConfig) -> anyhow::Result<Self> {
+        let prometheus_url = cli.prometheus_url.clone().or(file.prometheus_url);
+        let prometheus = prometheus_url.as_deref().map(Prometheus::new).transpose()?;
+        let leader = &file.leader_election;
+        let lease_duration = Duration::from_secs(
+            cli.lease_duration_secs
+                .or(leader.lease_duration_seconds)
+                .unwrap_or(15)
+                .max(2),
+        );
+        let leader = cli
+            .leader_election
+            .or(leader.enabled)
+            .unwrap_or(true)
+            .then(|| LeaderConfig {
+                namespace: cli
+                    .leader_election_namespace
+                    .clone()
+                    .or(leader.namespace.clone())
+                    .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                    .unwrap_or_else(|| "default".into()),
+                name: cli
+                    .leader_election_name
+                    .clone()
+                    .or(leader.name.clone())
+                    .unwrap_or_else(|| "beamlit-controller".into()),
+                identity: identity(),
+                lease_duration,
+                renew_every: lease_duration / 3,
+            });
+        Ok(Self {
+            stabilization_window: Duration::from_secs(
+                cli.stabilization_window_secs
+                    .or(file.stabilization_window_seconds)
+                    .unwrap_or(60),
+            ),
+            resync: Duration::from_secs(
+                cli.resync_secs.or(file.resync_seconds).unwrap_or(15).max(1),
+            ),
+            prometheus,
+            namespaces: if cli.namespaces.is_empty() {
+                file.namespaces
+            } else {
+                cli.namespaces.clone()
+            },
+            leader,
+            http_addr: cli
+                .http_addr
+                .or(file.http_addr)
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080))),
+        })
+    }
+}
+
+/// POD_NAME in a cluster; hostname and pid elsewhere.
+fn identity() -> String {
+    std::env::var("POD_NAME").unwrap_or_else(|_| {
+        format!(
+            "{}-{}",
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "controller".into()),
+            std::process::id()
+        )
+    })
 }
 
 #[tokio::main]
@@ -56,54 +147,37 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let prometheus = cli
-        .prometheus_url
-        .as_deref()
-        .map(beamlit_controller::metric_source::Prometheus::new)
-        .transpose()?;
+    let file = match &cli.config {
+        Some(path) => config::load(path)?,
+        None => FileConfig::default(),
+    };
+    let settings = Settings::resolve(&cli, file).context("not starting")?;
+    if cli.check_config {
+        println!("configuration valid");
+        return Ok(());
+    }
+
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
     let controller_metrics = ControllerMetrics::default();
-    let http = tokio::spawn(metrics::serve(cli.http_addr, controller_metrics.clone()));
+    let http = tokio::spawn(metrics::serve(
+        settings.http_addr,
+        controller_metrics.clone(),
+    ));
     let ctx = Arc::new(Context {
-        client,
+        client: client.clone(),
         reporter: Reporter {
             controller: "beamlit-controller".into(),
             instance: std::env::var("POD_NAME").ok(),
         },
-        stabilization_window: Duration::from_secs(cli.stabilization_window_secs),
-        resync: Duration::from_secs(cli.resync_secs.max(1)),
+        stabilization_window: settings.stabilization_window,
+        resync: settings.resync,
         metrics: controller_metrics,
-        prometheus,
-        namespaces: cli.namespaces.clone(),
+        prometheus: settings.prometheus,
+        namespaces: settings.namespaces,
     });
-    let elector = cli.leader_election.then(|| {
-        let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
-            format!(
-                "{}-{}",
-                std::fs::read_to_string("/proc/sys/kernel/hostname")
-                    .map(|h| h.trim().to_string())
-                    .unwrap_or_else(|_| "controller".into()),
-                std::process::id()
-            )
-        });
-        let lease_duration = Duration::from_secs(cli.lease_duration_secs.max(2));
-        beamlit_controller::leader::Elector::new(
-            ctx.client.clone(),
-            beamlit_controller::leader::LeaderConfig {
-                namespace: cli
-                    .leader_election_namespace
-                    .clone()
-                    .or_else(|| std::env::var("POD_NAMESPACE").ok())
-                    .unwrap_or_else(|| "default".into()),
-                name: cli.leader_election_name.clone(),
-                identity,
-                lease_duration,
-                renew_every: lease_duration / 3,
-            },
-        )
-    });
+    let elector = settings.leader.map(|config| Elector::new(client, config));
     if let Some(elector) = &elector {
         elector.acquire().await.context("leader election")?;
     }

@@ -636,3 +636,40 @@ fn one_leader_decides_and_a_follower_takes_over_when_it_dies() -> Result<()> {
     .with_context(|| second.log())?;
     Ok(())
 }
+
+#[test]
+fn the_binary_refuses_a_bad_configuration_naming_the_key() -> Result<()> {
+    let dir = TestDir::new("ctlconfig")?;
+    let good = dir.join("good.yaml");
+    std::fs::write(
+        &good,
+        "stabilizationWindowSeconds: 30\nnamespaces: [models]\nleaderElection: {enabled: false}\n",
+    )?;
+    let out = Command::new(controller_bin())
+        .args(["--check-config", "--config"])
+        .arg(&good)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("configuration valid"));
+
+    let bad = dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "resyncSeconds: 5\nleaderElection:\n  leaseDuration: 5\n",
+    )?;
+    let out = Command::new(controller_bin())
+        .args(["--check-config", "--config"])
+        .arg(&bad)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a bad configuration was accepted");
+    assert!(
+        stderr.contains("leaseDuration") && stderr.contains("line 3"),
+        "the error does not name the key and line: {stderr}"
+    );
+    Ok(())
+}
