@@ -1,7 +1,8 @@
 //! `cargo xtask demo` (standalone, no Kubernetes yet): a client pod requests a Service address
 //! every 100 ms while the agent's offload share goes 0% → 100% → 50% → 0%. Each request prints
-//! the route it took. The remote side is a stand-in listening on the node's tunnel address until
-//! the egress tunnel exists; the point shown here is the eBPF redirection itself.
+//! the route it took. Offloaded requests take the product's real path: eBPF redirection to the
+//! agent's egress tunnel on the node, then HTTPS with an OAuth token to the fake Beamlit (a
+//! stand-in for the SaaS, in its own pod namespace).
 use std::{
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
@@ -9,7 +10,8 @@ use std::{
 
 use anyhow::{Result, bail};
 use beamlit_testbed::{
-    AgentFixture, ProbeOptions, TestCgroup, Topology, run_probe, start_server_multi,
+    AgentFixture, FakeBeamlit, FakeBeamlitOptions, ProbeOptions, TestCgroup, TestDir, Topology,
+    run_probe, start_server_multi,
 };
 
 const SERVICE: &str = "10.96.0.10:80";
@@ -52,20 +54,43 @@ fn run() -> Result<()> {
         "php-apache",
         true,
     )?;
-    let _remote = start_server_multi(
-        topology.node(),
-        None,
-        &[(Topology::NODE_V4, 15001).into()],
-        "beamlit",
-        true,
+    let remote = topology.add_pod("beamlit")?;
+    let beamlit = FakeBeamlit::start(
+        &remote.netns,
+        FakeBeamlitOptions {
+            https: vec![(remote.ipv4, 443).into()],
+            require_token: true,
+            ..FakeBeamlitOptions::default()
+        },
     )?;
+    let secrets = TestDir::new("demo")?;
+    let secret_file = secrets.join("client-secret");
+    std::fs::write(&secret_file, &beamlit.options().client_secret)?;
     topology.add_service(SERVICE.parse()?, (model.ipv4, 80).into())?;
     let cgroup = TestCgroup::new("demo")?;
     println!(
         "[demo] starting beamlit-agent: eBPF attached to {} (the client pod's cgroup)",
         cgroup.path().display()
     );
-    let agent = AgentFixture::start(cgroup.path(), &routes(0), &[])?;
+    let remote_backend = format!(
+        "    remote:\n      scheme: https\n      host: \"{ip}:443\"\n      \
+         pathPrefix: /$workspace/models/$model\n      workspace: demo\n      model: php-apache\n      \
+         auth:\n        oauth:\n          tokenUrl: \"https://{ip}:443/oauth/token\"\n          \
+         clientId: {id}\n          clientSecretFile: {secret}\n",
+        ip = remote.ipv4,
+        id = beamlit.options().client_id,
+        secret = secret_file.display(),
+    );
+    let routes = |percent: u64| {
+        format!(
+            "tunnel:\n  ipv4: 10.200.0.1:15001\n  caFile: {ca}\nservices:\n  - address: {SERVICE}\n    \
+             offloadPercent: {percent}\n{remote_backend}",
+            ca = beamlit.ca_pem().display()
+        )
+    };
+    let node_netns = format!("/var/run/netns/{}", topology.node().name());
+    println!("[demo] the agent's egress tunnel listens on the node at 10.200.0.1:15001");
+    let agent = AgentFixture::start(cgroup.path(), &routes(0), &["--tunnel-netns", &node_netns])?;
     println!("[demo] routes file: {}\n", agent.routes_path().display());
 
     let mut totals = Totals::default();
@@ -107,8 +132,14 @@ fn run() -> Result<()> {
         .arg("inspect")
         .output()?;
     print!("{}", String::from_utf8_lossy(&report.stdout));
+    let stats = beamlit.stats()?;
     println!(
-        "\nsummary: {} requests, {} failed, {} local, {} via the tunnel address",
+        "\nthe fake Beamlit served {} requests with {} OAuth token request(s)",
+        stats.requests - stats.token_requests,
+        stats.token_requests
+    );
+    println!(
+        "summary: {} requests, {} failed, {} local, {} offloaded through the tunnel",
         totals.local + totals.remote + totals.failed,
         totals.failed,
         totals.local,
@@ -161,11 +192,4 @@ fn requests(
     totals.remote += phase.remote;
     totals.failed += phase.failed;
     Ok(phase)
-}
-
-fn routes(percent: u64) -> String {
-    format!(
-        "tunnel:\n  ipv4: 10.200.0.1:15001\nservices:\n  - address: {SERVICE}\n    \
-         offloadPercent: {percent}\n"
-    )
 }
