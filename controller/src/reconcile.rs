@@ -455,38 +455,28 @@ fn resolve_workload(
 ) -> Result<ResolvedWorkload, String> {
     let r = &md.spec.model_source_ref;
     let ns = r.namespace.clone().unwrap_or_else(|| namespace.to_string());
+    // Ready replicas as each kind reports them (ready pods for a DaemonSet).
     let ready = match r.kind {
-        WorkloadKind::Deployment => caches
-            .deployments
-            .get(&ObjectRef::new(&r.name).within(&ns))
-            .map(|w| {
-                w.status
-                    .as_ref()
-                    .and_then(|s| s.ready_replicas)
-                    .unwrap_or(0)
-            }),
-        WorkloadKind::StatefulSet => caches
-            .statefulsets
-            .get(&ObjectRef::new(&r.name).within(&ns))
-            .map(|w| {
-                w.status
-                    .as_ref()
-                    .and_then(|s| s.ready_replicas)
-                    .unwrap_or(0)
-            }),
-        WorkloadKind::ReplicaSet => caches
-            .replicasets
-            .get(&ObjectRef::new(&r.name).within(&ns))
-            .map(|w| {
-                w.status
-                    .as_ref()
-                    .and_then(|s| s.ready_replicas)
-                    .unwrap_or(0)
-            }),
-        WorkloadKind::DaemonSet => caches
-            .daemonsets
-            .get(&ObjectRef::new(&r.name).within(&ns))
-            .map(|w| w.status.as_ref().map_or(0, |s| s.number_ready)),
+        WorkloadKind::Deployment => {
+            cached_ready(&caches.deployments, &r.name, &ns, |w: &Deployment| {
+                w.status.as_ref().and_then(|s| s.ready_replicas)
+            })
+        }
+        WorkloadKind::StatefulSet => {
+            cached_ready(&caches.statefulsets, &r.name, &ns, |w: &StatefulSet| {
+                w.status.as_ref().and_then(|s| s.ready_replicas)
+            })
+        }
+        WorkloadKind::ReplicaSet => {
+            cached_ready(&caches.replicasets, &r.name, &ns, |w: &ReplicaSet| {
+                w.status.as_ref().and_then(|s| s.ready_replicas)
+            })
+        }
+        WorkloadKind::DaemonSet => {
+            cached_ready(&caches.daemonsets, &r.name, &ns, |w: &DaemonSet| {
+                w.status.as_ref().map(|s| s.number_ready)
+            })
+        }
     };
     let kind = format!("{:?}", r.kind);
     match ready {
@@ -501,6 +491,22 @@ fn resolve_workload(
             r.name
         )),
     }
+}
+
+/// `Some(ready replicas)` if the cache holds the workload.
+fn cached_ready<K>(
+    store: &Store<K>,
+    name: &str,
+    namespace: &str,
+    ready: impl Fn(&K) -> Option<i32>,
+) -> Option<i32>
+where
+    K: Resource + Clone,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    store
+        .get(&ObjectRef::new(name).within(namespace))
+        .map(|w| ready(&w).unwrap_or(0))
 }
 
 fn resolve_service(

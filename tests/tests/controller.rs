@@ -20,6 +20,14 @@ fn seed_model_deployment(namespace: &str) -> String {
         .replace("namespace: default", &format!("namespace: {namespace}"))
 }
 
+/// The seed's php-apache (Ready) and its ModelDeployment, in `namespace`.
+fn deploy_seed(cluster: &TestCluster, namespace: &str) -> Result<()> {
+    cluster.apply(namespace, PHP_APACHE)?;
+    cluster.wait_deployment_ready(namespace, "php-apache", 1, Duration::from_secs(60))?;
+    cluster.apply(namespace, &seed_model_deployment(namespace))?;
+    Ok(())
+}
+
 struct ControllerProcess {
     child: Option<ChildGuard>,
     dir: TestDir,
@@ -161,9 +169,7 @@ fn scaling_to_zero_offloads_everything_within_a_second_and_back() -> Result<()> 
     let cluster = TestCluster::shared()?;
     install_model_deployment_crd(cluster)?;
     let ns = cluster.namespace("ctlfail")?;
-    cluster.apply(ns.name(), PHP_APACHE)?;
-    cluster.wait_deployment_ready(ns.name(), "php-apache", 1, Duration::from_secs(60))?;
-    cluster.apply(ns.name(), &seed_model_deployment(ns.name()))?;
+    deploy_seed(cluster, ns.name())?;
     let controller = ControllerProcess::start(cluster, ns.name())?;
 
     wait_status(
@@ -335,9 +341,7 @@ fn a_restarted_controller_keeps_the_decision() -> Result<()> {
     let cluster = TestCluster::shared()?;
     install_model_deployment_crd(cluster)?;
     let ns = cluster.namespace("ctlrestart")?;
-    cluster.apply(ns.name(), PHP_APACHE)?;
-    cluster.wait_deployment_ready(ns.name(), "php-apache", 1, Duration::from_secs(60))?;
-    cluster.apply(ns.name(), &seed_model_deployment(ns.name()))?;
+    deploy_seed(cluster, ns.name())?;
     let mut controller = ControllerProcess::start(cluster, ns.name())?;
     cluster.kubectl(&[
         "scale",
@@ -563,9 +567,7 @@ fn one_leader_decides_and_a_follower_takes_over_when_it_dies() -> Result<()> {
     let cluster = TestCluster::shared()?;
     install_model_deployment_crd(cluster)?;
     let ns = cluster.namespace("ctllead")?;
-    cluster.apply(ns.name(), PHP_APACHE)?;
-    cluster.wait_deployment_ready(ns.name(), "php-apache", 1, Duration::from_secs(60))?;
-    cluster.apply(ns.name(), &seed_model_deployment(ns.name()))?;
+    deploy_seed(cluster, ns.name())?;
     let lease = format!("beamlit-test-{}", std::process::id());
     let args = [
         "--namespaces",
