@@ -224,11 +224,6 @@ impl Dataplane {
         })
     }
 
-    /// The log ring buffer, to wait on for readability; `None` when eBPF logging is off.
-    pub fn log_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
-        self.logger.as_ref().map(|l| l.as_fd())
-    }
-
     /// Forwards pending eBPF log records to the agent's log.
     pub fn flush_logs(&mut self) {
         if let Some(logger) = &mut self.logger {

@@ -20,6 +20,20 @@ fn seed_model_deployment(namespace: &str) -> String {
         .replace("namespace: default", &format!("namespace: {namespace}"))
 }
 
+/// `kubectl scale deployment php-apache --replicas=N`, as the seed README does.
+fn scale(cluster: &TestCluster, namespace: &str, replicas: u32) -> Result<()> {
+    let replicas = format!("--replicas={replicas}");
+    cluster.kubectl(&[
+        "scale",
+        "deployment",
+        "php-apache",
+        &replicas,
+        "-n",
+        namespace,
+    ])?;
+    Ok(())
+}
+
 /// The seed's php-apache (Ready) and its ModelDeployment, in `namespace`.
 fn deploy_seed(cluster: &TestCluster, namespace: &str) -> Result<()> {
     cluster.apply(namespace, PHP_APACHE)?;
@@ -194,14 +208,7 @@ fn scaling_to_zero_offloads_everything_within_a_second_and_back() -> Result<()> 
     // The CPU metric has no source yet: reported, and never a reason to offload.
     assert!(s["metrics"][0]["error"].as_str().is_some(), "{s}");
 
-    cluster.kubectl(&[
-        "scale",
-        "deployment",
-        "php-apache",
-        "--replicas=0",
-        "-n",
-        ns.name(),
-    ])?;
+    scale(cluster, ns.name(), 0)?;
     let started = Instant::now();
     while !cluster.ready_endpoints(ns.name(), "php-apache")?.is_empty() {
         if started.elapsed() > Duration::from_secs(30) {
@@ -222,14 +229,7 @@ fn scaling_to_zero_offloads_everything_within_a_second_and_back() -> Result<()> 
     assert!(took < Duration::from_secs(1), "{took:?}");
     assert!(events(cluster, ns.name())?.contains("NoReadyEndpoints"));
 
-    cluster.kubectl(&[
-        "scale",
-        "deployment",
-        "php-apache",
-        "--replicas=1",
-        "-n",
-        ns.name(),
-    ])?;
+    scale(cluster, ns.name(), 1)?;
     wait_status(
         cluster,
         ns.name(),
@@ -343,14 +343,7 @@ fn a_restarted_controller_keeps_the_decision() -> Result<()> {
     let ns = cluster.namespace("ctlrestart")?;
     deploy_seed(cluster, ns.name())?;
     let mut controller = ControllerProcess::start(cluster, ns.name())?;
-    cluster.kubectl(&[
-        "scale",
-        "deployment",
-        "php-apache",
-        "--replicas=0",
-        "-n",
-        ns.name(),
-    ])?;
+    scale(cluster, ns.name(), 0)?;
     wait_status(
         cluster,
         ns.name(),
@@ -619,14 +612,7 @@ fn one_leader_decides_and_a_follower_takes_over_when_it_dies() -> Result<()> {
     first.kill()?;
     let took = second.wait_log("became the leader", Duration::from_secs(15))?;
     println!("follower became the leader {took:?} after the leader was killed (lease 3 s)");
-    cluster.kubectl(&[
-        "scale",
-        "deployment",
-        "php-apache",
-        "--replicas=0",
-        "-n",
-        ns.name(),
-    ])?;
+    scale(cluster, ns.name(), 0)?;
     wait_status(
         cluster,
         ns.name(),

@@ -39,11 +39,6 @@ impl FlowTable {
         let ip = model::ip_from_bytes(original.family, &original.addr)?;
         Some(SocketAddr::new(normalize(ip), original.port))
     }
-
-    /// Flows published but not yet consumed (for inspect and tests).
-    pub fn pending(&self) -> usize {
-        self.map.lock().map(|m| m.keys().count()).unwrap_or(0)
-    }
 }
 
 /// IPv4 inside IPv6 (dual-stack) is IPv4, as `sock_ops` stores it.

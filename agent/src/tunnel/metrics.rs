@@ -1,7 +1,5 @@
 //! The tunnel's Prometheus metrics (served on the agent's `/metrics`). Labels carry Service
 //! addresses and outcomes, never credentials.
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, histogram::Histogram},
@@ -54,7 +52,6 @@ pub struct Metrics {
     upstream_latency: Family<ServiceLabel, Histogram>,
     token_refreshes: Family<OutcomeLabel, Counter>,
     refused: Counter,
-    refused_total: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -114,7 +111,6 @@ impl Metrics {
             upstream_latency,
             token_refreshes,
             refused,
-            refused_total: AtomicU64::new(0),
         }
     }
 
@@ -129,11 +125,6 @@ impl Metrics {
 
     pub fn refused(&self) {
         self.refused.inc();
-        self.refused_total.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn refused_count(&self) -> u64 {
-        self.refused_total.load(Ordering::Relaxed)
     }
 
     pub fn request(&self, service: &str, outcome: &str) {

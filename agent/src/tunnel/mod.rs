@@ -184,15 +184,6 @@ impl Tunnel {
         accepting
     }
 
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.shared.metrics
-    }
-
-    /// Flows published by sock_ops that no connection has claimed yet.
-    pub fn pending_flows(&self) -> usize {
-        self.shared.flows.pending()
-    }
-
     fn token_cache(&self, oauth: &backend::OAuthClient, timeout: Duration) -> Arc<TokenCache> {
         let key = (oauth.token_url.to_string(), oauth.client_id.clone());
         let mut caches = self
