@@ -9,6 +9,17 @@
 //! prometheusUrl: http://prometheus.monitoring:9090
 //! namespaces: [models]
 //! leaderElection: {enabled: true, namespace: beamlit-system, name: beamlit-controller, leaseDurationSeconds: 15}
+//! workspace: my-workspace          # substituted for $workspace in remote backend paths
+//! agentNamespace: beamlit-system   # where the agents' Leases (acknowledgements) live
+//! defaultRemoteBackend:            # for ModelDeployments without spec.offloadingConfig.remoteBackend
+//!   host: run.beamlit.com
+//!   scheme: https
+//!   pathPrefix: /$workspace/models/$model
+//!   authConfig:
+//!     oauthConfig:
+//!       clientId: ID
+//!       tokenUrl: https://api.beamlit.com/v0/oauth/token
+//!       clientSecretRef: {namespace: beamlit-system, name: beamlit-credentials, key: clientSecret}
 //! ```
 use std::{net::SocketAddr, path::Path};
 
@@ -25,6 +36,9 @@ pub struct FileConfig {
     pub namespaces: Vec<String>,
     #[serde(default)]
     pub leader_election: LeaderElectionConfig,
+    pub workspace: Option<String>,
+    pub agent_namespace: Option<String>,
+    pub default_remote_backend: Option<crate::backend::DefaultRemoteBackend>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
@@ -85,6 +99,13 @@ pub fn parse(label: &str, text: &str) -> Result<FileConfig, ConfigError> {
         crate::metric_source::Prometheus::new(url)
             .map_err(|e| invalid(format!("prometheusUrl: {e}")))?;
     }
+    if let Some(backend) = &config.default_remote_backend
+        && backend.host.trim().is_empty()
+    {
+        return Err(invalid(
+            "defaultRemoteBackend.host: must not be empty; write host[:port]".into(),
+        ));
+    }
     if let Some(bad) = config.namespaces.iter().find(|n| n.trim().is_empty()) {
         return Err(invalid(format!(
             "namespaces: `{bad}` is not a namespace name"
@@ -103,13 +124,20 @@ mod tests {
             "c.yaml",
             "stabilizationWindowSeconds: 30\nresyncSeconds: 5\nhttpAddr: 127.0.0.1:9\n\
              prometheusUrl: http://p:9090\nnamespaces: [a, b]\n\
-             leaderElection: {enabled: false, namespace: x, name: l, leaseDurationSeconds: 9}\n",
+             leaderElection: {enabled: false, namespace: x, name: l, leaseDurationSeconds: 9}\n\
+             workspace: ws\nagentNamespace: agents\n\
+             defaultRemoteBackend:\n  authConfig:\n    oauthConfig:\n      clientId: c\n      \
+             clientSecretRef: {namespace: n, name: s, key: k}\n",
         )
         .expect("valid");
         assert_eq!(c.stabilization_window_seconds, Some(30));
         assert_eq!(c.namespaces, vec!["a", "b"]);
         assert_eq!(c.leader_election.enabled, Some(false));
         assert_eq!(c.leader_election.lease_duration_seconds, Some(9));
+        assert_eq!(c.workspace.as_deref(), Some("ws"));
+        let backend = c.default_remote_backend.expect("default backend");
+        assert_eq!(backend.host, crate::backend::DEFAULT_HOST);
+        assert_eq!(backend.path_prefix, crate::backend::DEFAULT_PATH_PREFIX);
         assert_eq!(
             parse("c.yaml", "").expect("empty is valid"),
             FileConfig::default()
@@ -137,6 +165,17 @@ mod tests {
             (
                 "prometheusUrl: https://p\n",
                 &["prometheusUrl", "http://host:port"],
+            ),
+            (
+                "defaultRemoteBackend:\n  authConfig:\n    oauthConfig: {clientId: c, clientSecret: s}\n",
+                &[
+                    "defaultRemoteBackend.authConfig.oauthConfig",
+                    "clientSecret",
+                ],
+            ),
+            (
+                "defaultRemoteBackend: {host: ''}\n",
+                &["defaultRemoteBackend.host"],
             ),
             (
                 "leaderElection: {leaseDurationSeconds: 1}\n",

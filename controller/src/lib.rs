@@ -1,7 +1,8 @@
-//! The Beamlit offloading controller.
+//! The Beamlit offloading controller. The `ModelDeployment` types live in `beamlit-api`, shared
+//! with the agent.
 //!
+//! - [`backend`]: the remote backend in force (the spec's or the configured default);
 //! - [`config`]: the configuration file, refused with the bad key named;
-//! - [`crd`]: the `ModelDeployment` custom resource (`deployment.beamlit.com/v1alpha1`);
 //! - [`decision`]: the offload decision, a pure function of spec, readiness, metrics, the
 //!   previous decision and the time;
 //! - [`metric_math`]: the HPA's arithmetic for metric values against targets;
@@ -10,8 +11,8 @@
 //! - [`status`]: the status written, from observations and the decision;
 //! - [`reconcile`]: the controller loop; [`metrics`]: its Prometheus metrics and probes;
 //! - [`leader`]: leader election on a Lease, so that one replica decides.
+pub mod backend;
 pub mod config;
-pub mod crd;
 pub mod decision;
 pub mod leader;
 pub mod metric_math;

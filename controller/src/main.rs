@@ -57,6 +57,13 @@ struct Cli {
     /// Address for /metrics, /healthz and /readyz [default: 0.0.0.0:8080].
     #[arg(long)]
     http_addr: Option<SocketAddr>,
+    /// Beamlit workspace, substituted for $workspace in remote backend paths.
+    #[arg(long)]
+    workspace: Option<String>,
+    /// Namespace of the agents' Leases, which say what each node applied
+    /// [default: POD_NAMESPACE, else beamlit-system].
+    #[arg(long)]
+    agent_namespace: Option<String>,
 }
 
 /// The settings in force: flag, else file, else default.
@@ -67,6 +74,9 @@ struct Settings {
     namespaces: Vec<String>,
     leader: Option<LeaderConfig>,
     http_addr: SocketAddr,
+    workspace: Option<String>,
+    agent_namespace: String,
+    default_backend: Option<beamlit_controller::backend::DefaultRemoteBackend>,
 }
 
 impl Settings {
@@ -120,6 +130,14 @@ impl Settings {
                 .http_addr
                 .or(file.http_addr)
                 .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080))),
+            workspace: cli.workspace.clone().or(file.workspace),
+            agent_namespace: cli
+                .agent_namespace
+                .clone()
+                .or(file.agent_namespace)
+                .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                .unwrap_or_else(|| beamlit_api::acknowledgement::DEFAULT_AGENT_NAMESPACE.into()),
+            default_backend: file.default_remote_backend,
         })
     }
 }
@@ -176,6 +194,9 @@ async fn main() -> anyhow::Result<()> {
         metrics: controller_metrics,
         prometheus: settings.prometheus,
         namespaces: settings.namespaces,
+        workspace: settings.workspace,
+        agent_namespace: settings.agent_namespace,
+        default_backend: settings.default_backend,
     });
     let elector = settings.leader.map(|config| Elector::new(client, config));
     if let Some(elector) = &elector {

@@ -11,8 +11,9 @@ use hyper_util::{
 };
 use k8s_openapi::api::autoscaling::v2::MetricSpec;
 
+use beamlit_api::MetricValue;
+
 use crate::{
-    crd::MetricValue,
     decision::MetricReading,
     metric_math::{self, Target},
 };

@@ -6,6 +6,7 @@ use std::{sync::Arc, time::Duration};
 use futures::{Stream, StreamExt as _};
 use k8s_openapi::api::{
     apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet},
+    coordination::v1::Lease,
     core::v1::Service,
     discovery::v1::EndpointSlice,
 };
@@ -16,14 +17,21 @@ use kube::{
         Controller, WatchStreamExt as _,
         controller::Action,
         events::{Event, EventType, Recorder, Reporter},
+        predicates,
         reflector::{self, ObjectRef, Store},
         watcher,
     },
 };
 use tracing::{info, warn};
 
+use beamlit_api::{
+    AgentsApplied, MetricValue, ModelDeployment, ModelDeploymentStatus, ResolvedWorkload,
+    WorkloadKind,
+    acknowledgement::{self, AppliedDecisions},
+};
+
 use crate::{
-    crd::{MetricValue, ModelDeployment, ModelDeploymentStatus, ResolvedWorkload, WorkloadKind},
+    backend::{self, DefaultRemoteBackend},
     decision,
     resolve::{self, ResolveError},
     status::{self, ConditionState, DecisionFields, Observed},
@@ -53,6 +61,12 @@ pub struct Context {
     pub prometheus: Option<crate::metric_source::Prometheus>,
     /// Namespaces whose ModelDeployments this controller handles; empty means all.
     pub namespaces: Vec<String>,
+    /// Substituted for `$workspace` in remote backend paths.
+    pub workspace: Option<String>,
+    /// Where the agents' Leases live (their acknowledgements).
+    pub agent_namespace: String,
+    /// For ModelDeployments without their own remote backend.
+    pub default_backend: Option<DefaultRemoteBackend>,
 }
 
 impl Context {
@@ -85,6 +99,8 @@ pub struct Caches {
     statefulsets: Store<StatefulSet>,
     replicasets: Store<ReplicaSet>,
     daemonsets: Store<DaemonSet>,
+    /// The agents' Leases (one per node), for "applied on N of M nodes".
+    agent_leases: Store<Lease>,
 }
 
 impl Caches {
@@ -97,7 +113,8 @@ impl Caches {
             self.deployments.wait_until_ready().await?;
             self.statefulsets.wait_until_ready().await?;
             self.replicasets.wait_until_ready().await?;
-            self.daemonsets.wait_until_ready().await
+            self.daemonsets.wait_until_ready().await?;
+            self.agent_leases.wait_until_ready().await
         };
         match tokio::time::timeout(Duration::from_secs(60), all).await {
             Ok(Ok(())) => Ok(()),
@@ -160,6 +177,16 @@ pub async fn run(ctx: Arc<Context>) {
         cached::<ReplicaSet>(&client, &ns, watcher::Config::default());
     let (daemonsets, daemonsets_stream) =
         cached::<DaemonSet>(&client, &ns, watcher::Config::default());
+    let (agent_leases, writer) = reflector::store();
+    let leases_stream = watcher(
+        Api::<Lease>::namespaced(client.clone(), &ctx.agent_namespace),
+        watcher::Config::default().labels(acknowledgement::AGENT_LEASE_SELECTOR),
+    )
+    .default_backoff()
+    .reflect(writer)
+    .touched_objects()
+    // Renewals (every few seconds per node) change no annotation: only acknowledgements count.
+    .predicate_filter(predicates::annotations, Default::default());
     let running = Arc::new(Running {
         ctx,
         caches: Caches {
@@ -169,6 +196,7 @@ pub async fn run(ctx: Arc<Context>) {
             statefulsets,
             replicasets,
             daemonsets,
+            agent_leases,
         },
     });
     let (s1, s2, s3, s4, s5, s6) = (
@@ -202,6 +230,22 @@ pub async fn run(ctx: Arc<Context>) {
         })
         .watches_stream(daemonsets_stream, move |w| {
             naming_workload(&s6, WorkloadKind::DaemonSet, w.namespace(), &w.name_any())
+        })
+        // An agent acknowledging a decision updates "applied on N of M nodes" of the models it
+        // lists. An agent that dies is noticed at the next resync, when its Lease has expired.
+        .watches_stream(leases_stream, |lease| {
+            let applied = AppliedDecisions::from_annotation(
+                lease
+                    .annotations()
+                    .get(acknowledgement::APPLIED_ANNOTATION)
+                    .map(String::as_str),
+            );
+            applied
+                .0
+                .keys()
+                .filter_map(|key| key.split_once('/'))
+                .map(|(ns, name)| ObjectRef::new(name).within(ns))
+                .collect::<Vec<_>>()
         })
         .run(reconcile, error_policy, running)
         .for_each(|result| async move {
@@ -344,18 +388,50 @@ pub async fn reconcile(md: Arc<ModelDeployment>, running: Arc<Running>) -> Resul
         reason: next.reason.to_string(),
         message: next.message.clone(),
     });
-    conditions.push(ConditionState {
-        type_: "RemoteBackendConfigured",
-        ok: Some(offloading.is_some_and(|o| o.remote_backend.is_some())),
-        reason: if offloading.is_some_and(|o| o.remote_backend.is_some()) {
-            "InSpec".into()
-        } else {
-            "UsesDefault".into()
+    let backend = backend::effective(
+        &md,
+        &namespace,
+        ctx.default_backend.as_ref(),
+        ctx.workspace.as_deref(),
+    );
+    conditions.push(match &backend {
+        None => ConditionState {
+            type_: "RemoteBackendConfigured",
+            ok: Some(false),
+            reason: "NoOffloadingConfig".into(),
+            message: "spec.offloadingConfig is absent: this model is never offloaded".into(),
         },
-        message: "the remote backend comes from spec.offloadingConfig.remoteBackend or the \
-                  controller's default"
-            .into(),
+        Some(Ok(b)) => ConditionState {
+            type_: "RemoteBackendConfigured",
+            ok: Some(true),
+            reason: if b.source == "spec" {
+                "InSpec".into()
+            } else {
+                "UsesDefault".into()
+            },
+            message: format!(
+                "offloaded connections go to {}://{}{}",
+                match b.scheme {
+                    beamlit_api::Scheme::Http => "http",
+                    beamlit_api::Scheme::Https => "https",
+                },
+                b.host,
+                b.path_prefix
+            ),
+        },
+        Some(Err(e)) => ConditionState {
+            type_: "RemoteBackendConfigured",
+            ok: Some(false),
+            reason: e.reason().into(),
+            message: e.to_string(),
+        },
     });
+    let backend_error = match &backend {
+        Some(Err(e)) => Some(e.clone()),
+        _ => None,
+    };
+    let remote_backend = backend.and_then(Result::ok);
+    let timestamp = jiff::Timestamp::try_from(now).unwrap_or_else(|_| jiff::Timestamp::now());
     let status = status::build(
         previous_status.as_ref(),
         Observed {
@@ -365,9 +441,18 @@ pub async fn reconcile(md: Arc<ModelDeployment>, running: Arc<Running>) -> Resul
             ready_endpoints,
             metrics: metric_values,
             conditions,
+            remote_backend,
         },
         decision_fields(&next),
-        jiff::Timestamp::try_from(now).unwrap_or_else(|_| jiff::Timestamp::now()),
+        timestamp,
+        |generation| {
+            Some(agents_applied(
+                &caches.agent_leases,
+                &md,
+                generation,
+                timestamp,
+            ))
+        },
     );
     // An unchanged status is not written again: a resync of a quiet object costs no write.
     if previous_status.as_ref() != Some(&status) {
@@ -406,6 +491,27 @@ pub async fn reconcile(md: Arc<ModelDeployment>, running: Arc<Running>) -> Resul
             .await;
         }
     }
+    if let Some(e) = &backend_error {
+        let was = previous_status
+            .as_ref()
+            .and_then(|s| {
+                s.conditions
+                    .iter()
+                    .find(|c| c.type_ == "RemoteBackendConfigured")
+            })
+            .map(|c| c.reason.clone());
+        if was.as_deref() != Some(e.reason()) {
+            publish(
+                &recorder,
+                &reference,
+                EventType::Warning,
+                e.reason(),
+                "Resolve",
+                &e.to_string(),
+            )
+            .await;
+        }
+    }
     if let Some(e) = &service_error {
         let was = previous_status
             .as_ref()
@@ -424,6 +530,43 @@ pub async fn reconcile(md: Arc<ModelDeployment>, running: Arc<Running>) -> Resul
         }
     }
     Ok(Action::requeue(ctx.resync))
+}
+
+/// Agents alive (fresh Lease) and, of those, the ones that applied `generation` of this model.
+fn agents_applied(
+    leases: &Store<Lease>,
+    md: &ModelDeployment,
+    generation: i64,
+    now: jiff::Timestamp,
+) -> AgentsApplied {
+    let key = acknowledgement::model_key(
+        md.namespace().as_deref().unwrap_or_default(),
+        &md.name_any(),
+    );
+    let uid = md.uid().unwrap_or_default();
+    let mut counts = AgentsApplied::default();
+    for lease in leases.state() {
+        let spec = lease.spec.as_ref();
+        let renewed = spec.and_then(|s| s.renew_time.as_ref()).map(|t| t.0);
+        if !acknowledgement::lease_is_fresh(
+            renewed,
+            spec.and_then(|s| s.lease_duration_seconds),
+            now,
+        ) {
+            continue;
+        }
+        counts.total += 1;
+        let applied = AppliedDecisions::from_annotation(
+            lease
+                .annotations()
+                .get(acknowledgement::APPLIED_ANNOTATION)
+                .map(String::as_str),
+        );
+        if applied.has_applied(&key, &uid, generation) {
+            counts.applied += 1;
+        }
+    }
+    counts
 }
 
 async fn publish(
@@ -513,7 +656,7 @@ fn resolve_service(
     caches: &Caches,
     md: &ModelDeployment,
     namespace: &str,
-) -> Result<crate::crd::ResolvedService, ResolveError> {
+) -> Result<beamlit_api::ResolvedService, ResolveError> {
     let Some(service_ref) = &md.spec.service_ref else {
         return Err(ResolveError::NoServiceRef);
     };

@@ -9,7 +9,7 @@ use k8s_openapi::{
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
-use crate::crd::{ResolvedService, ServiceRef};
+use beamlit_api::{ResolvedService, ServiceRef};
 
 /// Why a Service reference does not resolve; each says how to fix it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -72,8 +72,8 @@ fn main() -> anyhow::Result<()> {
         Task::Test { args } => test(&args),
         Task::Demo => demo::demo(),
         Task::Crds => {
-            let path = project_root().join(beamlit_controller::crd::CRD_FILE);
-            std::fs::write(&path, beamlit_controller::crd::crd_yaml()?)
+            let path = project_root().join(beamlit_api::CRD_FILE);
+            std::fs::write(&path, beamlit_api::crd_yaml()?)
                 .with_context(|| format!("writing {}", path.display()))?;
             println!("wrote {}", path.display());
             Ok(())

@@ -264,9 +264,57 @@ pub struct ModelDeploymentStatus {
     pub ready_endpoints: i32,
     #[serde(default)]
     pub metrics: Vec<MetricValue>,
-    /// How many agents applied the current decision (filled with the agents' acknowledgements).
+    /// How many agents applied the current decision, from their Leases (see
+    /// [`crate::acknowledgement`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agents: Option<AgentsApplied>,
+    /// Increases each time what the agents apply changes (offload percent, Service addresses or
+    /// port, remote backend); agents acknowledge the generation they applied.
+    #[serde(default)]
+    pub decision_generation: i64,
+    /// The remote backend in force: the spec's, or the controller's default. `$workspace` and
+    /// `$model` are substituted; secrets are never copied here, only referenced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_backend: Option<EffectiveRemoteBackend>,
+}
+
+/// The remote backend the agents' tunnels forward offloaded connections to.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EffectiveRemoteBackend {
+    /// `host[:port]`.
+    pub host: String,
+    pub scheme: Scheme,
+    /// Prefix of every forwarded path, with `$workspace` and `$model` substituted.
+    #[serde(default)]
+    pub path_prefix: String,
+    #[serde(default)]
+    pub headers_to_add: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth: Option<EffectiveOAuth>,
+    /// `spec` (the ModelDeployment's own) or `default` (the controller's configuration).
+    pub source: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EffectiveOAuth {
+    pub client_id: String,
+    pub token_url: String,
+    /// The Secret holding the client secret (the agents read it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret_ref: Option<NamespacedSecretKeyRef>,
+    /// The client secret is written inline in the ModelDeployment's spec (discouraged).
+    #[serde(default)]
+    pub client_secret_in_spec: bool,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NamespacedSecretKeyRef {
+    pub namespace: String,
+    pub name: String,
+    pub key: String,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
@@ -340,7 +388,7 @@ pub fn crd_yaml() -> anyhow::Result<String> {
     use kube::CustomResourceExt as _;
     let crd = ModelDeployment::crd();
     Ok(format!(
-        "# Generated from controller/src/crd.rs by `cargo xtask crds`; do not edit.\n{}",
+        "# Generated from api/src/model_deployment.rs by `cargo xtask crds`; do not edit.\n{}",
         serde_yaml::to_string(&crd)?
     ))
 }
