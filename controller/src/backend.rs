@@ -206,13 +206,14 @@ mod tests {
     fn table() {
         let d = default_backend();
         type Check = fn(&Option<Result<EffectiveRemoteBackend, BackendError>>) -> bool;
-        let cases: Vec<(
-            &str,
-            &str,
-            Option<&DefaultRemoteBackend>,
-            Option<&str>,
+        type Case<'a> = (
+            &'a str,
+            &'a str,
+            Option<&'a DefaultRemoteBackend>,
+            Option<&'a str>,
             Check,
-        )> = vec![
+        );
+        let cases: Vec<Case> = vec![
             ("no offloading config", "", Some(&d), Some("ws"), |r| {
                 r.is_none()
             }),
