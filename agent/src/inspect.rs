@@ -17,6 +17,11 @@ pub struct Report {
     /// the agent's fail open once this passes 500 ms.
     pub tunnel_heartbeat_age_ms: Option<u64>,
     pub programs: Vec<ProgramRow>,
+    /// Cluster mode: the node, and ModelDeployments this node could not apply (and why).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -32,6 +37,12 @@ pub struct ServiceRow {
     pub redirected: u64,
     pub fail_open: u64,
     pub bypassed: u64,
+    /// Cluster mode: the ModelDeployment (`namespace/name`) this service comes from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_deployment: Option<String>,
+    /// Cluster mode: why the share is what it is (the controller's reason, or node-local failover).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -47,12 +58,19 @@ pub struct ProgramRow {
     pub average_ns: Option<f64>,
 }
 
-pub fn report(dir: &Path) -> anyhow::Result<Report> {
+/// `state_dir`: where a cluster-mode agent records each service's ModelDeployment and reason
+/// (absent in standalone mode).
+pub fn report(dir: &Path, state_dir: &Path) -> anyhow::Result<Report> {
     let maps = PinnedMaps::open(dir)?;
+    let state = crate::cluster::read_state(state_dir);
     let mut services = Vec::new();
     for (key, entry) in maps.services()? {
         let counters = maps.counters(&entry)?;
         let route = model::entry_route(&key, &entry);
+        let origin = state.as_ref().and_then(|s| {
+            let addr = route.map(|r| r.service)?;
+            s.services.iter().find(|o| o.service == addr)
+        });
         services.push(ServiceRow {
             address: route.map_or_else(|| format!("{key:?}"), |r| r.service.to_string()),
             protocol: "tcp",
@@ -65,6 +83,8 @@ pub fn report(dir: &Path) -> anyhow::Result<Report> {
             redirected: counters.redirected,
             fail_open: counters.fail_open,
             bypassed: counters.bypassed,
+            model_deployment: origin.map(|o| o.model_deployment.clone()),
+            reason: origin.map(|o| o.reason.clone()),
         });
     }
     let loaded: Vec<_> = aya::programs::loaded_programs()
@@ -97,11 +117,14 @@ pub fn report(dir: &Path) -> anyhow::Result<Report> {
             crate::maps::monotonic_ns().saturating_sub(config.tunnel_heartbeat_ns) / 1_000_000
         }),
         programs,
+        node: state.as_ref().map(|s| s.node.clone()),
+        problems: state.map(|s| s.problems).unwrap_or_default(),
     })
 }
 
 /// The report as aligned tables.
 pub fn render(report: &Report) -> String {
+    let cluster = report.services.iter().any(|s| s.model_deployment.is_some());
     let mut rows = vec![
         [
             "SERVICE",
@@ -118,6 +141,9 @@ pub fn render(report: &Report) -> String {
         .map(String::from)
         .to_vec(),
     ];
+    if cluster {
+        rows[0].extend(["MODELDEPLOYMENT", "REASON"].map(String::from));
+    }
     for s in &report.services {
         rows.push(vec![
             s.address.clone(),
@@ -131,6 +157,10 @@ pub fn render(report: &Report) -> String {
             s.bypassed.to_string(),
             s.generation.to_string(),
         ]);
+        if cluster && let Some(row) = rows.last_mut() {
+            row.push(s.model_deployment.clone().unwrap_or_else(|| "-".into()));
+            row.push(s.reason.clone().unwrap_or_else(|| "-".into()));
+        }
     }
     let mut out = table(&rows);
     if report.services.is_empty() {
@@ -167,6 +197,12 @@ pub fn render(report: &Report) -> String {
         ]);
     }
     out.push_str(&table(&programs));
+    if let Some(node) = &report.node {
+        out.push_str(&format!("\nnode: {node}\n"));
+    }
+    for p in &report.problems {
+        out.push_str(&format!("not applied: {p}\n"));
+    }
     out
 }
 

@@ -2,6 +2,8 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use beamlit_agent::{
+    apply::Applier,
+    cluster::{Cluster, ClusterConfig, desired::TunnelAddresses},
     dataplane::{self, Dataplane, DataplaneConfig, EbpfLogLevel},
     inspect, routes,
     standalone::{self, Standalone},
@@ -23,6 +25,15 @@ struct Cli {
     /// bpffs directory holding the agent's pinned maps and links.
     #[arg(long, global = true, env = "BEAMLIT_BPFFS_DIR", default_value = dataplane::DEFAULT_BPFFS_DIR)]
     bpffs: PathBuf,
+    /// Directory where a cluster-mode agent records why each service is redirected (the
+    /// ModelDeployment and reason `inspect` shows).
+    #[arg(
+        long,
+        global = true,
+        env = "BEAMLIT_STATE_DIR",
+        default_value = "/run/beamlit-agent"
+    )]
+    state_dir: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -30,7 +41,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load and attach the eBPF programs (adopting pinned ones without a gap), then keep the maps
-    /// in line with the routes file until stopped. Stopping leaves redirection in place.
+    /// in line with the ModelDeployments of the cluster (cluster mode, the default) or with a
+    /// routes file (--routes, standalone mode) until stopped. Stopping leaves redirection in
+    /// place.
     Run(RunArgs),
     /// Validate a routes file and print the routes it describes; changes nothing.
     Check {
@@ -52,9 +65,31 @@ enum Command {
 #[derive(clap::Args)]
 struct RunArgs {
     /// Standalone mode: YAML file listing Service addresses, offload percentages and tunnels
-    /// (see README, "Standalone mode"). Edits are applied without a restart.
+    /// (see README, "Standalone mode"). Edits are applied without a restart. Without it the agent
+    /// runs in cluster mode (in-cluster service account, or KUBECONFIG).
     #[arg(long)]
-    routes: PathBuf,
+    routes: Option<PathBuf>,
+    /// Cluster mode: this node's name (the downward API's spec.nodeName); the agent acknowledges
+    /// what it applied on the Lease `beamlit-agent-<node>`.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Cluster mode: namespace of the agents' Leases (the controller reads them there).
+    #[arg(long, env = "POD_NAMESPACE", default_value = beamlit_api::acknowledgement::DEFAULT_AGENT_NAMESPACE)]
+    namespace: String,
+    /// Cluster mode: the tunnel's IPv4 address on this node, reachable from its pods
+    /// (typically the node IP, status.hostIP, and a free port), e.g. 10.0.0.5:15001.
+    #[arg(long)]
+    tunnel_ipv4: Option<std::net::SocketAddr>,
+    /// Cluster mode: the tunnel's IPv6 address on this node, for IPv6 Service addresses.
+    #[arg(long)]
+    tunnel_ipv6: Option<std::net::SocketAddr>,
+    /// Cluster mode: CA bundle (PEM) the tunnel trusts besides the system roots, for private
+    /// remote backends.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Validate the arguments (and the routes file) and exit without touching the kernel.
+    #[arg(long)]
+    check_config: bool,
     /// cgroup v2 directory to attach to; every process in it or below it is affected.
     /// Default: the cgroup v2 root (from /proc/mounts), i.e. the whole node.
     #[arg(long)]
@@ -109,7 +144,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Run(args) => run(&cli.bpffs, args),
+        Command::Run(args) => run(&cli.bpffs, &cli.state_dir, args),
         Command::Check { routes } => {
             let parsed = routes::load(&routes)?;
             println!(
@@ -139,7 +174,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Inspect { json } => {
-            let report = inspect::report(&cli.bpffs)?;
+            let report = inspect::report(&cli.bpffs, &cli.state_dir)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -160,14 +195,71 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn run(bpffs: &std::path::Path, args: RunArgs) -> anyhow::Result<()> {
+/// What `run` will do, decided (and validated) before anything touches the kernel.
+enum Mode {
+    Standalone(PathBuf),
+    Cluster(ClusterConfig),
+}
+
+fn mode(args: &RunArgs, state_dir: &std::path::Path) -> anyhow::Result<Mode> {
+    if let Some(path) = &args.routes {
+        // Validate before touching the kernel: a bad file must not change anything.
+        routes::load(path)
+            .context("not starting; the routes already in the maps (if any) stay in force")?;
+        return Ok(Mode::Standalone(path.clone()));
+    }
+    let node_name = args
+        .node_name
+        .clone()
+        .filter(|n| !n.trim().is_empty())
+        .context(
+            "cluster mode needs --node-name (or NODE_NAME, from the downward API's spec.nodeName); \
+         for standalone mode give --routes FILE",
+        )?;
+    let tunnels = TunnelAddresses {
+        ipv4: args.tunnel_ipv4,
+        ipv6: args.tunnel_ipv6,
+    };
+    if tunnels.ipv4.is_none() && tunnels.ipv6.is_none() {
+        anyhow::bail!(
+            "cluster mode needs --tunnel-ipv4 (and/or --tunnel-ipv6): the address on this node \
+             where pods' redirected connections arrive, e.g. --tunnel-ipv4 $(HOST_IP):15001"
+        );
+    }
+    if tunnels.ipv4.is_some_and(|a| !a.is_ipv4()) {
+        anyhow::bail!(
+            "--tunnel-ipv4: {} is not an IPv4 address",
+            args.tunnel_ipv4.map_or_else(String::new, |a| a.to_string())
+        );
+    }
+    if tunnels.ipv6.is_some_and(|a| !a.is_ipv6()) {
+        anyhow::bail!(
+            "--tunnel-ipv6: {} is not an IPv6 address",
+            args.tunnel_ipv6.map_or_else(String::new, |a| a.to_string())
+        );
+    }
+    if let Some(ca) = &args.ca_file {
+        std::fs::metadata(ca).with_context(|| format!("--ca-file {}", ca.display()))?;
+    }
+    Ok(Mode::Cluster(ClusterConfig {
+        node_name,
+        namespace: args.namespace.clone(),
+        tunnels,
+        extra_ca_file: args.ca_file.clone(),
+        state_dir: state_dir.to_path_buf(),
+    }))
+}
+
+fn run(bpffs: &std::path::Path, state_dir: &std::path::Path, args: RunArgs) -> anyhow::Result<()> {
+    let mode = mode(&args, state_dir)?;
+    if args.check_config {
+        println!("configuration valid");
+        return Ok(());
+    }
     let cgroup = match args.cgroup {
         Some(c) => c,
         None => dataplane::cgroup2_root().context("finding the cgroup v2 root")?,
     };
-    // Validate before touching the kernel: a bad file must not change anything.
-    routes::load(&args.routes)
-        .context("not starting; the routes already in the maps (if any) stay in force")?;
     let config = DataplaneConfig {
         bpffs_dir: bpffs.to_path_buf(),
         cgroup: cgroup.clone(),
@@ -177,9 +269,7 @@ fn run(bpffs: &std::path::Path, args: RunArgs) -> anyhow::Result<()> {
     let mut dp = Dataplane::start(&config).context("starting the data plane")?;
     info!(cgroup = %cgroup.display(), bpffs = %bpffs.display(), "data plane ready");
     let metrics = std::sync::Arc::new(Metrics::new());
-    let mut standalone = Standalone::new(
-        args.routes,
-        Duration::from_millis(args.reload_interval_ms.max(10)),
+    let applier = Applier::new(
         args.tunnel_netns,
         bpffs.to_path_buf(),
         metrics.clone(),
@@ -198,7 +288,22 @@ fn run(bpffs: &std::path::Path, args: RunArgs) -> anyhow::Result<()> {
                     }
                 });
             }
-            let text = standalone.apply_file(&mut dp).await?;
-            standalone.run(&mut dp, text).await
+            match mode {
+                Mode::Standalone(routes) => {
+                    let mut standalone = Standalone::new(
+                        routes,
+                        Duration::from_millis(args.reload_interval_ms.max(10)),
+                        applier,
+                    );
+                    let text = standalone.apply_file(&mut dp).await?;
+                    standalone.run(&mut dp, text).await
+                }
+                Mode::Cluster(config) => {
+                    let client = kube::Client::try_default().await.context(
+                        "connecting to the Kubernetes API (in-cluster service account or KUBECONFIG)",
+                    )?;
+                    Cluster::new(config, client, applier).run(&mut dp).await
+                }
+            }
         })
 }

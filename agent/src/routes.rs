@@ -305,7 +305,7 @@ fn remote_backend(spec: &RemoteSpec) -> Result<RemoteBackend, (String, String)> 
         SchemeSpec::Http => Scheme::Http,
         SchemeSpec::Https => Scheme::Https,
     };
-    let (host, port) = split_host_port(&spec.host, scheme.default_port()).ok_or_else(|| {
+    let (host, port) = backend::split_host_port(&spec.host, scheme.default_port()).ok_or_else(|| {
         (
             "host".to_string(),
             format!(
@@ -411,33 +411,6 @@ fn remote_backend(spec: &RemoteSpec) -> Result<RemoteBackend, (String, String)> 
     })
 }
 
-/// `host`, `host:port`, `[v6]`, `[v6]:port`, or a bare IPv6 literal.
-fn split_host_port(text: &str, default_port: u16) -> Option<(String, u16)> {
-    let text = text.trim();
-    if let Some(rest) = text.strip_prefix('[') {
-        let (host, after) = rest.split_once(']')?;
-        host.parse::<std::net::Ipv6Addr>().ok()?;
-        let port = match after.strip_prefix(':') {
-            Some(p) => p.parse().ok().filter(|p| *p != 0)?,
-            None if after.is_empty() => default_port,
-            None => return None,
-        };
-        return Some((host.to_string(), port));
-    }
-    if text.parse::<std::net::Ipv6Addr>().is_ok() {
-        return Some((text.to_string(), default_port));
-    }
-    let (host, port) = match text.rsplit_once(':') {
-        Some((h, p)) => (h, p.parse().ok().filter(|p| *p != 0)?),
-        None => (text, default_port),
-    };
-    let valid = !host.is_empty()
-        && host
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
-    valid.then(|| (host.to_string(), port))
-}
-
 pub fn load(path: &Path) -> Result<RouteSet, RoutesError> {
     let label = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| RoutesError::Read {
@@ -516,7 +489,7 @@ services:
             ("", None),
         ] {
             assert_eq!(
-                split_host_port(text, 443),
+                backend::split_host_port(text, 443),
                 expected.map(|(h, p)| (h.to_string(), p)),
                 "{text}"
             );

@@ -309,7 +309,7 @@ pub struct EffectiveOAuth {
     pub client_secret_in_spec: bool,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NamespacedSecretKeyRef {
     pub namespace: String,

@@ -2,12 +2,8 @@
 //! Service's addresses and port, and how many endpoints are ready. Pure functions, so the rules
 //! (named ports, headless Services, several address families, the EndpointSlice ready
 //! semantics) are tested without a cluster.
-use std::collections::BTreeSet;
 
-use k8s_openapi::{
-    api::{core::v1::Service, discovery::v1::EndpointSlice},
-    apimachinery::pkg::util::intstr::IntOrString,
-};
+use k8s_openapi::{api::core::v1::Service, apimachinery::pkg::util::intstr::IntOrString};
 
 use beamlit_api::{ResolvedService, ServiceRef};
 
@@ -130,29 +126,14 @@ pub fn resolve_service(
     })
 }
 
-/// Ready endpoints of the Service across its EndpointSlices (every family), counted once per
-/// address. Per the EndpointSlice API, a missing `ready` condition means ready; terminating
-/// endpoints are not ready for new connections.
-pub fn ready_endpoints(slices: &[EndpointSlice]) -> u32 {
-    let mut ready = BTreeSet::new();
-    for slice in slices {
-        for endpoint in slice.endpoints.iter().flatten() {
-            let conditions = endpoint.conditions.clone().unwrap_or_default();
-            if conditions.ready.unwrap_or(true) && !conditions.terminating.unwrap_or(false) {
-                for address in &endpoint.addresses {
-                    ready.insert(address.clone());
-                }
-            }
-        }
-    }
-    u32::try_from(ready.len()).unwrap_or(u32::MAX)
-}
+/// Shared with the agents, which fail over on their own when it reaches zero.
+pub use beamlit_api::endpoints::ready_endpoints;
 
 #[cfg(test)]
 mod tests {
     use k8s_openapi::api::{
         core::v1::{ServicePort, ServiceSpec},
-        discovery::v1::{Endpoint, EndpointConditions},
+        discovery::v1::{Endpoint, EndpointConditions, EndpointSlice},
     };
 
     use super::*;

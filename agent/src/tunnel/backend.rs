@@ -116,15 +116,48 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// `$workspace` and `$model` in a path prefix, as the earlier product did.
 pub fn substitute_path_prefix(prefix: &str, workspace: &str, model: &str) -> String {
-    let substituted = prefix
-        .replace("$workspace", workspace)
-        .replace("$model", model);
-    let trimmed = substituted.trim_end_matches('/');
+    normalize_path_prefix(
+        &prefix
+            .replace("$workspace", workspace)
+            .replace("$model", model),
+    )
+}
+
+/// A path prefix as the tunnel prepends it: a leading slash, no trailing one ("" for none).
+pub fn normalize_path_prefix(prefix: &str) -> String {
+    let trimmed = prefix.trim_end_matches('/');
     if trimmed.is_empty() || trimmed.starts_with('/') {
         trimmed.to_string()
     } else {
         format!("/{trimmed}")
     }
+}
+
+/// `host`, `host:port`, `[v6]`, `[v6]:port`, or a bare IPv6 literal.
+pub fn split_host_port(text: &str, default_port: u16) -> Option<(String, u16)> {
+    let text = text.trim();
+    if let Some(rest) = text.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        host.parse::<std::net::Ipv6Addr>().ok()?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse().ok().filter(|p| *p != 0)?,
+            None if after.is_empty() => default_port,
+            None => return None,
+        };
+        return Some((host.to_string(), port));
+    }
+    if text.parse::<std::net::Ipv6Addr>().is_ok() {
+        return Some((text.to_string(), default_port));
+    }
+    let (host, port) = match text.rsplit_once(':') {
+        Some((h, p)) => (h, p.parse().ok().filter(|p| *p != 0)?),
+        None => (text, default_port),
+    };
+    let valid = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
+    valid.then(|| (host.to_string(), port))
 }
 
 /// The CA bundle to trust in addition to the system roots.

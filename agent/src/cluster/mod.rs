@@ -1,0 +1,332 @@
+//! Cluster mode: the maps and the tunnel follow the ModelDeployments (the controller's decision
+//! in their status) and the EndpointSlices of their Services, and this node acknowledges what it
+//! applied on its Lease.
+//!
+//! - Watches feed caches; any change re-computes the whole desired state ([`desired`], pure)
+//!   and applies the difference. Nothing is applied before both caches have listed once, so a
+//!   restarted agent adopts its pinned maps and changes only what changed meanwhile.
+//! - The API server unreachable: the watches retry with backoff and the caches keep their last
+//!   state, so the maps do too. When the watches re-list, the caches are replaced and the next
+//!   apply brings the maps up to date.
+//! - A ModelDeployment deleted leaves the cache, so its entries leave the maps.
+pub mod ack;
+pub mod desired;
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use beamlit_api::{ModelDeployment, NamespacedSecretKeyRef, endpoints::SERVICE_NAME_LABEL};
+use futures::StreamExt as _;
+use k8s_openapi::api::{core::v1::Secret as KubeSecret, discovery::v1::EndpointSlice};
+use kube::{
+    Api, Client,
+    runtime::{
+        WatchStreamExt as _,
+        reflector::{self, Store},
+        watcher::{self, Event},
+    },
+};
+use serde::{Deserialize, Serialize};
+use tracing::{error, info, warn};
+
+use crate::{apply::Applier, dataplane::Dataplane, tunnel::backend::Secret};
+use desired::{Origin, SecretValues, TunnelAddresses};
+
+/// Bounds each call the loop makes to the API server, so an unreachable one never stalls the
+/// loop (signals, renewals, the next change).
+const API_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct ClusterConfig {
+    /// This node's name: the agent's Lease is `beamlit-agent-<node>`.
+    pub node_name: String,
+    /// Namespace of the agents' Leases.
+    pub namespace: String,
+    pub tunnels: TunnelAddresses,
+    /// CA bundle trusted by the tunnel in addition to the system roots.
+    pub extra_ca_file: Option<PathBuf>,
+    /// Where the agent writes what `inspect` shows beside the maps.
+    pub state_dir: PathBuf,
+}
+
+/// What `inspect` reads: why each service address is redirected as it is.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeState {
+    pub node: String,
+    pub services: Vec<Origin>,
+    /// ModelDeployments not applied on this node, and why.
+    pub problems: Vec<String>,
+}
+
+pub const STATE_FILE: &str = "services.json";
+
+/// Reads what a cluster-mode agent last wrote into `state_dir` (`None` when there is nothing,
+/// e.g. in standalone mode).
+pub fn read_state(state_dir: &std::path::Path) -> Option<NodeState> {
+    let text = std::fs::read_to_string(state_dir.join(STATE_FILE)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+struct Secrets {
+    values: SecretValues,
+    read_at: HashMap<NamespacedSecretKeyRef, Instant>,
+}
+
+impl Secrets {
+    /// Reads the referenced Secrets not read yet (`all`: also those read over
+    /// [`desired::SECRET_REFRESH`] ago). A Secret that cannot be read keeps its last value.
+    async fn refresh(&mut self, client: &Client, refs: &[NamespacedSecretKeyRef], all: bool) {
+        for reference in refs {
+            let fresh = self
+                .read_at
+                .get(reference)
+                .is_some_and(|t| !all || t.elapsed() < desired::SECRET_REFRESH);
+            if fresh {
+                continue;
+            }
+            let api: Api<KubeSecret> = Api::namespaced(client.clone(), &reference.namespace);
+            let read = tokio::time::timeout(API_CALL_TIMEOUT, api.get_opt(&reference.name)).await;
+            let value = match read {
+                Ok(Ok(Some(secret))) => secret
+                    .data
+                    .and_then(|d| d.get(&reference.key).cloned())
+                    .and_then(|bytes| String::from_utf8(bytes.0).ok()),
+                Ok(Ok(None)) => None,
+                Ok(Err(e)) => {
+                    warn!(secret = %format!("{}/{}", reference.namespace, reference.name), "reading a client secret: {e}");
+                    continue;
+                }
+                Err(_) => {
+                    warn!(secret = %format!("{}/{}", reference.namespace, reference.name), "reading a client secret timed out");
+                    continue;
+                }
+            };
+            self.read_at.insert(reference.clone(), Instant::now());
+            match value {
+                Some(v) => {
+                    self.values
+                        .insert(reference.clone(), Secret::new(v.trim_end().to_string()));
+                }
+                None => {
+                    self.values.remove(reference);
+                }
+            }
+        }
+        self.values.retain(|k, _| refs.contains(k));
+        self.read_at.retain(|k, _| refs.contains(k));
+    }
+}
+
+/// A watch that keeps `writer`'s cache and pokes `changed` on every change after the first list.
+fn watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    writer: reflector::store::Writer<K>,
+    changed: Arc<tokio::sync::Notify>,
+    what: &'static str,
+) -> impl std::future::Future<Output = ()> + Send + 'static
+where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let stream = watcher::watcher(api, config)
+        .default_backoff()
+        .reflect(writer);
+    async move {
+        let mut failing = false;
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(Event::Init | Event::InitApply(_)) => {}
+                Ok(event) => {
+                    if failing {
+                        info!("{what}: watching again");
+                        failing = false;
+                    }
+                    // Apply, Delete, or InitDone (the cache was just replaced by a fresh list).
+                    let _ = event;
+                    changed.notify_one();
+                }
+                Err(e) => {
+                    if !failing {
+                        warn!(
+                            "{what}: {e}; the maps keep their last state while the watch retries"
+                        );
+                    }
+                    failing = true;
+                }
+            }
+        }
+    }
+}
+
+pub struct Cluster {
+    config: ClusterConfig,
+    client: Client,
+    applier: Applier,
+    secrets: Secrets,
+    lease: ack::LeaseWriter,
+    /// Problems last reported, so each is logged once, not on every change.
+    reported: BTreeSet<String>,
+}
+
+impl Cluster {
+    pub fn new(config: ClusterConfig, client: Client, applier: Applier) -> Self {
+        let lease = ack::LeaseWriter::new(client.clone(), &config.namespace, &config.node_name);
+        Self {
+            config,
+            client,
+            applier,
+            secrets: Secrets {
+                values: SecretValues::new(),
+                read_at: HashMap::new(),
+            },
+            lease,
+            reported: BTreeSet::new(),
+        }
+    }
+
+    /// Runs until SIGINT/SIGTERM. Stopping leaves the maps as they are (the tunnel's services
+    /// fail open first).
+    pub async fn run(&mut self, dataplane: &mut Dataplane) -> anyhow::Result<()> {
+        let mut sigterm =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let (models, models_writer) = reflector::store::<ModelDeployment>();
+        let (slices, slices_writer) = reflector::store::<EndpointSlice>();
+        let watches = [
+            tokio::spawn(watch(
+                Api::<ModelDeployment>::all(self.client.clone()),
+                watcher::Config::default(),
+                models_writer,
+                changed.clone(),
+                "ModelDeployments",
+            )),
+            tokio::spawn(watch(
+                Api::<EndpointSlice>::all(self.client.clone()),
+                watcher::Config::default().labels(SERVICE_NAME_LABEL),
+                slices_writer,
+                changed.clone(),
+                "EndpointSlices",
+            )),
+        ];
+        info!(node = %self.config.node_name, "cluster mode: waiting for the first list of ModelDeployments and EndpointSlices");
+        let listed = async {
+            let _ = models.wait_until_ready().await;
+            let _ = slices.wait_until_ready().await;
+        };
+        tokio::select! {
+            () = listed => {}
+            _ = tokio::signal::ctrl_c() => return self.stop(dataplane, &watches).await,
+            _ = sigterm.recv() => return self.stop(dataplane, &watches).await,
+        }
+        info!("listed; applying");
+        let mut tick = tokio::time::interval(ack::RENEW_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let renew = tokio::select! {
+                () = changed.notified() => false,
+                _ = tick.tick() => true,
+                _ = tokio::signal::ctrl_c() => break,
+                _ = sigterm.recv() => break,
+            };
+            dataplane.flush_logs();
+            self.sync(dataplane, &models, &slices, renew).await;
+        }
+        self.stop(dataplane, &watches).await
+    }
+
+    async fn stop(
+        &mut self,
+        dataplane: &mut Dataplane,
+        watches: &[tokio::task::JoinHandle<()>],
+    ) -> anyhow::Result<()> {
+        for w in watches {
+            w.abort();
+        }
+        self.applier.stop_tunnel(dataplane).await;
+        info!(
+            "exiting; the programs stay attached and the maps pinned, so redirection continues \
+             (`beamlit-agent cleanup` removes them)"
+        );
+        Ok(())
+    }
+
+    /// One pass: desired state from the caches, applied, written down, acknowledged.
+    async fn sync(
+        &mut self,
+        dataplane: &mut Dataplane,
+        models: &Store<ModelDeployment>,
+        slices: &Store<EndpointSlice>,
+        periodic: bool,
+    ) {
+        let models: Vec<ModelDeployment> = models.state().iter().map(|m| (**m).clone()).collect();
+        let refs = desired::secret_refs(&models);
+        self.secrets.refresh(&self.client, &refs, periodic).await;
+        let ready = desired::ready_endpoints_by_service(&slices.state());
+        let mut d = desired::desired(&models, &ready, &self.config.tunnels, &self.secrets.values);
+        let problems: BTreeSet<String> = d.problems.iter().cloned().collect();
+        for p in problems.difference(&self.reported) {
+            warn!("{p}");
+        }
+        self.reported = problems;
+        d.set.extra_ca_file = self.config.extra_ca_file.clone();
+        match self.applier.apply(dataplane, d.set).await {
+            Ok(applied) => {
+                if applied.updated + applied.removed > 0 {
+                    info!(
+                        services = applied.services,
+                        updated = applied.updated,
+                        removed = applied.removed,
+                        "maps updated"
+                    );
+                }
+            }
+            Err(e) => {
+                error!(
+                    "applying the ModelDeployments' decisions: {e:#}; the maps keep their last state"
+                );
+                return;
+            }
+        }
+        self.write_state(d.origins, d.problems);
+        if periodic || self.lease.is_news(&d.applied) {
+            match tokio::time::timeout(API_CALL_TIMEOUT, self.lease.publish(&d.applied)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    warn!("acknowledging on the node's Lease: {e}; retrying at the next renewal")
+                }
+                Err(_) => warn!(
+                    "acknowledging on the node's Lease timed out; retrying at the next renewal"
+                ),
+            }
+        }
+    }
+
+    fn write_state(&self, services: Vec<Origin>, problems: Vec<String>) {
+        let state = NodeState {
+            node: self.config.node_name.clone(),
+            services,
+            problems,
+        };
+        let dir = &self.config.state_dir;
+        let result = std::fs::create_dir_all(dir).and_then(|()| {
+            let tmp = dir.join(format!(".{STATE_FILE}.tmp"));
+            std::fs::write(&tmp, serde_json::to_vec_pretty(&state).unwrap_or_default())?;
+            std::fs::rename(&tmp, dir.join(STATE_FILE))
+        });
+        if let Err(e) = result {
+            warn!(dir = %dir.display(), "writing the state `inspect` reads: {e}");
+        }
+    }
+}
