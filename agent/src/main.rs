@@ -44,7 +44,7 @@ enum Command {
     /// in line with the ModelDeployments of the cluster (cluster mode, the default) or with a
     /// routes file (--routes, standalone mode) until stopped. Stopping leaves redirection in
     /// place.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Validate a routes file and print the routes it describes; changes nothing.
     Check {
         /// Routes file (YAML) to validate.
@@ -144,7 +144,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Run(args) => run(&cli.bpffs, &cli.state_dir, args),
+        Command::Run(args) => run(&cli.bpffs, &cli.state_dir, *args),
         Command::Check { routes } => {
             let parsed = routes::load(&routes)?;
             println!(
