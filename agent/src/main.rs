@@ -76,6 +76,10 @@ struct RunArgs {
     /// Cluster mode: namespace of the agents' Leases (the controller reads them there).
     #[arg(long, env = "POD_NAMESPACE", default_value = beamlit_api::acknowledgement::DEFAULT_AGENT_NAMESPACE)]
     namespace: String,
+    /// Cluster mode: apply only the ModelDeployments of these namespaces (comma-separated)
+    /// [default: all].
+    #[arg(long, value_delimiter = ',')]
+    model_namespaces: Vec<String>,
     /// Cluster mode: the tunnel's IPv4 address on this node, reachable from its pods
     /// (typically the node IP, status.hostIP, and a free port), e.g. 10.0.0.5:15001.
     #[arg(long)]
@@ -244,6 +248,7 @@ fn mode(args: &RunArgs, state_dir: &std::path::Path) -> anyhow::Result<Mode> {
     Ok(Mode::Cluster(ClusterConfig {
         node_name,
         namespace: args.namespace.clone(),
+        model_namespaces: args.model_namespaces.clone(),
         tunnels,
         extra_ca_file: args.ca_file.clone(),
         state_dir: state_dir.to_path_buf(),

@@ -23,6 +23,8 @@ pub struct AgentFixture {
     workdir: PathBuf,
     extra_args: Vec<String>,
     starts: u32,
+    /// `Some(kubeconfig)`: cluster mode (no routes file).
+    kubeconfig: Option<PathBuf>,
 }
 
 impl AgentFixture {
@@ -39,10 +41,43 @@ impl AgentFixture {
             workdir,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             starts: 0,
+            kubeconfig: None,
         };
         agent.write_routes(routes_yaml)?;
         agent.spawn()?;
         Ok(agent)
+    }
+
+    /// Starts a cluster-mode agent for node `node` (attached to `cgroup`, the node's pods),
+    /// talking to the API server of `kubeconfig`, and waits until it has listed the cluster.
+    /// `extra_args` carry at least the tunnel address (`--tunnel-ipv4 ...`).
+    pub fn start_cluster(
+        cgroup: &Path,
+        kubeconfig: &Path,
+        node: &str,
+        extra_args: &[&str],
+    ) -> Result<Self> {
+        let name = naming::unique_name("beamlit-test-", "agent");
+        let workdir = std::env::temp_dir().join(&name);
+        fs::create_dir_all(&workdir).with_context(|| format!("creating {}", workdir.display()))?;
+        let mut args = vec!["--node-name".to_string(), node.to_string()];
+        args.extend(extra_args.iter().map(|s| s.to_string()));
+        let mut agent = Self {
+            child: None,
+            bpffs: PathBuf::from("/sys/fs/bpf").join(&name),
+            cgroup: cgroup.to_path_buf(),
+            workdir,
+            extra_args: args,
+            starts: 0,
+            kubeconfig: Some(kubeconfig.to_path_buf()),
+        };
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    /// Where a cluster-mode agent writes what `inspect` shows beside the maps.
+    pub fn state_dir(&self) -> PathBuf {
+        self.workdir.join("state")
     }
 
     pub fn routes_path(&self) -> PathBuf {
@@ -76,10 +111,18 @@ impl AgentFixture {
         let mut cmd = Command::new(agent_bin());
         cmd.arg("--bpffs")
             .arg(&self.bpffs)
-            .arg("run")
-            .arg("--routes")
-            .arg(self.routes_path())
-            .arg("--cgroup")
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("run");
+        match &self.kubeconfig {
+            Some(kubeconfig) => {
+                cmd.env("KUBECONFIG", kubeconfig);
+            }
+            None => {
+                cmd.arg("--routes").arg(self.routes_path());
+            }
+        }
+        cmd.arg("--cgroup")
             .arg(&self.cgroup)
             .args(&self.extra_args)
             .env("NO_COLOR", "1")
@@ -89,7 +132,12 @@ impl AgentFixture {
             .stderr(log);
         // The agent itself stays outside the test cgroup: it only loads programs.
         self.child = Some(spawn(cmd, None)?);
-        self.wait_log("routes applied", Duration::from_secs(20))
+        let ready = if self.kubeconfig.is_some() {
+            "listed; applying"
+        } else {
+            "routes applied"
+        };
+        self.wait_log(ready, Duration::from_secs(20))
     }
 
     /// Waits until the current run's log contains `needle`; fails early if the agent exits.
@@ -166,6 +214,8 @@ impl AgentFixture {
         let out = Command::new(agent_bin())
             .arg("--bpffs")
             .arg(&self.bpffs)
+            .arg("--state-dir")
+            .arg(self.state_dir())
             .args(["inspect", "--json"])
             .output()?;
         if !out.status.success() {

@@ -42,6 +42,7 @@ mod netns;
 mod privileges;
 mod probe;
 mod process;
+pub mod seed;
 mod tempdir;
 pub mod tls;
 mod topology;

@@ -45,6 +45,8 @@ pub struct ClusterConfig {
     pub node_name: String,
     /// Namespace of the agents' Leases.
     pub namespace: String,
+    /// Only ModelDeployments of these namespaces are applied; empty means all.
+    pub model_namespaces: Vec<String>,
     pub tunnels: TunnelAddresses,
     /// CA bundle trusted by the tunnel in addition to the system roots.
     pub extra_ca_file: Option<PathBuf>,
@@ -206,7 +208,10 @@ impl Cluster {
         let (slices, slices_writer) = reflector::store::<EndpointSlice>();
         let watches = [
             tokio::spawn(watch(
-                Api::<ModelDeployment>::all(self.client.clone()),
+                match self.config.model_namespaces.as_slice() {
+                    [one] => Api::<ModelDeployment>::namespaced(self.client.clone(), one),
+                    _ => Api::<ModelDeployment>::all(self.client.clone()),
+                },
                 watcher::Config::default(),
                 models_writer,
                 changed.clone(),
@@ -270,7 +275,19 @@ impl Cluster {
         slices: &Store<EndpointSlice>,
         periodic: bool,
     ) {
-        let models: Vec<ModelDeployment> = models.state().iter().map(|m| (**m).clone()).collect();
+        let scope = &self.config.model_namespaces;
+        let models: Vec<ModelDeployment> = models
+            .state()
+            .iter()
+            .filter(|m| {
+                scope.is_empty()
+                    || m.metadata
+                        .namespace
+                        .as_ref()
+                        .is_some_and(|n| scope.contains(n))
+            })
+            .map(|m| (**m).clone())
+            .collect();
         let refs = desired::secret_refs(&models);
         self.secrets.refresh(&self.client, &refs, periodic).await;
         let ready = desired::ready_endpoints_by_service(&slices.state());

@@ -72,6 +72,8 @@ pub struct ControlPlane {
     binaries: KubeBinaries,
     procs: Vec<(String, Proc)>,
     detached: bool,
+    /// kube-apiserver's arguments, to start it again after [`Self::stop_apiserver`].
+    apiserver_args: Vec<std::ffi::OsString>,
 }
 
 impl ControlPlane {
@@ -106,6 +108,7 @@ impl ControlPlane {
             binaries,
             procs: Vec::new(),
             detached: opts.detached,
+            apiserver_args: Vec::new(),
         };
 
         let etcd_url = format!("http://127.0.0.1:{etcd_client}");
@@ -153,6 +156,7 @@ impl ControlPlane {
             .arg("--endpoint-reconciler-type=none")
             .arg("--allow-privileged=true")
             .arg("--profiling=false");
+        cp.apiserver_args = api.get_args().map(ToOwned::to_owned).collect();
         cp.launch("kube-apiserver", api, &logs)?;
         cp.wait_ready("kube-apiserver", READY_TIMEOUT)?;
 
@@ -196,6 +200,34 @@ impl ControlPlane {
         let mut cmd = Command::new(self.binaries.kubectl());
         cmd.arg(format!("--kubeconfig={}", self.kubeconfig.display()));
         cmd
+    }
+
+    /// Stops kube-apiserver (SIGTERM, then SIGKILL), as an outage would; etcd keeps the state.
+    pub fn stop_apiserver(&mut self) {
+        if let Some(i) = self.procs.iter().position(|(n, _)| n == "kube-apiserver") {
+            let (name, p) = self.procs.remove(i);
+            match p {
+                Proc::Tied(mut g) => terminate_guard(&mut g, &name),
+                Proc::Detached(mut c) => {
+                    terminate_pid(c.id(), &name);
+                    let _ = c.wait();
+                }
+            }
+        }
+    }
+
+    /// Starts kube-apiserver again with its first arguments (same port, PKI and etcd) and
+    /// waits until it is ready.
+    pub fn start_apiserver(&mut self) -> Result<()> {
+        if self.procs.iter().any(|(n, _)| n == "kube-apiserver") {
+            bail!("kube-apiserver is already running");
+        }
+        let mut api = Command::new(self.binaries.kube_apiserver());
+        api.args(&self.apiserver_args);
+        let logs = self.dir.join("logs");
+        // Its log starts over (the outage is visible in the clients, not here).
+        self.launch("kube-apiserver", api, &logs)?;
+        self.wait_ready("kube-apiserver", READY_TIMEOUT)
     }
 
     /// The last lines of a component's log, for error messages.

@@ -299,7 +299,8 @@ impl TestCluster {
     pub fn shared() -> Result<&'static TestCluster> {
         static SHARED: OnceLock<std::result::Result<TestCluster, String>> = OnceLock::new();
         let r = SHARED.get_or_init(|| {
-            let r = Self::start().map_err(|e| format!("{e:#}"));
+            // Two nodes, so agent tests can run one agent per node.
+            let r = Self::start_with_nodes(2).map_err(|e| format!("{e:#}"));
             if r.is_ok() {
                 extern "C" fn teardown() {
                     if let Some(Ok(c)) = SHARED.get() {
@@ -326,6 +327,30 @@ impl TestCluster {
             p.runtime.shutdown_timeout(Duration::from_secs(2));
             p.control_plane.stop();
             drop(p.dir);
+        }
+    }
+
+    /// Stops the API server (an outage); [`Self::start_apiserver`] brings it back.
+    pub fn stop_apiserver(&self) {
+        if let Some(p) = self
+            .parts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            p.control_plane.stop_apiserver();
+        }
+    }
+
+    pub fn start_apiserver(&self) -> Result<()> {
+        match self
+            .parts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            Some(p) => p.control_plane.start_apiserver(),
+            None => bail!("the cluster is shut down"),
         }
     }
 
@@ -486,6 +511,19 @@ impl TestCluster {
     /// The running pod `namespace/name` (its network namespace and address).
     pub fn pod(&self, namespace: &str, name: &str) -> Option<Pod> {
         self.state.pod(namespace, name)
+    }
+
+    /// A namespace on the cluster network that no Kubernetes object knows about (the fake
+    /// Beamlit, say: a remote service outside the cluster). Named `<hint>-<pid>-<n>`; removed
+    /// with the cluster.
+    pub fn add_unmanaged_pod(&self, hint: &str) -> Result<Pod> {
+        let name = format!(
+            "{}-{}-{}",
+            crate::naming::sanitize_hint(hint),
+            std::process::id(),
+            crate::naming::next_id()
+        );
+        self.state.with_topology(|t| t.add_pod(&name))
     }
 
     /// Creates a bare Pod `name` (a client, like the seed's `kubectl run

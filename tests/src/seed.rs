@@ -1,0 +1,272 @@
+//! The seed README's walkthrough as test steps (its php-apache and ModelDeployment, `kubectl
+//! scale`), the controller as a process, and a metric source the test controls (an exporter and
+//! Debian's Prometheus on loopback). Shared by the controller and agent tests and the benchmarks.
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+
+use crate::{ChildGuard, TestDir, cluster::TestCluster, controller_bin, spawn};
+
+pub const PHP_APACHE: &str = include_str!("../fixtures/php-apache.yaml");
+
+/// The seed README's ModelDeployment, pointed at the test's namespace instead of `default`.
+pub fn seed_model_deployment(namespace: &str) -> String {
+    include_str!("../fixtures/model-deployment.yaml")
+        .replace("namespace: default", &format!("namespace: {namespace}"))
+}
+
+/// `kubectl scale deployment php-apache --replicas=N`, as the seed README does.
+pub fn scale(cluster: &TestCluster, namespace: &str, replicas: u32) -> Result<()> {
+    let replicas = format!("--replicas={replicas}");
+    cluster.kubectl(&[
+        "scale",
+        "deployment",
+        "php-apache",
+        &replicas,
+        "-n",
+        namespace,
+    ])?;
+    Ok(())
+}
+
+/// The seed's php-apache (Ready) and its ModelDeployment, in `namespace`.
+pub fn deploy_seed(cluster: &TestCluster, namespace: &str) -> Result<()> {
+    cluster.apply(namespace, PHP_APACHE)?;
+    cluster.wait_deployment_ready(namespace, "php-apache", 1, Duration::from_secs(60))?;
+    cluster.apply(namespace, &seed_model_deployment(namespace))?;
+    Ok(())
+}
+
+pub struct ControllerProcess {
+    child: Option<ChildGuard>,
+    dir: TestDir,
+    kubeconfig: std::path::PathBuf,
+    extra_args: Vec<String>,
+    starts: u32,
+}
+
+impl ControllerProcess {
+    /// Without leader election, and handling only the test's namespace: tests run several
+    /// controllers at once, and two controllers deciding for one object would both write.
+    pub fn start(cluster: &TestCluster, namespace: &str) -> Result<Self> {
+        Self::start_with(
+            cluster,
+            &["--leader-election=false", "--namespaces", namespace],
+        )
+    }
+
+    pub fn start_with(cluster: &TestCluster, extra_args: &[&str]) -> Result<Self> {
+        let mut c = Self {
+            child: None,
+            dir: TestDir::new("controller")?,
+            kubeconfig: cluster.kubeconfig().to_path_buf(),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            starts: 0,
+        };
+        c.spawn()?;
+        Ok(c)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        self.starts += 1;
+        let log = std::fs::File::create(self.dir.join(format!("controller-{}.log", self.starts)))?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut cmd = Command::new(controller_bin());
+        cmd.args(["--resync-secs", "1", "--stabilization-window-secs", "5"])
+            .args(["--http-addr", &format!("127.0.0.1:{port}")])
+            .args(&self.extra_args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        self.child = Some(spawn(cmd, None)?);
+        Ok(())
+    }
+
+    pub fn restart(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+        }
+        self.spawn()
+    }
+
+    pub fn pid(&mut self) -> Option<u32> {
+        self.child.as_mut().map(|c| c.pid())
+    }
+
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+        }
+        Ok(())
+    }
+
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        while !self.log().contains(needle) {
+            if started.elapsed() > timeout {
+                bail!(
+                    "controller did not log {needle:?} within {timeout:?}:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(started.elapsed())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join(format!("controller-{}.log", self.starts)))
+            .unwrap_or_default()
+    }
+}
+
+pub fn status(cluster: &TestCluster, ns: &str, name: &str) -> Result<serde_json::Value> {
+    let out = cluster.kubectl(&["get", "modeldeployment", name, "-n", ns, "-o", "json"])?;
+    let md: serde_json::Value = serde_json::from_str(&out)?;
+    Ok(md["status"].clone())
+}
+
+/// Polls the status until `check` holds; returns how long it took.
+pub fn wait_status(
+    cluster: &TestCluster,
+    ns: &str,
+    name: &str,
+    timeout: Duration,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> Result<Duration> {
+    let started = Instant::now();
+    loop {
+        let s = status(cluster, ns, name)?;
+        if check(&s) {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > timeout {
+            bail!("status never showed {what} within {timeout:?}: {s}");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+pub fn condition(status: &serde_json::Value, type_: &str) -> serde_json::Value {
+    status["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == type_).cloned())
+        .unwrap_or_default()
+}
+
+pub fn events(cluster: &TestCluster, ns: &str) -> Result<String> {
+    cluster.kubectl(&[
+        "get",
+        "events",
+        "-n",
+        ns,
+        "-o",
+        "custom-columns=REASON:.reason,MESSAGE:.message",
+    ])
+}
+
+/// A metric the test controls, in Prometheus' text format on a loopback port.
+pub struct Exporter {
+    pub addr: std::net::SocketAddr,
+    value: std::sync::Arc<std::sync::Mutex<f64>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Exporter {
+    pub fn start(initial: f64) -> Result<Self> {
+        use std::io::{Read as _, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let value = std::sync::Arc::new(std::sync::Mutex::new(initial));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (v, st) = (value.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !st.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut conn, _)) => {
+                        let _ = conn.set_nonblocking(false);
+                        let mut buf = [0u8; 2048];
+                        let _ = conn.read(&mut buf);
+                        let current = v.lock().map(|g| *g).unwrap_or(f64::NAN);
+                        let body = format!(
+                            "# TYPE model_load gauge\nmodel_load{{model=\"php-apache\"}} {current}\n"
+                        );
+                        let _ = write!(
+                            conn,
+                            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n\
+                             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        Ok(Self { addr, value, stop })
+    }
+
+    pub fn set(&self, v: f64) {
+        if let Ok(mut g) = self.value.lock() {
+            *g = v;
+        }
+    }
+}
+
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Debian's Prometheus on loopback, scraping the exporter every second.
+pub fn start_prometheus(
+    dir: &TestDir,
+    target: std::net::SocketAddr,
+) -> Result<(ChildGuard, String)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nscrape_configs:\n  \
+             - job_name: model\n    static_configs: [{{targets: [\"{target}\"]}}]\n"
+        ),
+    )?;
+    let log = std::fs::File::create(dir.join("prometheus.log"))?;
+    let mut cmd = Command::new("prometheus");
+    cmd.arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let child = spawn(cmd, None)?;
+    let url = format!("http://127.0.0.1:{port}");
+    let started = Instant::now();
+    loop {
+        let ready = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+        if ready {
+            return Ok((child, url));
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            bail!(
+                "Prometheus did not start: {}",
+                std::fs::read_to_string(dir.join("prometheus.log"))?
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
