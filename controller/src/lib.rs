@@ -1,5 +1,6 @@
 //! The Beamlit offloading controller.
 //!
+//! - [`beamlit_api`]: the Beamlit API client (OAuth token, models, the `offloading` label);
 //! - [`config`]: the configuration file, refused with the bad key named;
 //! - [`crd`]: the `ModelDeployment` custom resource (`deployment.beamlit.com/v1alpha1`);
 //! - [`decision`]: the offload decision, a pure function of spec, readiness, metrics, the
@@ -10,6 +11,7 @@
 //! - [`status`]: the status written, from observations and the decision;
 //! - [`reconcile`]: the controller loop; [`metrics`]: its Prometheus metrics and probes;
 //! - [`leader`]: leader election on a Lease, so that one replica decides.
+pub mod beamlit_api;
 pub mod config;
 pub mod crd;
 pub mod decision;
