@@ -2,6 +2,7 @@
 //! with the agent.
 //!
 //! - [`backend`]: the remote backend in force (the spec's or the configured default);
+//! - [`beamlit_api`]: the Beamlit API client (OAuth token, models, the `offloading` label);
 //! - [`config`]: the configuration file, refused with the bad key named;
 //! - [`decision`]: the offload decision, a pure function of spec, readiness, metrics, the
 //!   previous decision and the time;
@@ -12,6 +13,7 @@
 //! - [`reconcile`]: the controller loop; [`metrics`]: its Prometheus metrics and probes;
 //! - [`leader`]: leader election on a Lease, so that one replica decides.
 pub mod backend;
+pub mod beamlit_api;
 pub mod config;
 pub mod decision;
 pub mod leader;

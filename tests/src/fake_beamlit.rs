@@ -3,9 +3,11 @@
 //!
 //! [`FakeBeamlit::start`] runs the `fakebeamlit` binary inside a network
 //! namespace a test created, with a server certificate from a fresh
-//! [`TestCa`]. It serves an OAuth2 client-credentials token endpoint, an HTTP
-//! echo, server-sent events, uploads, `/status/<code>` and a raw TCP echo, over
-//! HTTPS (h2 and http/1.1 by ALPN) and plain HTTP/1.1.
+//! [`TestCa`]. It serves an OAuth2 client-credentials token endpoint, the
+//! models API at `/v0/models` (in memory, always behind a bearer token; see
+//! [`FakeStats::models`]), an HTTP echo, server-sent events, uploads,
+//! `/status/<code>` and a raw TCP echo, over HTTPS (h2 and http/1.1 by ALPN)
+//! and plain HTTP/1.1.
 //!
 //! Tests never talk to it from the host namespace: what it saw is read from
 //! the stats file it rewrites atomically after every request
@@ -83,12 +85,24 @@ pub struct FakeStats {
     /// restarted fake still honours tokens issued before, like a real SaaS whose
     /// tokens outlive a server restart.
     pub token_expiry_unix_ms: BTreeMap<String, u64>,
+    /// The models API's store: each model by name, as last created or updated
+    /// (the JSON body the client sent). Kept across restarts, like tokens.
+    pub models: BTreeMap<String, serde_json::Value>,
+    /// Requests to the models API (`/v0/models...`) per method (`GET`, `POST`,
+    /// `PUT`, `DELETE`), whatever their outcome (401 and injected failures
+    /// included).
+    pub model_requests: BTreeMap<String, u64>,
 }
 
 impl FakeStats {
     /// Requests seen for `path` (without query).
     pub fn path_count(&self, path: &str) -> u64 {
         self.requests_by_path.get(path).copied().unwrap_or(0)
+    }
+
+    /// Requests to the models API with `method` (`"PUT"`, ...).
+    pub fn model_requests(&self, method: &str) -> u64 {
+        self.model_requests.get(method).copied().unwrap_or(0)
     }
 }
 
@@ -122,8 +136,12 @@ pub struct FakeBeamlitOptions {
     pub client_secret: String,
     /// Whole seconds (the token endpoint's `expires_in` is in seconds).
     pub token_ttl: Duration,
-    /// Every endpoint but the token endpoint demands a valid bearer token.
+    /// Every endpoint but the token endpoint demands a valid bearer token (the
+    /// models API always does).
     pub require_token: bool,
+    /// The models API answers this status (after checking the token) instead
+    /// of doing anything, to test error handling. 200..=599.
+    pub models_fail_status: Option<u16>,
 }
 
 impl Default for FakeBeamlitOptions {
@@ -138,6 +156,7 @@ impl Default for FakeBeamlitOptions {
             client_secret: "beamlit-test-secret".to_string(),
             token_ttl: Duration::from_secs(3600),
             require_token: false,
+            models_fail_status: None,
         }
     }
 }
@@ -152,6 +171,11 @@ impl FakeBeamlitOptions {
                 "FakeBeamlitOptions: token_ttl {:?} is not whole seconds (OAuth expires_in is in seconds)",
                 self.token_ttl
             );
+        }
+        if let Some(code) = self.models_fail_status
+            && !(200..=599).contains(&code)
+        {
+            bail!("FakeBeamlitOptions: models_fail_status {code} is not in 200..=599");
         }
         Ok(())
     }
@@ -267,6 +291,10 @@ impl FakeBeamlit {
         push("--ready-file", self.dir.join(READY_FILE).into());
         if self.opts.require_token {
             a.push("--require-token".into());
+        }
+        if let Some(code) = self.opts.models_fail_status {
+            a.push("--models-fail-status".into());
+            a.push(code.to_string().into());
         }
         a
     }
@@ -414,6 +442,19 @@ impl FakeBeamlit {
         let child = self.spawn_and_wait(cmd)?;
         self.child = Some(child);
         Ok(())
+    }
+
+    /// Restarts the fake with every token it issued forgotten, as if revoked:
+    /// a client still holding one gets a 401 and must fetch a new one. Other
+    /// counters and the models are kept.
+    pub fn revoke_tokens(&mut self) -> Result<()> {
+        self.stop()?;
+        let mut stats = self.stats()?;
+        stats.token_expiry_unix_ms.clear();
+        let path = self.dir.join(STATS_FILE);
+        std::fs::write(&path, serde_json::to_vec(&stats)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        self.restart()
     }
 }
 

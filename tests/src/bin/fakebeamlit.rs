@@ -3,6 +3,12 @@
 //!
 //! It serves, over HTTPS (ALPN h2 / http/1.1) and plain HTTP/1.1:
 //! - `POST .../oauth/token`: OAuth2 client credentials (RFC 6749 §4.4);
+//! - the models API at `/v0/models` (the real one is `https://api.beamlit.com/v0`): `POST
+//!   /v0/models` (create; 409 if it exists), `GET|PUT|DELETE /v0/models/{name}` (404 if
+//!   missing), `GET /v0/models` (list), kept in memory and in the stats file; always behind a
+//!   bearer token, with or without `--require-token`, and answering `--models-fail-status`
+//!   instead when given. Other paths with `models` in them (the data plane's
+//!   `/$workspace/models/$model/...`) reach the echo as before;
 //! - `GET .../sse`: 10 server-sent events, 100 ms apart, each flushed;
 //! - `POST|PUT .../upload`: streams the body through SHA-256;
 //! - `/status/<code>`: that status;
@@ -41,7 +47,7 @@ use tokio_rustls::rustls;
 const USAGE: &str = "\
 usage: fakebeamlit [--https ADDR]... [--http ADDR]... [--tcp-echo ADDR]...
                    [--cert PEM --key PEM] [--client-id ID --client-secret SECRET]
-                   [--token-ttl-secs N] [--require-token]
+                   [--token-ttl-secs N] [--require-token] [--models-fail-status CODE]
                    [--stats-file PATH] [--ready-file PATH]
 
 ADDR is IP:PORT or [IPv6]:PORT (IPv6 listeners are v6-only). --https needs
@@ -53,6 +59,10 @@ resumes from its previous content if it exists.";
 const ECHO_BODY_PREFIX: usize = 64 * 1024;
 /// Token requests are small forms; anything bigger is refused.
 const MAX_FORM: usize = 64 * 1024;
+/// A model is a small JSON document (a pod template at most).
+const MAX_MODEL: usize = 1024 * 1024;
+/// Where the models API lives, like the real API's `/v0`.
+const MODELS_PATH: &str = "/v0/models";
 const SSE_EVENTS: u32 = 10;
 const SSE_INTERVAL: Duration = Duration::from_millis(100);
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -97,6 +107,7 @@ struct Config {
     client_secret: String,
     token_ttl_secs: u64,
     require_token: bool,
+    models_fail_status: Option<StatusCode>,
     stats_file: Option<PathBuf>,
     ready_file: Option<PathBuf>,
 }
@@ -147,6 +158,15 @@ impl Config {
                     c.token_ttl_secs = value
                         .parse()
                         .map_err(|_| format!("{key}: {value:?} is not a number of seconds"))?;
+                }
+                "--models-fail-status" => {
+                    let status = value
+                        .parse::<u16>()
+                        .ok()
+                        .filter(|c| (200..=599).contains(c))
+                        .and_then(|c| StatusCode::from_u16(c).ok())
+                        .ok_or_else(|| format!("{key}: {value:?} is not a status in 200..=599"))?;
+                    c.models_fail_status = Some(status);
                 }
                 "--stats-file" => c.stats_file = Some(value.into()),
                 "--ready-file" => c.ready_file = Some(value.into()),
@@ -272,6 +292,7 @@ struct State {
     client_secret: String,
     token_ttl: Duration,
     require_token: bool,
+    models_fail_status: Option<StatusCode>,
     stats_file: Option<PathBuf>,
     /// One lock for counters and file: each rewrite is a consistent snapshot,
     /// and the fixed temp name is never written by two requests at once.
@@ -289,6 +310,7 @@ impl State {
             client_secret: config.client_secret.clone(),
             token_ttl: Duration::from_secs(config.token_ttl_secs),
             require_token: config.require_token,
+            models_fail_status: config.models_fail_status,
             stats_file: config.stats_file.clone(),
             stats: Mutex::new(stats),
         };
@@ -460,6 +482,8 @@ async fn handle(
 
     let mut resp = if is_token {
         token_endpoint(&state, req).await
+    } else if let Some(route) = models_route(&path) {
+        models_endpoint(&state, route, req).await
     } else if let Some(rejection) = unauthorized(&state, &req) {
         rejection
     } else if path.ends_with("/sse") && method == Method::GET {
@@ -667,6 +691,11 @@ fn unauthorized(state: &State, req: &Request<Incoming>) -> Option<Response<Body>
     if !state.require_token {
         return None;
     }
+    bearer_rejection(state, req)
+}
+
+/// The 401 for a request without a valid bearer token, whatever `--require-token` says.
+fn bearer_rejection(state: &State, req: &Request<Incoming>) -> Option<Response<Body>> {
     let token = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -691,6 +720,175 @@ fn unauthorized(state: &State, req: &Request<Incoming>) -> Option<Response<Body>
         resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
     }
     Some(resp)
+}
+
+/// A request path of the models API.
+#[derive(Debug, PartialEq, Eq)]
+enum ModelsRoute {
+    /// `/v0/models`
+    Collection,
+    /// `/v0/models/{name}`; the name as sent (not percent-decoded: test names are plain).
+    Item(String),
+}
+
+fn models_route(path: &str) -> Option<ModelsRoute> {
+    let rest = path.strip_prefix(MODELS_PATH)?;
+    if rest.is_empty() || rest == "/" {
+        return Some(ModelsRoute::Collection);
+    }
+    let name = rest.strip_prefix('/')?;
+    (!name.is_empty() && !name.contains('/')).then(|| ModelsRoute::Item(name.to_string()))
+}
+
+fn api_error(status: StatusCode, message: &str) -> Response<Body> {
+    json_response(
+        status,
+        &json!({"error": status.canonical_reason().unwrap_or("error"), "message": message}),
+    )
+}
+
+/// The models API: an in-memory store (kept in the stats file, so a restarted fake still has
+/// them). `?environment=` on GET/DELETE must match the model's `metadata.environment` when the
+/// model has one, like a store keyed by name and environment.
+async fn models_endpoint(
+    state: &State,
+    route: ModelsRoute,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let method = req.method().clone();
+    state.record(|s| *s.model_requests.entry(method.to_string()).or_default() += 1);
+    // Unlike the echo, always protected: the controller's client must send its token.
+    if let Some(rejection) = bearer_rejection(state, &req) {
+        return rejection;
+    }
+    if let Some(status) = state.models_fail_status {
+        return api_error(status, "failure injected by --models-fail-status");
+    }
+    let environment: Option<String> = req.uri().query().and_then(|q| {
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "environment")
+            .map(|(_, v)| v.into_owned())
+    });
+    let in_environment = |model: &serde_json::Value| match &environment {
+        None => true,
+        Some(env) => model["metadata"]["environment"]
+            .as_str()
+            .is_none_or(|have| have == env),
+    };
+    match (route, method) {
+        (ModelsRoute::Collection, Method::GET) => {
+            let models: Vec<serde_json::Value> = state.record(|s| {
+                s.models
+                    .values()
+                    .filter(|m| in_environment(m))
+                    .cloned()
+                    .collect()
+            });
+            json_response(StatusCode::OK, &serde_json::Value::Array(models))
+        }
+        (ModelsRoute::Collection, Method::POST) => {
+            let model = match read_model(req).await {
+                Ok(m) => m,
+                Err((status, why)) => return api_error(status, &why),
+            };
+            let Some(name) = model["metadata"]["name"].as_str().map(str::to_string) else {
+                return api_error(StatusCode::BAD_REQUEST, "metadata.name is required");
+            };
+            let created = state.record(|s| {
+                if s.models.contains_key(&name) {
+                    return false;
+                }
+                s.models.insert(name.clone(), model.clone());
+                true
+            });
+            if created {
+                json_response(StatusCode::OK, &model)
+            } else {
+                api_error(
+                    StatusCode::CONFLICT,
+                    &format!("model {name:?} already exists"),
+                )
+            }
+        }
+        (ModelsRoute::Item(name), Method::GET) => {
+            match state.record(|s| s.models.get(&name).filter(|m| in_environment(m)).cloned()) {
+                Some(model) => json_response(StatusCode::OK, &model),
+                None => api_error(StatusCode::NOT_FOUND, &format!("no model {name:?}")),
+            }
+        }
+        (ModelsRoute::Item(name), Method::PUT) => {
+            let model = match read_model(req).await {
+                Ok(m) => m,
+                Err((status, why)) => return api_error(status, &why),
+            };
+            if model["metadata"]["name"].as_str() != Some(name.as_str()) {
+                return api_error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("metadata.name must be {name:?}"),
+                );
+            }
+            let updated = state.record(|s| match s.models.get_mut(&name) {
+                Some(slot) => {
+                    *slot = model.clone();
+                    true
+                }
+                None => false,
+            });
+            if updated {
+                json_response(StatusCode::OK, &model)
+            } else {
+                api_error(StatusCode::NOT_FOUND, &format!("no model {name:?}"))
+            }
+        }
+        (ModelsRoute::Item(name), Method::DELETE) => {
+            let removed = state.record(|s| {
+                if s.models.get(&name).is_some_and(in_environment) {
+                    s.models.remove(&name)
+                } else {
+                    None
+                }
+            });
+            match removed {
+                Some(model) => json_response(StatusCode::OK, &model),
+                None => api_error(StatusCode::NOT_FOUND, &format!("no model {name:?}")),
+            }
+        }
+        (route, method) => {
+            let allow = match route {
+                ModelsRoute::Collection => "GET, POST",
+                ModelsRoute::Item(_) => "GET, PUT, DELETE",
+            };
+            let mut resp = api_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &format!("{method} is not allowed here"),
+            );
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
+            resp
+        }
+    }
+}
+
+/// A JSON object body, or the 4xx status and why.
+async fn read_model(req: Request<Incoming>) -> Result<serde_json::Value, (StatusCode, String)> {
+    let body = match read_limited(req.into_body(), MAX_MODEL).await {
+        Ok(b) => b,
+        Err(None) => return Err((StatusCode::PAYLOAD_TOO_LARGE, "model too large".into())),
+        Err(Some(e)) => {
+            return Err((StatusCode::BAD_REQUEST, format!("reading the body: {e}")));
+        }
+    };
+    match serde_json::from_slice::<serde_json::Value>(&body) {
+        Ok(v) if v.is_object() => Ok(v),
+        Ok(_) => Err((
+            StatusCode::BAD_REQUEST,
+            "the model must be a JSON object".into(),
+        )),
+        Err(e) => Err((
+            StatusCode::BAD_REQUEST,
+            format!("the body is not JSON: {e}"),
+        )),
+    }
 }
 
 /// Each event is its own body frame; hyper writes and flushes a frame as soon
@@ -885,9 +1083,11 @@ mod tests {
         let c = Config::parse(&args(
             "--https 10.0.0.1:443 --https=[::1]:443 --http 0.0.0.0:80 --tcp-echo 10.0.0.1:7 \
              --cert c.pem --key k.pem --client-id me --client-secret s3 --token-ttl-secs 1 \
-             --require-token --stats-file s.json --ready-file r.json",
+             --require-token --stats-file s.json --ready-file r.json --models-fail-status 503",
         ))
         .expect("valid flags");
+        assert_eq!(c.models_fail_status, Some(StatusCode::SERVICE_UNAVAILABLE));
+        assert!(Config::parse(&args("--http 1.2.3.4:5 --models-fail-status 42")).is_err());
         assert_eq!(c.https.len(), 2);
         assert_eq!(c.http.len(), 1);
         assert_eq!(c.tcp_echo.len(), 1);
@@ -914,6 +1114,26 @@ mod tests {
         assert!(credential_matches("a%2Bb", "a+b"));
         assert!(credential_matches("a+b", "a+b"));
         assert!(!credential_matches("a", "b"));
+    }
+
+    #[test]
+    fn models_routes() {
+        assert_eq!(models_route("/v0/models"), Some(ModelsRoute::Collection));
+        assert_eq!(models_route("/v0/models/"), Some(ModelsRoute::Collection));
+        assert_eq!(
+            models_route("/v0/models/llama"),
+            Some(ModelsRoute::Item("llama".into()))
+        );
+        // The data plane's paths and other prefixes stay with the echo.
+        for other in [
+            "/v0/models/llama/predict",
+            "/ws/models/llama",
+            "/v1/models",
+            "/v0/modelsx",
+            "/",
+        ] {
+            assert_eq!(models_route(other), None, "{other}");
+        }
     }
 
     #[test]
