@@ -1,0 +1,423 @@
+//! Agents in a cluster: a real kube-apiserver, the controller, cluster-mode agents (one per
+//! simulated node, each attached to its node's test cgroup) and the fake Beamlit in its own
+//! namespace on the cluster network. The seed's "Offload on failure" walkthrough runs with zero
+//! failed requests; nodes acknowledge; an API outage changes nothing; deletion clears every node.
+use std::{
+    sync::atomic::{AtomicU16, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use beamlit_testbed::{
+    AgentFixture, FakeBeamlit, FakeBeamlitOptions, Pod, ProbeOptions, ProbeReport, TestCgroup,
+    TestDir, Topology,
+    cluster::{TestCluster, TestNamespace},
+    crds::install_model_deployment_crd,
+    finish_probe, require_privileges, run_probe,
+    seed::{ControllerProcess, deploy_seed, scale, status, wait_status},
+    spawn_probe,
+};
+
+const CLIENT_ID: &str = "agents-test";
+const CLIENT_SECRET: &str = "agents-s3cret";
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Tunnel ports on the shared node address: one per agent, never reused in this process.
+static NEXT_TUNNEL_PORT: AtomicU16 = AtomicU16::new(15101);
+
+/// One test's world: its namespaces (models; agents and credentials), the fake Beamlit, and
+/// the controller configured with Beamlit as its default remote backend.
+struct Bed<'c> {
+    cluster: &'c TestCluster,
+    models: TestNamespace<'c>,
+    agents: TestNamespace<'c>,
+    fake: FakeBeamlit,
+    dir: TestDir,
+    _fake_pod: Pod,
+}
+
+impl<'c> Bed<'c> {
+    fn new(cluster: &'c TestCluster, hint: &str) -> Result<Self> {
+        install_model_deployment_crd(cluster)?;
+        let models = cluster.namespace(hint)?;
+        let agents = cluster.namespace(&format!("{hint}-agents"))?;
+        cluster.kubectl(&[
+            "create",
+            "secret",
+            "generic",
+            "beamlit-credentials",
+            "-n",
+            agents.name(),
+            &format!("--from-literal=clientSecret={CLIENT_SECRET}"),
+        ])?;
+        let fake_pod = cluster.add_unmanaged_pod("beamlit")?;
+        let fake = FakeBeamlit::start(
+            &fake_pod.netns,
+            FakeBeamlitOptions {
+                https: vec![(fake_pod.ipv4, 8443).into()],
+                client_id: CLIENT_ID.into(),
+                client_secret: CLIENT_SECRET.into(),
+                require_token: true,
+                ..FakeBeamlitOptions::default()
+            },
+        )?;
+        let dir = TestDir::new(hint)?;
+        let remote = format!("{}:8443", fake_pod.ipv4);
+        std::fs::write(
+            dir.join("controller.yaml"),
+            format!(
+                "workspace: ws\nagentNamespace: {agents}\ndefaultRemoteBackend:\n  host: \"{remote}\"\n  \
+                 authConfig:\n    oauthConfig:\n      clientId: {CLIENT_ID}\n      \
+                 tokenUrl: https://{remote}/oauth/token\n      \
+                 clientSecretRef: {{namespace: {agents}, name: beamlit-credentials, key: clientSecret}}\n",
+                agents = agents.name()
+            ),
+        )?;
+        Ok(Self {
+            cluster,
+            models,
+            agents,
+            fake,
+            dir,
+            _fake_pod: fake_pod,
+        })
+    }
+
+    fn ns(&self) -> &str {
+        self.models.name()
+    }
+
+    fn controller(&self) -> Result<ControllerProcess> {
+        let config = self.dir.join("controller.yaml");
+        ControllerProcess::start_with(
+            self.cluster,
+            &[
+                "--leader-election=false",
+                "--namespaces",
+                self.ns(),
+                "--config",
+                &config.display().to_string(),
+            ],
+        )
+    }
+
+    /// A cluster-mode agent for `node`, attached to `cgroup` (the node's pods), its tunnel in
+    /// the node namespace on a port of its own.
+    fn agent(&self, node: &str, cgroup: &TestCgroup) -> Result<AgentFixture> {
+        let port = NEXT_TUNNEL_PORT.fetch_add(1, Ordering::Relaxed);
+        let tunnel = format!("{}:{port}", Topology::NODE_V4);
+        let netns = format!("/var/run/netns/{}", self.cluster.node_netns());
+        let ca = self.fake.ca_pem().display().to_string();
+        AgentFixture::start_cluster(
+            cgroup.path(),
+            self.cluster.kubeconfig(),
+            node,
+            &[
+                "--namespace",
+                self.agents.name(),
+                "--model-namespaces",
+                self.ns(),
+                "--tunnel-ipv4",
+                &tunnel,
+                "--tunnel-netns",
+                &netns,
+                "--ca-file",
+                &ca,
+            ],
+        )
+    }
+
+    /// The Service address the controller resolved (the seed's php-apache, port 80).
+    fn service_address(&self) -> Result<String> {
+        let s = status(self.cluster, self.ns(), "php-apache")?;
+        let ip = s["service"]["addresses"][0]
+            .as_str()
+            .with_context(|| format!("no resolved Service in {s}"))?;
+        Ok(format!("{ip}:80"))
+    }
+
+    fn wait_applied(&self, what: &str, check: impl Fn(&serde_json::Value) -> bool) -> Result<()> {
+        wait_status(self.cluster, self.ns(), "php-apache", WAIT, what, check)?;
+        Ok(())
+    }
+}
+
+fn http_probe(addr: &str, count: u64) -> Result<ProbeOptions> {
+    let mut opts = ProbeOptions::new(addr.parse()?, count);
+    opts.http = true;
+    opts.timeout_ms = Some(2000);
+    Ok(opts)
+}
+
+/// `count` requests from `pod` (in `cgroup`); all must succeed, answered by `expected`.
+fn all_answered_by(
+    pod: &Pod,
+    cgroup: &TestCgroup,
+    addr: &str,
+    count: u64,
+    expected: impl Fn(&str) -> bool,
+) -> Result<ProbeReport> {
+    let report = run_probe(&pod.netns, Some(cgroup.path()), &http_probe(addr, count)?)?;
+    let all = report.by_name.iter().all(|(name, _)| expected(name));
+    if report.ok != count || !all {
+        bail!("expected {count} answers from the expected side: {report:?}");
+    }
+    Ok(report)
+}
+
+fn is_remote(name: &str) -> bool {
+    name == "beamlit"
+}
+
+fn is_local(name: &str) -> bool {
+    name.starts_with("php-apache-")
+}
+
+/// Waits until the agent no longer holds `addr`.
+fn wait_removed(agent: &AgentFixture, addr: &str) -> Result<()> {
+    let started = Instant::now();
+    while agent.service(addr).is_ok() {
+        if started.elapsed() > WAIT {
+            bail!("{addr} still in the agent's maps:\n{}", agent.log());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// The seed README's "Offload on failure", as written: the Deployment, Service and
+/// ModelDeployment applied verbatim; a client pod requests the ClusterIP every 100 ms; the
+/// Deployment scaled to 0 and back. Every request succeeds: local, then Beamlit, then local.
+#[test]
+fn seed_offload_on_failure_walkthrough_has_zero_failed_requests() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let cluster = TestCluster::shared()?;
+    let bed = Bed::new(cluster, "walk")?;
+    deploy_seed(cluster, bed.ns())?;
+    let controller = bed.controller()?;
+    let node = TestCgroup::new("node1")?;
+    let agent = bed.agent("beamlit-node-1", &node)?;
+    bed.wait_applied("healthy, applied on 1 of 1 nodes", |s| {
+        s["offloadPercent"] == 0 && s["agents"]["applied"] == 1 && s["agents"]["total"] == 1
+    })
+    .with_context(|| format!("{}\n{}", controller.log(), agent.log()))?;
+    let svc = bed.service_address()?;
+    agent.wait_share(&svc, 0, WAIT)?;
+    let row = agent.service(&svc)?;
+    assert_eq!(
+        row["model_deployment"],
+        format!("{}/php-apache", bed.ns()),
+        "{row}"
+    );
+    // The controller's reason (the seed's CPU metric has no source here: MetricUnavailable).
+    let decided = status(cluster, bed.ns(), "php-apache")?["reason"].clone();
+    assert_eq!(row["reason"], decided, "{row}");
+
+    let client = cluster.run_client_pod(bed.ns(), "curl-check")?;
+    all_answered_by(&client, &node, &svc, 5, is_local)?;
+    let stop = bed.dir.join("stop-requests");
+    let mut loop_opts = http_probe(&svc, 0)?;
+    loop_opts.interval_ms = Some(100);
+    loop_opts.until_file = Some(stop.clone());
+    let requests = spawn_probe(&client.netns, Some(node.path()), &loop_opts)?;
+    std::thread::sleep(Duration::from_secs(2));
+
+    scale(cluster, bed.ns(), 0)?;
+    let scaled = Instant::now();
+    agent.wait_share(&svc, 10_000, Duration::from_secs(10))?;
+    println!(
+        "scaled to 0 -> the agent's map at 100% in {:?}",
+        scaled.elapsed()
+    );
+    bed.wait_applied("100%, applied on 1 of 1", |s| {
+        s["offloadPercent"] == 100
+            && s["reason"] == "NoReadyEndpoints"
+            && s["agents"]["applied"] == 1
+    })?;
+    std::thread::sleep(Duration::from_secs(2));
+    all_answered_by(&client, &node, &svc, 5, is_remote)?;
+    let row = agent.service(&svc)?;
+    assert!(
+        row["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("NoReadyEndpoints")),
+        "{row}"
+    );
+
+    scale(cluster, bed.ns(), 1)?;
+    let restored = Instant::now();
+    cluster.wait_deployment_ready(bed.ns(), "php-apache", 1, WAIT)?;
+    agent.wait_share(&svc, 0, WAIT)?;
+    println!(
+        "scaled back -> the agent's map at 0% in {:?}",
+        restored.elapsed()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    all_answered_by(&client, &node, &svc, 5, is_local)?;
+
+    std::fs::write(&stop, "")?;
+    let report = finish_probe(requests, Duration::from_secs(30))?;
+    println!("request loop: {report:?}");
+    assert_eq!(report.failed, 0, "failed requests: {report:?}");
+    let remote = report.count("beamlit");
+    let local: u64 = report
+        .by_name
+        .iter()
+        .filter(|(n, _)| is_local(n))
+        .map(|(_, c)| c)
+        .sum();
+    assert!(remote >= 10, "too few remote answers: {report:?}");
+    assert!(local >= 20, "too few local answers: {report:?}");
+    let stats = bed.fake.stats()?;
+    assert!(
+        stats
+            .requests_by_path
+            .keys()
+            .any(|p| p.starts_with("/ws/models/php-apache")),
+        "the default backend's path prefix: {stats:?}"
+    );
+    assert_eq!(stats.token_requests, 1, "one token for every request");
+    Ok(())
+}
+
+/// Two nodes, one agent each: both apply the controller's decision and acknowledge it
+/// (status counts 2 of 2), clients on both nodes are offloaded, and deleting the
+/// ModelDeployment removes its entries on both.
+#[test]
+fn two_nodes_apply_acknowledge_and_forget_a_deleted_model() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let cluster = TestCluster::shared()?;
+    let bed = Bed::new(cluster, "twonodes")?;
+    deploy_seed(cluster, bed.ns())?;
+    let controller = bed.controller()?;
+    let (cg1, cg2) = (TestCgroup::new("node1")?, TestCgroup::new("node2")?);
+    let agent1 = bed.agent("beamlit-node-1", &cg1)?;
+    let agent2 = bed.agent("beamlit-node-2", &cg2)?;
+    bed.wait_applied("applied on 2 of 2 nodes", |s| {
+        s["agents"]["applied"] == 2 && s["agents"]["total"] == 2
+    })
+    .with_context(|| controller.log())?;
+    let svc = bed.service_address()?;
+
+    scale(cluster, bed.ns(), 0)?;
+    agent1.wait_share(&svc, 10_000, Duration::from_secs(10))?;
+    agent2.wait_share(&svc, 10_000, Duration::from_secs(10))?;
+    let generation = {
+        bed.wait_applied("the 100% decision applied on 2 of 2", |s| {
+            s["offloadPercent"] == 100 && s["agents"]["applied"] == 2
+        })?;
+        status(cluster, bed.ns(), "php-apache")?["decisionGeneration"].clone()
+    };
+    assert!(generation.as_i64().is_some_and(|g| g >= 2), "{generation}");
+    let client1 = cluster.add_unmanaged_pod("client1")?;
+    let client2 = cluster.add_unmanaged_pod("client2")?;
+    all_answered_by(&client1, &cg1, &svc, 10, is_remote)?;
+    all_answered_by(&client2, &cg2, &svc, 10, is_remote)?;
+
+    cluster.kubectl(&["delete", "modeldeployment", "php-apache", "-n", bed.ns()])?;
+    wait_removed(&agent1, &svc)?;
+    wait_removed(&agent2, &svc)?;
+    // Without the product, the Service has no endpoint: refused, as plain Kubernetes does.
+    let report = run_probe(&client1.netns, Some(cg1.path()), &http_probe(&svc, 3)?)?;
+    assert_eq!(report.ok, 0, "{report:?}");
+    Ok(())
+}
+
+/// The API server stopped for 30 s while a model is offloaded: the maps keep their state and
+/// traffic keeps flowing to Beamlit; when it is back, the agent resyncs (a change made after
+/// the outage reaches the maps). Its own cluster: the outage must not disturb other tests.
+#[test]
+fn an_api_server_outage_changes_nothing_and_the_agent_resyncs() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let cluster = TestCluster::start_with_nodes(1)?;
+    let bed = Bed::new(&cluster, "outage")?;
+    deploy_seed(&cluster, bed.ns())?;
+    let _controller = bed.controller()?;
+    let node = TestCgroup::new("node1")?;
+    let mut agent = bed.agent("beamlit-node-1", &node)?;
+    bed.wait_applied("applied on 1 of 1", |s| s["agents"]["applied"] == 1)?;
+    let svc = bed.service_address()?;
+    scale(&cluster, bed.ns(), 0)?;
+    agent.wait_share(&svc, 10_000, Duration::from_secs(10))?;
+    let client = cluster.add_unmanaged_pod("client")?;
+    all_answered_by(&client, &node, &svc, 3, is_remote)?;
+
+    let stop = bed.dir.join("stop-requests");
+    let mut loop_opts = http_probe(&svc, 0)?;
+    loop_opts.interval_ms = Some(100);
+    loop_opts.until_file = Some(stop.clone());
+    let requests = spawn_probe(&client.netns, Some(node.path()), &loop_opts)?;
+    cluster.stop_apiserver();
+    let down = Instant::now();
+    while down.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_secs(1));
+        let row = agent.service(&svc)?;
+        assert_eq!(row["share_bp"], 10_000, "the map changed during the outage: {row}");
+    }
+    std::fs::write(&stop, "")?;
+    let report = finish_probe(requests, Duration::from_secs(30))?;
+    println!("during the 30 s outage: {report:?}");
+    assert_eq!(report.failed, 0, "{report:?}");
+    assert!(report.count("beamlit") >= 200, "{report:?}");
+    assert!(
+        agent.log().contains("the maps keep their last state"),
+        "the agent did not notice the outage:\n{}",
+        agent.log()
+    );
+
+    cluster.start_apiserver()?;
+    // After the outage the agent follows changes again: the model disabled (a change the
+    // controller and agent see without the workload controllers, which reconnect at their own
+    // pace) leaves the maps.
+    agent.wait_log("ModelDeployments: watching again", WAIT)?;
+    cluster.kubectl(&[
+        "patch",
+        "modeldeployment",
+        "php-apache",
+        "-n",
+        bed.ns(),
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"enabled":false}}"#,
+    ])?;
+    wait_removed(&agent, &svc)?;
+    Ok(())
+}
+
+/// A restarted agent adopts its pins and resyncs without a gap: during the restart, connections
+/// keep being answered (local while the tunnel's heartbeat is stale; the maps are not cleared).
+#[test]
+fn an_agent_restart_adopts_its_maps_and_resyncs() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let cluster = TestCluster::shared()?;
+    let bed = Bed::new(cluster, "restart")?;
+    deploy_seed(cluster, bed.ns())?;
+    let _controller = bed.controller()?;
+    let node = TestCgroup::new("node1")?;
+    let mut agent = bed.agent("beamlit-node-1", &node)?;
+    bed.wait_applied("applied on 1 of 1", |s| s["agents"]["applied"] == 1)?;
+    let svc = bed.service_address()?;
+    agent.wait_share(&svc, 0, WAIT)?;
+    let before = agent.service(&svc)?["generation"].clone();
+    agent.restart()?;
+    agent.wait_log("listed; applying", Duration::from_secs(20))?;
+    let after = agent.service(&svc)?;
+    assert_eq!(
+        after["generation"], before,
+        "an unchanged route must not be rewritten on restart: {after}"
+    );
+    assert!(
+        !agent.log().contains("maps updated"),
+        "a restart with nothing changed rewrote the maps:\n{}",
+        agent.log()
+    );
+    Ok(())
+}
