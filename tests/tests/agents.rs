@@ -14,7 +14,10 @@ use beamlit_testbed::{
     cluster::{TestCluster, TestNamespace},
     crds::install_model_deployment_crd,
     finish_probe, require_privileges, run_probe,
-    seed::{ControllerProcess, deploy_seed, scale, status, wait_status},
+    seed::{
+        ControllerProcess, Exporter, PHP_APACHE, deploy_seed, scale, seed_model_deployment,
+        start_prometheus, status, wait_status,
+    },
     spawn_probe,
 };
 
@@ -358,7 +361,10 @@ fn an_api_server_outage_changes_nothing_and_the_agent_resyncs() -> Result<()> {
     while down.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_secs(1));
         let row = agent.service(&svc)?;
-        assert_eq!(row["share_bp"], 10_000, "the map changed during the outage: {row}");
+        assert_eq!(
+            row["share_bp"], 10_000,
+            "the map changed during the outage: {row}"
+        );
     }
     std::fs::write(&stop, "")?;
     let report = finish_probe(requests, Duration::from_secs(30))?;
@@ -419,5 +425,73 @@ fn an_agent_restart_adopts_its_maps_and_resyncs() -> Result<()> {
         "a restart with nothing changed rewrote the maps:\n{}",
         agent.log()
     );
+    Ok(())
+}
+
+/// Metric-driven offloading through the agents: an External metric (Prometheus, scraping an
+/// exporter the test controls) above its target sends about `behavior.percentage` (50%) of new
+/// connections to Beamlit, and none once the stabilization window (5 s here) has passed.
+#[test]
+fn a_metric_above_target_offloads_about_the_percentage_then_none() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let cluster = TestCluster::shared()?;
+    let bed = Bed::new(cluster, "metric")?;
+    cluster.apply(bed.ns(), PHP_APACHE)?;
+    cluster.wait_deployment_ready(bed.ns(), "php-apache", 1, WAIT)?;
+    let exporter = Exporter::start(5.0)?;
+    let (_prometheus, url) = start_prometheus(&bed.dir, exporter.addr)?;
+    let md = seed_model_deployment(bed.ns()).replace(
+        "      - type: Resource\n        resource:\n          name: cpu\n          target:\n            type: Utilization\n            averageUtilization: 90\n",
+        "      - type: External\n        external:\n          metric:\n            name: model_load\n            selector:\n              matchLabels:\n                model: php-apache\n          target:\n            type: Value\n            value: \"10\"\n",
+    );
+    assert!(
+        md.contains("model_load"),
+        "the seed's metric block moved: {md}"
+    );
+    cluster.apply(bed.ns(), &md)?;
+    let config = bed.dir.join("controller.yaml").display().to_string();
+    let controller = ControllerProcess::start_with(
+        cluster,
+        &[
+            "--leader-election=false",
+            "--namespaces",
+            bed.ns(),
+            "--config",
+            &config,
+            "--prometheus-url",
+            &url,
+        ],
+    )?;
+    let node = TestCgroup::new("node1")?;
+    let agent = bed.agent("beamlit-node-1", &node)?;
+    bed.wait_applied("healthy, applied", |s| {
+        s["metrics"][0]["current"] == "5" && s["offloadPercent"] == 0 && s["agents"]["applied"] == 1
+    })
+    .with_context(|| controller.log())?;
+    let svc = bed.service_address()?;
+    let client = cluster.add_unmanaged_pod("client")?;
+
+    exporter.set(50.0);
+    agent.wait_share(&svc, 5_000, Duration::from_secs(20))?;
+    let mut opts = http_probe(&svc, 1000)?;
+    opts.concurrency = Some(8);
+    let report = run_probe(&client.netns, Some(node.path()), &opts)?;
+    assert_eq!(report.failed, 0, "{report:?}");
+    let remote = report.count("beamlit") as f64 / report.ok as f64 * 100.0;
+    println!("metric above target: {remote:.1}% of 1000 connections remote (target 50 ± 5)");
+    assert!((45.0..=55.0).contains(&remote), "{remote:.1}%: {report:?}");
+
+    exporter.set(5.0);
+    let below = Instant::now();
+    agent.wait_share(&svc, 0, Duration::from_secs(30))?;
+    let held = below.elapsed();
+    println!("metric back below: offloading stopped after {held:?} (window 5 s)");
+    assert!(
+        held >= Duration::from_secs(4),
+        "before the window: {held:?}"
+    );
+    all_answered_by(&client, &node, &svc, 50, is_local)?;
     Ok(())
 }
