@@ -6,9 +6,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Result, bail};
+use std::sync::atomic::{AtomicU16, Ordering};
 
-use crate::{ChildGuard, TestDir, cluster::TestCluster, controller_bin, spawn};
+use anyhow::{Context as _, Result, bail};
+
+use crate::{
+    AgentFixture, ChildGuard, FakeBeamlit, FakeBeamlitOptions, Pod, TestCgroup, TestDir, Topology,
+    cluster::{TestCluster, TestNamespace},
+    controller_bin,
+    crds::install_model_deployment_crd,
+    spawn,
+};
 
 pub const PHP_APACHE: &str = include_str!("../fixtures/php-apache.yaml");
 
@@ -268,5 +276,133 @@ pub fn start_prometheus(
             );
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub const CLIENT_ID: &str = "agents-test";
+pub const CLIENT_SECRET: &str = "agents-s3cret";
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Tunnel ports on the shared node address: one per agent, never reused in this process.
+static NEXT_TUNNEL_PORT: AtomicU16 = AtomicU16::new(15101);
+
+/// One test's world: its namespaces (models; agents and credentials), the fake Beamlit, and
+/// the controller configured with Beamlit as its default remote backend.
+pub struct OffloadBed<'c> {
+    pub cluster: &'c TestCluster,
+    pub models: TestNamespace<'c>,
+    pub agents: TestNamespace<'c>,
+    pub fake: FakeBeamlit,
+    pub dir: TestDir,
+    pub fake_pod: Pod,
+}
+
+impl<'c> OffloadBed<'c> {
+    pub fn new(cluster: &'c TestCluster, hint: &str) -> Result<Self> {
+        install_model_deployment_crd(cluster)?;
+        let models = cluster.namespace(hint)?;
+        let agents = cluster.namespace(&format!("{hint}-agents"))?;
+        cluster.kubectl(&[
+            "create",
+            "secret",
+            "generic",
+            "beamlit-credentials",
+            "-n",
+            agents.name(),
+            &format!("--from-literal=clientSecret={CLIENT_SECRET}"),
+        ])?;
+        let fake_pod = cluster.add_unmanaged_pod("beamlit")?;
+        let fake = FakeBeamlit::start(
+            &fake_pod.netns,
+            FakeBeamlitOptions {
+                https: vec![(fake_pod.ipv4, 8443).into()],
+                client_id: CLIENT_ID.into(),
+                client_secret: CLIENT_SECRET.into(),
+                require_token: true,
+                ..FakeBeamlitOptions::default()
+            },
+        )?;
+        let dir = TestDir::new(hint)?;
+        let remote = format!("{}:8443", fake_pod.ipv4);
+        std::fs::write(
+            dir.join("controller.yaml"),
+            format!(
+                "workspace: ws\nagentNamespace: {agents}\ndefaultRemoteBackend:\n  host: \"{remote}\"\n  \
+                 authConfig:\n    oauthConfig:\n      clientId: {CLIENT_ID}\n      \
+                 tokenUrl: https://{remote}/oauth/token\n      \
+                 clientSecretRef: {{namespace: {agents}, name: beamlit-credentials, key: clientSecret}}\n",
+                agents = agents.name()
+            ),
+        )?;
+        Ok(Self {
+            cluster,
+            models,
+            agents,
+            fake,
+            dir,
+            fake_pod,
+        })
+    }
+
+    pub fn ns(&self) -> &str {
+        self.models.name()
+    }
+
+    pub fn controller(&self) -> Result<ControllerProcess> {
+        let config = self.dir.join("controller.yaml");
+        ControllerProcess::start_with(
+            self.cluster,
+            &[
+                "--leader-election=false",
+                "--namespaces",
+                self.ns(),
+                "--config",
+                &config.display().to_string(),
+            ],
+        )
+    }
+
+    /// A cluster-mode agent for `node`, attached to `cgroup` (the node's pods), its tunnel in
+    /// the node namespace on a port of its own.
+    pub fn agent(&self, node: &str, cgroup: &TestCgroup) -> Result<AgentFixture> {
+        let port = NEXT_TUNNEL_PORT.fetch_add(1, Ordering::Relaxed);
+        let tunnel = format!("{}:{port}", Topology::NODE_V4);
+        let netns = format!("/var/run/netns/{}", self.cluster.node_netns());
+        let ca = self.fake.ca_pem().display().to_string();
+        AgentFixture::start_cluster(
+            cgroup.path(),
+            self.cluster.kubeconfig(),
+            node,
+            &[
+                "--namespace",
+                self.agents.name(),
+                "--model-namespaces",
+                self.ns(),
+                "--tunnel-ipv4",
+                &tunnel,
+                "--tunnel-netns",
+                &netns,
+                "--ca-file",
+                &ca,
+            ],
+        )
+    }
+
+    /// The Service address the controller resolved (the seed's php-apache, port 80).
+    pub fn service_address(&self) -> Result<String> {
+        let s = status(self.cluster, self.ns(), "php-apache")?;
+        let ip = s["service"]["addresses"][0]
+            .as_str()
+            .with_context(|| format!("no resolved Service in {s}"))?;
+        Ok(format!("{ip}:80"))
+    }
+
+    pub fn wait_applied(
+        &self,
+        what: &str,
+        check: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<()> {
+        wait_status(self.cluster, self.ns(), "php-apache", WAIT, what, check)?;
+        Ok(())
     }
 }

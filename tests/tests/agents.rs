@@ -2,148 +2,21 @@
 //! simulated node, each attached to its node's test cgroup) and the fake Beamlit in its own
 //! namespace on the cluster network. The seed's "Offload on failure" walkthrough runs with zero
 //! failed requests; nodes acknowledge; an API outage changes nothing; deletion clears every node.
-use std::{
-    sync::atomic::{AtomicU16, Ordering},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use beamlit_testbed::{
-    AgentFixture, FakeBeamlit, FakeBeamlitOptions, Pod, ProbeOptions, ProbeReport, TestCgroup,
-    TestDir, Topology,
-    cluster::{TestCluster, TestNamespace},
-    crds::install_model_deployment_crd,
+    AgentFixture, Pod, ProbeOptions, ProbeReport, TestCgroup,
+    cluster::TestCluster,
     finish_probe, require_privileges, run_probe,
     seed::{
-        ControllerProcess, Exporter, PHP_APACHE, deploy_seed, scale, seed_model_deployment,
-        start_prometheus, status, wait_status,
+        ControllerProcess, Exporter, OffloadBed, PHP_APACHE, deploy_seed, scale,
+        seed_model_deployment, start_prometheus, status,
     },
     spawn_probe,
 };
 
-const CLIENT_ID: &str = "agents-test";
-const CLIENT_SECRET: &str = "agents-s3cret";
 const WAIT: Duration = Duration::from_secs(60);
-
-/// Tunnel ports on the shared node address: one per agent, never reused in this process.
-static NEXT_TUNNEL_PORT: AtomicU16 = AtomicU16::new(15101);
-
-/// One test's world: its namespaces (models; agents and credentials), the fake Beamlit, and
-/// the controller configured with Beamlit as its default remote backend.
-struct Bed<'c> {
-    cluster: &'c TestCluster,
-    models: TestNamespace<'c>,
-    agents: TestNamespace<'c>,
-    fake: FakeBeamlit,
-    dir: TestDir,
-    _fake_pod: Pod,
-}
-
-impl<'c> Bed<'c> {
-    fn new(cluster: &'c TestCluster, hint: &str) -> Result<Self> {
-        install_model_deployment_crd(cluster)?;
-        let models = cluster.namespace(hint)?;
-        let agents = cluster.namespace(&format!("{hint}-agents"))?;
-        cluster.kubectl(&[
-            "create",
-            "secret",
-            "generic",
-            "beamlit-credentials",
-            "-n",
-            agents.name(),
-            &format!("--from-literal=clientSecret={CLIENT_SECRET}"),
-        ])?;
-        let fake_pod = cluster.add_unmanaged_pod("beamlit")?;
-        let fake = FakeBeamlit::start(
-            &fake_pod.netns,
-            FakeBeamlitOptions {
-                https: vec![(fake_pod.ipv4, 8443).into()],
-                client_id: CLIENT_ID.into(),
-                client_secret: CLIENT_SECRET.into(),
-                require_token: true,
-                ..FakeBeamlitOptions::default()
-            },
-        )?;
-        let dir = TestDir::new(hint)?;
-        let remote = format!("{}:8443", fake_pod.ipv4);
-        std::fs::write(
-            dir.join("controller.yaml"),
-            format!(
-                "workspace: ws\nagentNamespace: {agents}\ndefaultRemoteBackend:\n  host: \"{remote}\"\n  \
-                 authConfig:\n    oauthConfig:\n      clientId: {CLIENT_ID}\n      \
-                 tokenUrl: https://{remote}/oauth/token\n      \
-                 clientSecretRef: {{namespace: {agents}, name: beamlit-credentials, key: clientSecret}}\n",
-                agents = agents.name()
-            ),
-        )?;
-        Ok(Self {
-            cluster,
-            models,
-            agents,
-            fake,
-            dir,
-            _fake_pod: fake_pod,
-        })
-    }
-
-    fn ns(&self) -> &str {
-        self.models.name()
-    }
-
-    fn controller(&self) -> Result<ControllerProcess> {
-        let config = self.dir.join("controller.yaml");
-        ControllerProcess::start_with(
-            self.cluster,
-            &[
-                "--leader-election=false",
-                "--namespaces",
-                self.ns(),
-                "--config",
-                &config.display().to_string(),
-            ],
-        )
-    }
-
-    /// A cluster-mode agent for `node`, attached to `cgroup` (the node's pods), its tunnel in
-    /// the node namespace on a port of its own.
-    fn agent(&self, node: &str, cgroup: &TestCgroup) -> Result<AgentFixture> {
-        let port = NEXT_TUNNEL_PORT.fetch_add(1, Ordering::Relaxed);
-        let tunnel = format!("{}:{port}", Topology::NODE_V4);
-        let netns = format!("/var/run/netns/{}", self.cluster.node_netns());
-        let ca = self.fake.ca_pem().display().to_string();
-        AgentFixture::start_cluster(
-            cgroup.path(),
-            self.cluster.kubeconfig(),
-            node,
-            &[
-                "--namespace",
-                self.agents.name(),
-                "--model-namespaces",
-                self.ns(),
-                "--tunnel-ipv4",
-                &tunnel,
-                "--tunnel-netns",
-                &netns,
-                "--ca-file",
-                &ca,
-            ],
-        )
-    }
-
-    /// The Service address the controller resolved (the seed's php-apache, port 80).
-    fn service_address(&self) -> Result<String> {
-        let s = status(self.cluster, self.ns(), "php-apache")?;
-        let ip = s["service"]["addresses"][0]
-            .as_str()
-            .with_context(|| format!("no resolved Service in {s}"))?;
-        Ok(format!("{ip}:80"))
-    }
-
-    fn wait_applied(&self, what: &str, check: impl Fn(&serde_json::Value) -> bool) -> Result<()> {
-        wait_status(self.cluster, self.ns(), "php-apache", WAIT, what, check)?;
-        Ok(())
-    }
-}
 
 fn http_probe(addr: &str, count: u64) -> Result<ProbeOptions> {
     let mut opts = ProbeOptions::new(addr.parse()?, count);
@@ -197,7 +70,7 @@ fn seed_offload_on_failure_walkthrough_has_zero_failed_requests() -> Result<()> 
         return Ok(());
     }
     let cluster = TestCluster::shared()?;
-    let bed = Bed::new(cluster, "walk")?;
+    let bed = OffloadBed::new(cluster, "walk")?;
     deploy_seed(cluster, bed.ns())?;
     let controller = bed.controller()?;
     let node = TestCgroup::new("node1")?;
@@ -294,7 +167,7 @@ fn two_nodes_apply_acknowledge_and_forget_a_deleted_model() -> Result<()> {
         return Ok(());
     }
     let cluster = TestCluster::shared()?;
-    let bed = Bed::new(cluster, "twonodes")?;
+    let bed = OffloadBed::new(cluster, "twonodes")?;
     deploy_seed(cluster, bed.ns())?;
     let controller = bed.controller()?;
     let (cg1, cg2) = (TestCgroup::new("node1")?, TestCgroup::new("node2")?);
@@ -339,7 +212,7 @@ fn an_api_server_outage_changes_nothing_and_the_agent_resyncs() -> Result<()> {
         return Ok(());
     }
     let cluster = TestCluster::start_with_nodes(1)?;
-    let bed = Bed::new(&cluster, "outage")?;
+    let bed = OffloadBed::new(&cluster, "outage")?;
     deploy_seed(&cluster, bed.ns())?;
     let _controller = bed.controller()?;
     let node = TestCgroup::new("node1")?;
@@ -404,7 +277,7 @@ fn an_agent_restart_adopts_its_maps_and_resyncs() -> Result<()> {
         return Ok(());
     }
     let cluster = TestCluster::shared()?;
-    let bed = Bed::new(cluster, "restart")?;
+    let bed = OffloadBed::new(cluster, "restart")?;
     deploy_seed(cluster, bed.ns())?;
     let _controller = bed.controller()?;
     let node = TestCgroup::new("node1")?;
@@ -437,7 +310,7 @@ fn a_metric_above_target_offloads_about_the_percentage_then_none() -> Result<()>
         return Ok(());
     }
     let cluster = TestCluster::shared()?;
-    let bed = Bed::new(cluster, "metric")?;
+    let bed = OffloadBed::new(cluster, "metric")?;
     cluster.apply(bed.ns(), PHP_APACHE)?;
     cluster.wait_deployment_ready(bed.ns(), "php-apache", 1, WAIT)?;
     let exporter = Exporter::start(5.0)?;

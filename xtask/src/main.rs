@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask <setup|test|demo|bench>`.
 mod bench;
 mod bench_controller;
+mod bench_failover;
 mod bench_tunnel;
 mod cluster;
 mod demo;
@@ -63,6 +64,9 @@ enum Bench {
     /// 1000 ModelDeployments against a real apiserver: time to reconcile all after start, the
     /// controller's memory, API requests per minute at steady state.
     Controller(bench_controller::ControllerArgs),
+    /// Agents' failover in a test cluster: EndpointSlice → map latency over trials, requests
+    /// lost under a steady connection rate, resync time with many ModelDeployments.
+    Failover(bench_failover::FailoverArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -82,6 +86,7 @@ fn main() -> anyhow::Result<()> {
             Bench::Dataplane(args) => bench::dataplane(&args),
             Bench::Tunnel(args) => bench_tunnel::tunnel(&args),
             Bench::Controller(args) => bench_controller::controller(&args),
+            Bench::Failover(args) => bench_failover::failover(&args),
         },
         Task::Cluster { action } => cluster::run(action),
     }

@@ -40,6 +40,11 @@ use desired::{Origin, SecretValues, TunnelAddresses};
 /// loop (signals, renewals, the next change).
 const API_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Node-local failover outlasts the outage by this much: when a Service's endpoints come back,
+/// the node's proxy (kube-proxy) programs them at its own pace, and a connection sent back to
+/// the local path before that would be refused.
+pub const FAILOVER_HOLD: Duration = Duration::from_secs(1);
+
 pub struct ClusterConfig {
     /// This node's name: the agent's Lease is `beamlit-agent-<node>`.
     pub node_name: String,
@@ -123,6 +128,39 @@ impl Secrets {
     }
 }
 
+/// Records Services without ready endpoints, and reports those that had none within
+/// [`FAILOVER_HOLD`] as still without (their failover holds). Returns when the next hold ends.
+fn hold_failover(
+    unready_at: &mut HashMap<(String, String), Instant>,
+    ready: &mut desired::ReadyEndpoints,
+    now: Instant,
+) -> Option<Instant> {
+    for (service, count) in ready.iter() {
+        if *count == 0 {
+            unready_at.insert(service.clone(), now);
+        }
+    }
+    unready_at.retain(|_, at| now.duration_since(*at) < FAILOVER_HOLD);
+    let mut next = None;
+    for (service, at) in unready_at.iter() {
+        if let Some(count) = ready.get_mut(service)
+            && *count > 0
+        {
+            *count = 0;
+            let ends = *at + FAILOVER_HOLD;
+            next = Some(next.map_or(ends, |n: Instant| n.min(ends)));
+        }
+    }
+    next
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// A watch that keeps `writer`'s cache and pokes `changed` on every change after the first list.
 fn watch<K>(
     api: Api<K>,
@@ -172,6 +210,35 @@ where
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failover_holds_after_endpoints_return_then_ends() {
+        let svc = ("models".to_string(), "php".to_string());
+        let t0 = Instant::now();
+        let mut unready = HashMap::new();
+        let mut ready = desired::ReadyEndpoints::from([(svc.clone(), 0)]);
+        assert_eq!(
+            hold_failover(&mut unready, &mut ready, t0),
+            None,
+            "down: no hold yet"
+        );
+        let back = t0 + Duration::from_millis(100);
+        let mut ready = desired::ReadyEndpoints::from([(svc.clone(), 2)]);
+        assert_eq!(
+            hold_failover(&mut unready, &mut ready, back),
+            Some(t0 + FAILOVER_HOLD)
+        );
+        assert_eq!(ready[&svc], 0, "held: still failed over");
+        let later = t0 + FAILOVER_HOLD;
+        let mut ready = desired::ReadyEndpoints::from([(svc.clone(), 2)]);
+        assert_eq!(hold_failover(&mut unready, &mut ready, later), None);
+        assert_eq!(ready[&svc], 2, "the hold is over");
+    }
+}
+
 pub struct Cluster {
     config: ClusterConfig,
     client: Client,
@@ -180,6 +247,11 @@ pub struct Cluster {
     lease: ack::LeaseWriter,
     /// Problems last reported, so each is logged once, not on every change.
     reported: BTreeSet<String>,
+    /// When each Service (namespace, name) was last seen without a ready endpoint, for
+    /// [`FAILOVER_HOLD`].
+    unready_at: HashMap<(String, String), Instant>,
+    /// The earliest end of a hold, when the maps must be recomputed.
+    hold_ends: Option<Instant>,
 }
 
 impl Cluster {
@@ -195,6 +267,8 @@ impl Cluster {
             },
             lease,
             reported: BTreeSet::new(),
+            unready_at: HashMap::new(),
+            hold_ends: None,
         }
     }
 
@@ -203,6 +277,7 @@ impl Cluster {
     pub async fn run(&mut self, dataplane: &mut Dataplane) -> anyhow::Result<()> {
         let mut sigterm =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let started = Instant::now();
         let changed = Arc::new(tokio::sync::Notify::new());
         let (models, models_writer) = reflector::store::<ModelDeployment>();
         let (slices, slices_writer) = reflector::store::<EndpointSlice>();
@@ -236,11 +311,19 @@ impl Cluster {
             _ = sigterm.recv() => return self.stop(dataplane, &watches).await,
         }
         info!("listed; applying");
+        let services = self.sync(dataplane, &models, &slices, true).await;
+        info!(
+            services,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "in sync with the cluster"
+        );
         let mut tick = tokio::time::interval(ack::RENEW_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let hold_ends = self.hold_ends;
             let renew = tokio::select! {
                 () = changed.notified() => false,
+                () = sleep_until(hold_ends) => false,
                 _ = tick.tick() => true,
                 _ = tokio::signal::ctrl_c() => break,
                 _ = sigterm.recv() => break,
@@ -267,14 +350,15 @@ impl Cluster {
         Ok(())
     }
 
-    /// One pass: desired state from the caches, applied, written down, acknowledged.
+    /// One pass: desired state from the caches, applied, written down, acknowledged. Returns
+    /// the number of service addresses in the maps.
     async fn sync(
         &mut self,
         dataplane: &mut Dataplane,
         models: &Store<ModelDeployment>,
         slices: &Store<EndpointSlice>,
         periodic: bool,
-    ) {
+    ) -> usize {
         let scope = &self.config.model_namespaces;
         let models: Vec<ModelDeployment> = models
             .state()
@@ -290,7 +374,8 @@ impl Cluster {
             .collect();
         let refs = desired::secret_refs(&models);
         self.secrets.refresh(&self.client, &refs, periodic).await;
-        let ready = desired::ready_endpoints_by_service(&slices.state());
+        let mut ready = desired::ready_endpoints_by_service(&slices.state());
+        self.hold_ends = hold_failover(&mut self.unready_at, &mut ready, Instant::now());
         let mut d = desired::desired(&models, &ready, &self.config.tunnels, &self.secrets.values);
         let problems: BTreeSet<String> = d.problems.iter().cloned().collect();
         for p in problems.difference(&self.reported) {
@@ -298,7 +383,7 @@ impl Cluster {
         }
         self.reported = problems;
         d.set.extra_ca_file = self.config.extra_ca_file.clone();
-        match self.applier.apply(dataplane, d.set).await {
+        let services = match self.applier.apply(dataplane, d.set).await {
             Ok(applied) => {
                 if applied.updated + applied.removed > 0 {
                     info!(
@@ -308,14 +393,15 @@ impl Cluster {
                         "maps updated"
                     );
                 }
+                applied.services
             }
             Err(e) => {
                 error!(
                     "applying the ModelDeployments' decisions: {e:#}; the maps keep their last state"
                 );
-                return;
+                return 0;
             }
-        }
+        };
         self.write_state(d.origins, d.problems);
         if periodic || self.lease.is_news(&d.applied) {
             match tokio::time::timeout(API_CALL_TIMEOUT, self.lease.publish(&d.applied)).await {
@@ -328,6 +414,7 @@ impl Cluster {
                 ),
             }
         }
+        services
     }
 
     fn write_state(&self, services: Vec<Origin>, problems: Vec<String>) {
