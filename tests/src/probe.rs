@@ -87,6 +87,8 @@ pub struct ProbeOptions {
     pub concurrency: Option<u32>,
     /// Speak HTTP (for servers started with `http`).
     pub http: bool,
+    /// Print an `EACH <ms> ok <name>` / `EACH <ms> fail <error>` line per attempt as it ends.
+    pub each: bool,
     /// How long [`run_probe`] waits before killing the probe; derived from the
     /// other options when `None`.
     pub deadline: Option<Duration>,
@@ -104,6 +106,7 @@ impl ProbeOptions {
             until_file: None,
             concurrency: None,
             http: false,
+            each: false,
             deadline: None,
         }
     }
@@ -136,6 +139,9 @@ impl ProbeOptions {
         }
         if self.http {
             a.push("--http".into());
+        }
+        if self.each {
+            a.push("--each".into());
         }
         a
     }

@@ -19,10 +19,13 @@ usage:
   netprobe serve --listen ADDR [--listen ADDR ...] --name NAME [--http [--body TEXT]]
   netprobe connect --addr ADDR (--count N | --until-file PATH) [--interval-ms M]
                    [--mark MARK] [--check-peer] [--timeout-ms T] [--concurrency C] [--http]
+                   [--each]
 
 ADDR is IP:PORT or [IPv6]:PORT. MARK is decimal or 0x-hex.
 IPv6 listeners are v6-only; pass --listen twice to serve both families.
-With --http, responses carry `X-Served-By: NAME`; the body is TEXT (default NAME).";
+With --http, responses carry `X-Served-By: NAME`; the body is TEXT (default NAME).
+With --each, every attempt prints a line as it ends: `EACH <ms since start> ok <name>` or
+`EACH <ms since start> fail <error>` (the JSON report still comes last).";
 
 const MAX_ERRORS: usize = 10;
 /// Bounds the headers of a request so a misbehaving client cannot grow memory.
@@ -166,6 +169,7 @@ struct ConnectOpts {
     until_file: Option<PathBuf>,
     concurrency: u64,
     http: bool,
+    each: bool,
 }
 
 impl ConnectOpts {
@@ -183,6 +187,7 @@ impl ConnectOpts {
             until_file: None,
             concurrency: 1,
             http: false,
+            each: false,
         };
         while let Some((key, inline)) = it.next_key() {
             match key {
@@ -213,6 +218,10 @@ impl ConnectOpts {
                 "--http" => {
                     no_value(key, inline)?;
                     opts.http = true;
+                }
+                "--each" => {
+                    no_value(key, inline)?;
+                    opts.each = true;
                 }
                 other => return Err(format!("connect: unknown argument {other:?}")),
             }
@@ -603,6 +612,7 @@ fn connect_main(o: ConnectOpts) -> i32 {
 
 fn worker(o: &ConnectOpts, next: &AtomicU64) -> Stats {
     let mut stats = Stats::default();
+    let started = Instant::now();
     loop {
         match &o.until_file {
             Some(path) => {
@@ -617,7 +627,18 @@ fn worker(o: &ConnectOpts, next: &AtomicU64) -> Stats {
             }
         }
         stats.attempts += 1;
-        match attempt(o, &mut stats) {
+        let outcome = attempt(o, &mut stats);
+        if o.each {
+            let ms = started.elapsed().as_millis();
+            let line = match &outcome {
+                Ok(name) => format!("EACH {ms} ok {name}\n"),
+                Err(e) => format!("EACH {ms} fail {}\n", e.replace('\n', " ")),
+            };
+            let mut out = io::stdout().lock();
+            let _ = out.write_all(line.as_bytes());
+            let _ = out.flush();
+        }
+        match outcome {
             Ok(name) => {
                 stats.ok += 1;
                 *stats.by_name.entry(name).or_default() += 1;
