@@ -88,6 +88,11 @@ impl AgentFixture {
         &self.bpffs
     }
 
+    /// The cgroup the agent's programs are attached to (where its clients must run).
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
     /// The log of the current run (stdout and stderr).
     pub fn log(&self) -> String {
         fs::read_to_string(self.log_path()).unwrap_or_default()

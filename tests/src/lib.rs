@@ -56,7 +56,7 @@ pub use privileges::{cgroup2_mount, require_privileges};
 pub use probe::{
     LatencyStats, ProbeOptions, ProbeReport, agent_bin, controller_bin, finish_probe, netprobe_bin,
     probe_command, run_probe, spawn_probe, start_server, start_server_multi, try_agent_bin,
-    try_netprobe_bin,
+    try_netprobe_bin, try_xtask_bin,
 };
 pub use process::{ChildGuard, run_in, spawn};
 pub use tempdir::TestDir;

@@ -300,6 +300,11 @@ pub fn controller_bin() -> PathBuf {
     .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
+/// The `xtask` binary (for tests that run `cargo xtask demo` as a user would).
+pub fn try_xtask_bin() -> Result<PathBuf> {
+    locate("xtask", "BEAMLIT_XTASK_BIN", "cargo build -p xtask")
+}
+
 /// `CARGO_BIN_EXE_*` only exists for this package's own integration tests, so
 /// other crates' tests find binaries next to their own executable: test
 /// binaries live in `target/<profile>/deps/`, binaries in `target/<profile>/`.

@@ -1,21 +1,26 @@
-//! `cargo xtask demo` (standalone, no Kubernetes yet): a client pod requests a Service address
-//! every 100 ms while the agent's offload share goes 0% → 100% → 50% → 0%. Each request prints
-//! the route it took. Offloaded requests take the product's real path: eBPF redirection to the
-//! agent's egress tunnel on the node, then HTTPS with an OAuth token to the fake Beamlit (a
-//! stand-in for the SaaS, in its own pod namespace).
+//! `cargo xtask demo`: the seed README's walkthrough, live, on one machine. A real control plane
+//! with a simulated node, the ModelDeployment CRD, the controller and a cluster-mode agent, and
+//! the fake Beamlit in its own namespace; then the seed's steps: php-apache, its
+//! ModelDeployment, a client requesting the Service every 100 ms, `kubectl scale` to 0 and back.
+//! Every request prints the route it took; the summary counts failures (the point is 0), times
+//! the switches, and writes a timeline picture (SVG).
 use std::{
-    sync::atomic::{AtomicBool, Ordering},
+    io::{BufRead as _, BufReader, IsTerminal as _, Write as _},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 use beamlit_testbed::{
-    AgentFixture, FakeBeamlit, FakeBeamlitOptions, ProbeOptions, TestCgroup, TestDir, Topology,
-    run_probe, start_server_multi,
+    ProbeOptions, TestCgroup,
+    cluster::TestCluster,
+    probe_command,
+    seed::{OffloadBed, PHP_APACHE, scale, seed_model_deployment, status},
 };
-
-const SERVICE: &str = "10.96.0.10:80";
-const REQUESTS_PER_PHASE: usize = 20;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -23,173 +28,384 @@ extern "C" fn on_sigint(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
-pub fn demo() -> Result<()> {
-    crate::setup::setup()?;
-    println!("[demo] building the agent");
-    crate::build_agent_and_testbed("demo", false)?;
-    // SAFETY: installs an async-signal-safe handler (one atomic store); Ctrl-C then ends the
-    // loop and every fixture is torn down by Drop.
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    /// Keep everything running at the end (until Ctrl-C) and print how to look at it with
+    /// kubectl and `beamlit-agent inspect`.
+    #[arg(long)]
+    keep: bool,
+    /// Non-interactive (CI): no spinner, and fail if any request failed or the route never
+    /// switched.
+    #[arg(long)]
+    ci: bool,
+    /// Use the binaries named by BEAMLIT_*_BIN instead of building (tests do).
+    #[arg(long)]
+    prebuilt: bool,
+    /// Where the timeline picture goes.
+    #[arg(long, default_value = "target/demo")]
+    out: PathBuf,
+}
+
+pub fn demo(args: &DemoArgs) -> Result<()> {
+    if !args.prebuilt {
+        crate::setup::setup()?;
+        println!("[demo] building the agent, the controller and the test bed");
+        crate::build_agent_and_testbed("demo", false)?;
+        crate::cargo(&["build", "-p", "beamlit-controller", "--bins"])?;
+    }
+    // SAFETY: installs an async-signal-safe handler (one atomic store); the demo then stops at
+    // its next step and every part is torn down by Drop.
     unsafe {
         libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
     }
-    let result = run();
+    let result = run(args);
     if INTERRUPTED.load(Ordering::SeqCst) {
-        println!("\n[demo] interrupted; cleaned up");
+        println!("\n[demo] interrupted; everything it created is removed");
         return Ok(());
     }
     result
 }
 
-fn run() -> Result<()> {
-    println!(
-        "[demo] creating a node, a model pod (php-apache) and a client pod (network namespaces)"
-    );
-    let mut topology = Topology::new("demo")?;
-    let client = topology.add_pod("client")?;
-    let model = topology.add_pod("phpapache")?;
-    let _model_server = start_server_multi(
-        &model.netns,
-        None,
-        &[(model.ipv4, 80).into()],
-        "php-apache",
-        true,
-    )?;
-    let remote = topology.add_pod("beamlit")?;
-    let beamlit = FakeBeamlit::start(
-        &remote.netns,
-        FakeBeamlitOptions {
-            https: vec![(remote.ipv4, 443).into()],
-            require_token: true,
-            ..FakeBeamlitOptions::default()
-        },
-    )?;
-    let secrets = TestDir::new("demo")?;
-    let secret_file = secrets.join("client-secret");
-    std::fs::write(&secret_file, &beamlit.options().client_secret)?;
-    topology.add_service(SERVICE.parse()?, (model.ipv4, 80).into())?;
-    let cgroup = TestCgroup::new("demo")?;
-    println!(
-        "[demo] starting beamlit-agent: eBPF attached to {} (the client pod's cgroup)",
-        cgroup.path().display()
-    );
-    let remote_backend = format!(
-        "    remote:\n      scheme: https\n      host: \"{ip}:443\"\n      \
-         pathPrefix: /$workspace/models/$model\n      workspace: demo\n      model: php-apache\n      \
-         auth:\n        oauth:\n          tokenUrl: \"https://{ip}:443/oauth/token\"\n          \
-         clientId: {id}\n          clientSecretFile: {secret}\n",
-        ip = remote.ipv4,
-        id = beamlit.options().client_id,
-        secret = secret_file.display(),
-    );
-    let routes = |percent: u64| {
-        format!(
-            "tunnel:\n  ipv4: 10.200.0.1:15001\n  caFile: {ca}\nservices:\n  - address: {SERVICE}\n    \
-             offloadPercent: {percent}\n{remote_backend}",
-            ca = beamlit.ca_pem().display()
-        )
-    };
-    let node_netns = format!("/var/run/netns/{}", topology.node().name());
-    println!("[demo] the agent's egress tunnel listens on the node at 10.200.0.1:15001");
-    let agent = AgentFixture::start(cgroup.path(), &routes(0), &["--tunnel-netns", &node_netns])?;
-    println!("[demo] routes file: {}\n", agent.routes_path().display());
-
-    let mut totals = Totals::default();
-    for (percent, why) in [
-        (0, "healthy: everything stays local"),
-        (
-            100,
-            "the model fails: offload everything (the controller would decide this)",
-        ),
-        (
-            50,
-            "the model is overloaded: offload half of the new connections",
-        ),
-        (0, "recovered: back to local"),
-    ] {
-        println!("== offloadPercent: {percent}  ({why})");
-        println!(
-            "   $ edit {}  # offloadPercent: {percent}",
-            agent.routes_path().display()
-        );
-        agent.write_routes(&routes(percent))?;
-        agent.wait_share(SERVICE, percent * 100, Duration::from_secs(5))?;
-        let phase = requests(&client.netns, &cgroup, &mut totals)?;
-        println!(
-            "   -> {} local, {} beamlit, {} failed\n",
-            phase.local, phase.remote, phase.failed
-        );
-        if INTERRUPTED.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-    }
-    println!(
-        "$ beamlit-agent --bpffs {} inspect",
-        agent.bpffs().display()
-    );
-    let report = std::process::Command::new(beamlit_testbed::agent_bin())
-        .arg("--bpffs")
-        .arg(agent.bpffs())
-        .arg("inspect")
-        .output()?;
-    print!("{}", String::from_utf8_lossy(&report.stdout));
-    let stats = beamlit.stats()?;
-    println!(
-        "\nthe fake Beamlit served {} requests with {} OAuth token request(s)",
-        stats.requests - stats.token_requests,
-        stats.token_requests
-    );
-    println!(
-        "summary: {} requests, {} failed, {} local, {} offloaded through the tunnel",
-        totals.local + totals.remote + totals.failed,
-        totals.failed,
-        totals.local,
-        totals.remote
-    );
-    if totals.failed > 0 {
-        bail!("{} requests failed", totals.failed);
-    }
-    if totals.remote == 0 || totals.local == 0 {
-        bail!("the route never switched");
+fn interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted");
     }
     Ok(())
 }
 
-#[derive(Default)]
-struct Totals {
-    local: usize,
-    remote: usize,
-    failed: usize,
+/// Announces a step with what the user would type in a real cluster, runs it (with a spinner on
+/// a terminal), and says how long it took.
+fn step<T>(ci: bool, what: &str, real: &[&str], f: impl FnOnce() -> Result<T>) -> Result<T> {
+    interrupted()?;
+    println!("\n==> {what}");
+    for line in real {
+        println!("    in a real cluster: $ {line}");
+    }
+    let started = Instant::now();
+    let done = Arc::new(AtomicBool::new(false));
+    let spinner = (!ci && std::io::stdout().is_terminal()).then(|| {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let frames = ['|', '/', '-', '\\'];
+            let mut i = 0;
+            while !done.load(Ordering::Relaxed) {
+                print!("\r    {} {:.0?}   ", frames[i % 4], started.elapsed());
+                let _ = std::io::stdout().flush();
+                i += 1;
+                std::thread::sleep(Duration::from_millis(120));
+            }
+            print!("\r                          \r");
+        })
+    });
+    let result = f();
+    done.store(true, Ordering::Relaxed);
+    if let Some(s) = spinner {
+        let _ = s.join();
+    }
+    if result.is_ok() {
+        println!("    done in {:.1?}", started.elapsed());
+    }
+    result
 }
 
-fn requests(
-    ns: &beamlit_testbed::Netns,
-    cgroup: &TestCgroup,
-    totals: &mut Totals,
-) -> Result<Totals> {
-    let mut phase = Totals::default();
-    let mut opts = ProbeOptions::new(SERVICE.parse()?, 1);
+/// One request of the client's loop, as it ended.
+#[derive(Clone)]
+struct Request {
+    at: Duration,
+    route: Route,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+enum Route {
+    Local(String),
+    Beamlit,
+    Failed(String),
+}
+
+fn run(args: &DemoArgs) -> Result<()> {
+    let cluster = step(
+        args.ci,
+        "Starting a Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager) and a simulated node",
+        &["kind create cluster   # or any cluster of your own"],
+        || TestCluster::start_with_nodes(1),
+    )?;
+    let (bed, _controller, _node, agent) = step(
+        args.ci,
+        "Installing Beamlit: the ModelDeployment CRD, the controller, the agent on the node (and the fake Beamlit, standing in for the SaaS)",
+        &[
+            "helm install beamlit-controller ./charts/beamlit-controller --set beamlitApiToken=$API_KEY \\",
+            "    --set config.defaultRemoteBackend.authConfig.oauthConfig.clientId=$CLIENT_ID \\",
+            "    --set config.defaultRemoteBackend.authConfig.oauthConfig.clientSecret=$CLIENT_SECRET",
+        ],
+        || {
+            let bed = OffloadBed::new(&cluster, "demo")?;
+            let controller = bed.controller()?;
+            let node = TestCgroup::new("demo-node")?;
+            let agent = bed.agent("beamlit-node-1", &node)?;
+            Ok((bed, controller, node, agent))
+        },
+    )?;
+    let ns = bed.ns().to_string();
+    let kubectl = |args: &[&str]| -> Result<String> {
+        let mut full = args.to_vec();
+        full.extend(["-n", &ns]);
+        cluster.kubectl(&full)
+    };
+    step(
+        args.ci,
+        "Deploying the model: the seed README's php-apache Deployment and Service",
+        &["kubectl apply -f php-apache.yaml"],
+        || {
+            cluster.apply(&ns, PHP_APACHE)?;
+            cluster.wait_deployment_ready(&ns, "php-apache", 1, Duration::from_secs(60))
+        },
+    )?;
+    step(
+        args.ci,
+        "Applying the seed README's ModelDeployment",
+        &["kubectl apply -f model-deployment.yaml"],
+        || {
+            cluster.apply(&ns, &seed_model_deployment(&ns))?;
+            bed.wait_applied("the decision applied on the node", |s| {
+                s["agents"]["applied"] == 1
+            })
+        },
+    )?;
+    println!("\n$ kubectl get modeldeployment");
+    print!("{}", kubectl(&["get", "modeldeployment"])?);
+    let svc = bed.service_address()?;
+
+    let client = step(
+        args.ci,
+        "Starting a client pod",
+        &["kubectl run curl-check --image=curlimages/curl --restart=Never -it -- sh"],
+        || cluster.run_client_pod(&ns, "curl-check"),
+    )?;
+    println!(
+        "\n==> Requesting http://{svc} every 100 ms from the client pod\n    in a real cluster: $ while true; do curl -si http://php-apache | grep -i x-served-by; sleep 0.1; done"
+    );
+    let stop = bed.dir.join("stop-requests");
+    let mut opts = ProbeOptions::new(svc.parse()?, 0);
     opts.http = true;
-    for i in 1..=REQUESTS_PER_PHASE {
-        if INTERRUPTED.load(Ordering::SeqCst) {
-            break;
+    opts.each = true;
+    opts.timeout_ms = Some(2000);
+    opts.interval_ms = Some(100);
+    opts.until_file = Some(stop.clone());
+    let mut cmd = probe_command(&client.netns, &opts)?;
+    cmd.stderr(std::process::Stdio::null());
+    let mut probe = beamlit_testbed::spawn(cmd, Some(agent_cgroup(&agent)))?;
+    let requests: Arc<Mutex<Vec<Request>>> = Arc::default();
+    let started = Instant::now();
+    let reader = {
+        let requests = requests.clone();
+        let stdout = probe.take_stdout().context("the request loop's output")?;
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let Some(rest) = line.strip_prefix("EACH ") else {
+                    continue;
+                };
+                let mut parts = rest.splitn(3, ' ');
+                let (_, outcome, detail) = (parts.next(), parts.next(), parts.next());
+                let route = match (outcome, detail) {
+                    (Some("ok"), Some("beamlit")) => Route::Beamlit,
+                    (Some("ok"), Some(pod)) => Route::Local(pod.to_string()),
+                    (_, detail) => Route::Failed(detail.unwrap_or_default().to_string()),
+                };
+                let at = started.elapsed();
+                match &route {
+                    Route::Local(pod) => {
+                        println!("    {:>6.1}s  Route: local ({pod})", at.as_secs_f64())
+                    }
+                    Route::Beamlit => println!("    {:>6.1}s  Route: beamlit", at.as_secs_f64()),
+                    Route::Failed(e) => println!("    {:>6.1}s  FAILED: {e}", at.as_secs_f64()),
+                }
+                if let Ok(mut r) = requests.lock() {
+                    r.push(Request { at, route });
+                }
+            }
+        })
+    };
+    let first_after = |since: Duration, want: &dyn Fn(&Route) -> bool, timeout: Duration| {
+        let deadline = Instant::now() + timeout;
+        loop {
+            interrupted()?;
+            let found = requests.lock().ok().and_then(|r| {
+                r.iter()
+                    .find(|q| q.at >= since && want(&q.route))
+                    .map(|q| q.at)
+            });
+            if let Some(at) = found {
+                return Ok(at);
+            }
+            if Instant::now() > deadline {
+                bail!("no such answer within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        let started = Instant::now();
-        let report = run_probe(ns, Some(cgroup.path()), &opts)?;
-        let line = if report.count("beamlit") == 1 {
-            phase.remote += 1;
-            "Route: beamlit"
-        } else if report.count("php-apache") == 1 {
-            phase.local += 1;
-            "Route: local"
-        } else {
-            phase.failed += 1;
-            "FAILED"
-        };
-        println!("   request {i:>2}: {line}");
-        std::thread::sleep(Duration::from_millis(100).saturating_sub(started.elapsed()));
+    };
+    sleep_interruptibly(Duration::from_secs(3))?;
+
+    println!(
+        "\n==> The model fails: scaling php-apache to 0 replicas\n    $ kubectl scale deployment php-apache --replicas=0"
+    );
+    let down = started.elapsed();
+    scale(&cluster, &ns, 0)?;
+    let first_remote = first_after(down, &|r| *r == Route::Beamlit, Duration::from_secs(30))?;
+    sleep_interruptibly(Duration::from_secs(3))?;
+    println!("\n$ kubectl get modeldeployment");
+    print!("{}", kubectl(&["get", "modeldeployment"])?);
+
+    println!(
+        "\n==> The model is back: scaling php-apache to 1 replica\n    $ kubectl scale deployment php-apache --replicas=1"
+    );
+    let up = started.elapsed();
+    scale(&cluster, &ns, 1)?;
+    let first_local = first_after(
+        up,
+        &|r| matches!(r, Route::Local(_)),
+        Duration::from_secs(60),
+    )?;
+    sleep_interruptibly(Duration::from_secs(3))?;
+    std::fs::write(&stop, "")?;
+    let _ = probe.wait_with_output_timeout(Duration::from_secs(10));
+    let _ = reader.join();
+    println!("\n$ kubectl get modeldeployment");
+    print!("{}", kubectl(&["get", "modeldeployment"])?);
+    let decided = status(&cluster, &ns, "php-apache")?;
+
+    let requests = requests.lock().map(|r| r.clone()).unwrap_or_default();
+    let failed = requests
+        .iter()
+        .filter(|r| matches!(r.route, Route::Failed(_)))
+        .count();
+    let remote = requests
+        .iter()
+        .filter(|r| r.route == Route::Beamlit)
+        .count();
+    let local = requests.len() - failed - remote;
+    let picture = args.out.join("timeline.svg");
+    std::fs::create_dir_all(&args.out)?;
+    std::fs::write(
+        &picture,
+        timeline_svg(&requests, down, up, started.elapsed()),
+    )?;
+    let stats = bed.fake.stats()?;
+    println!("\n== Summary");
+    println!("requests sent                      {}", requests.len());
+    println!("failed                             {failed}");
+    println!("answered locally / by Beamlit      {local} / {remote}");
+    println!(
+        "scale to 0 -> first Beamlit answer {:.0?}",
+        first_remote.saturating_sub(down)
+    );
+    println!(
+        "scale to 1 -> first local answer   {:.1?} (the new pod starting, then the 1 s hold)",
+        first_local.saturating_sub(up)
+    );
+    println!(
+        "OAuth token requests to Beamlit    {}",
+        stats.token_requests
+    );
+    println!(
+        "the controller's decision now      {}% ({})",
+        decided["offloadPercent"],
+        decided["reason"].as_str().unwrap_or("?")
+    );
+    println!(
+        "timeline picture                   {}",
+        absolute(&picture).display()
+    );
+
+    if args.keep {
+        println!(
+            "\n[demo] --keep: everything stays up until Ctrl-C. Try:\n  \
+             kubectl --kubeconfig {kc} get modeldeployment -A\n  \
+             kubectl --kubeconfig {kc} -n {ns} scale deployment php-apache --replicas=0\n  \
+             {agent_bin} --bpffs {bpffs} --state-dir {state} inspect",
+            kc = cluster.kubeconfig().display(),
+            agent_bin = beamlit_testbed::agent_bin().display(),
+            bpffs = agent.bpffs().display(),
+            state = agent.state_dir().display(),
+        );
+        while !INTERRUPTED.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
-    totals.local += phase.local;
-    totals.remote += phase.remote;
-    totals.failed += phase.failed;
-    Ok(phase)
+    if failed > 0 {
+        bail!("{failed} requests failed");
+    }
+    if remote == 0 || local == 0 {
+        bail!("the route never switched ({local} local, {remote} Beamlit)");
+    }
+    Ok(())
+}
+
+fn agent_cgroup(agent: &beamlit_testbed::AgentFixture) -> &Path {
+    agent.cgroup()
+}
+
+fn sleep_interruptibly(d: Duration) -> Result<()> {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        interrupted()?;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Requests over time, one tick each, coloured by route (local green, Beamlit blue, failed
+/// red), with the two scale commands marked.
+fn timeline_svg(requests: &[Request], down: Duration, up: Duration, end: Duration) -> String {
+    let (width, height, left, right) = (960.0, 240.0, 60.0, 20.0);
+    let span = end.as_secs_f64().max(1.0);
+    let x = |t: Duration| left + (width - left - right) * t.as_secs_f64() / span;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" \
+         font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{left}\" y=\"20\" font-size=\"14\">Requests to the php-apache Service from the client pod (one tick each)</text>\n"
+    );
+    let lanes = [
+        ("local", 60.0, "#2e7d32"),
+        ("Beamlit", 110.0, "#1565c0"),
+        ("failed", 160.0, "#c62828"),
+    ];
+    for (name, y, colour) in lanes {
+        svg.push_str(&format!(
+            "<text x=\"8\" y=\"{}\" fill=\"{colour}\">{name}</text>\n",
+            y + 14.0
+        ));
+    }
+    for r in requests {
+        let (y, colour) = match r.route {
+            Route::Local(_) => (lanes[0].1, lanes[0].2),
+            Route::Beamlit => (lanes[1].1, lanes[1].2),
+            Route::Failed(_) => (lanes[2].1, lanes[2].2),
+        };
+        svg.push_str(&format!(
+            "<line x1=\"{x:.1}\" x2=\"{x:.1}\" y1=\"{y}\" y2=\"{}\" stroke=\"{colour}\" stroke-width=\"2\"/>\n",
+            y + 20.0,
+            x = x(r.at)
+        ));
+    }
+    for (t, label) in [(down, "scale --replicas=0"), (up, "scale --replicas=1")] {
+        svg.push_str(&format!(
+            "<line x1=\"{x:.1}\" x2=\"{x:.1}\" y1=\"40\" y2=\"190\" stroke=\"black\" stroke-dasharray=\"4 3\"/>\n\
+             <text x=\"{tx:.1}\" y=\"36\">{label}</text>\n",
+            x = x(t),
+            tx = x(t) + 4.0
+        ));
+    }
+    svg.push_str(&format!(
+        "<line x1=\"{left}\" x2=\"{}\" y1=\"200\" y2=\"200\" stroke=\"#999\"/>\n\
+         <text x=\"{left}\" y=\"218\">0 s</text>\n<text x=\"{}\" y=\"218\" text-anchor=\"end\">{:.0} s</text>\n</svg>\n",
+        width - right,
+        width - right,
+        span
+    ));
+    svg
 }

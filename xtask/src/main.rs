@@ -37,9 +37,10 @@ enum Task {
     },
     /// Write the ModelDeployment CRD, generated from the Rust types, into crds/.
     Crds,
-    /// Standalone demo: a client pod whose requests switch from the local backend to the
-    /// tunnel when the offload share changes, then back.
-    Demo,
+    /// The seed README's walkthrough, live: a control plane with a simulated node, the
+    /// controller and the agent, the fake Beamlit; php-apache scaled to 0 and back while a client
+    /// requests it every 100 ms. Needs root and cgroup v2.
+    Demo(demo::DemoArgs),
     /// Benchmarks, measured side by side in one run against a baseline.
     Bench {
         #[command(subcommand)]
@@ -74,7 +75,7 @@ fn main() -> anyhow::Result<()> {
     match cli.task {
         Task::Setup => setup::setup(),
         Task::Test { args } => test(&args),
-        Task::Demo => demo::demo(),
+        Task::Demo(args) => demo::demo(&args),
         Task::Crds => {
             let path = project_root().join(beamlit_api::CRD_FILE);
             std::fs::write(&path, beamlit_api::crd_yaml()?)

@@ -210,35 +210,6 @@ where
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn failover_holds_after_endpoints_return_then_ends() {
-        let svc = ("models".to_string(), "php".to_string());
-        let t0 = Instant::now();
-        let mut unready = HashMap::new();
-        let mut ready = desired::ReadyEndpoints::from([(svc.clone(), 0)]);
-        assert_eq!(
-            hold_failover(&mut unready, &mut ready, t0),
-            None,
-            "down: no hold yet"
-        );
-        let back = t0 + Duration::from_millis(100);
-        let mut ready = desired::ReadyEndpoints::from([(svc.clone(), 2)]);
-        assert_eq!(
-            hold_failover(&mut unready, &mut ready, back),
-            Some(t0 + FAILOVER_HOLD)
-        );
-        assert_eq!(ready[&svc], 0, "held: still failed over");
-        let later = t0 + FAILOVER_HOLD;
-        let mut ready = desired::ReadyEndpoints::from([(svc.clone(), 2)]);
-        assert_eq!(hold_failover(&mut unready, &mut ready, later), None);
-        assert_eq!(ready[&svc], 2, "the hold is over");
-    }
-}
-
 pub struct Cluster {
     config: ClusterConfig,
     client: Client,
@@ -432,5 +403,34 @@ impl Cluster {
         if let Err(e) = result {
             warn!(dir = %dir.display(), "writing the state `inspect` reads: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failover_holds_after_endpoints_return_then_ends() {
+        let svc = ("models".to_string(), "php".to_string());
+        let t0 = Instant::now();
+        let mut unready = HashMap::new();
+        let mut ready = desired::ReadyEndpoints::from([(svc.clone(), 0)]);
+        assert_eq!(
+            hold_failover(&mut unready, &mut ready, t0),
+            None,
+            "down: no hold yet"
+        );
+        let back = t0 + Duration::from_millis(100);
+        let mut ready = desired::ReadyEndpoints::from([(svc.clone(), 2)]);
+        assert_eq!(
+            hold_failover(&mut unready, &mut ready, back),
+            Some(t0 + FAILOVER_HOLD)
+        );
+        assert_eq!(ready[&svc], 0, "held: still failed over");
+        let later = t0 + FAILOVER_HOLD;
+        let mut ready = desired::ReadyEndpoints::from([(svc.clone(), 2)]);
+        assert_eq!(hold_failover(&mut unready, &mut ready, later), None);
+        assert_eq!(ready[&svc], 2, "the hold is over");
     }
 }
