@@ -1,6 +1,10 @@
-//! Where metric values come from. Today: Prometheus instant queries for `External` metrics (the
-//! metric name plus its label selector, rendered as PromQL). The other sources (metrics.k8s.io,
-//! custom and external metrics APIs) are not collected yet and report so.
+//! Where metric values come from:
+//! - `Resource` and `ContainerResource`: metrics.k8s.io (metrics-server), the pods' usage against
+//!   their requests with the HPA's arithmetic, over the workload's running pods;
+//! - `External`: Prometheus instant queries (the metric name plus its label selector, rendered
+//!   as PromQL).
+//!
+//! The custom and external metrics APIs (`Pods`, `Object`) are not collected yet and report so.
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -9,7 +13,14 @@ use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
 };
-use k8s_openapi::api::autoscaling::v2::MetricSpec;
+use k8s_openapi::api::{
+    autoscaling::v2::{MetricSpec, MetricTarget},
+    core::v1::Pod,
+};
+use kube::{
+    Api,
+    api::{ApiResource, DynamicObject, GroupVersionKind, ListParams},
+};
 
 use beamlit_api::MetricValue;
 
@@ -76,16 +87,37 @@ impl Prometheus {
     }
 }
 
+/// The pods a ModelDeployment's metrics are computed over: the workload's, by its selector.
+pub struct WorkloadPods<'a> {
+    pub namespace: &'a str,
+    /// The workload's label selector, rendered (`app=x,tier in (a,b)`).
+    pub selector: &'a str,
+}
+
+/// What [`evaluate`] reads from.
+pub struct Sources<'a> {
+    pub client: &'a kube::Client,
+    pub prometheus: Option<&'a Prometheus>,
+    /// `None` when the workload was not found.
+    pub pods: Option<WorkloadPods<'a>>,
+}
+
 /// One metric of a ModelDeployment: its reading for the decision and its value for status.
-pub async fn evaluate(
-    spec: &MetricSpec,
-    prometheus: Option<&Prometheus>,
-) -> (MetricReading, MetricValue) {
+pub async fn evaluate(spec: &MetricSpec, sources: &Sources<'_>) -> (MetricReading, MetricValue) {
     let mut value = MetricValue {
         name: name(spec),
         ..MetricValue::default()
     };
+    let prometheus = sources.prometheus;
     let result = match (spec.type_.as_str(), spec.external.as_ref()) {
+        ("Resource", _) => match &spec.resource {
+            Some(r) => resource(sources, &r.name, None, &r.target, &mut value).await,
+            None => Err("type Resource requires resource".into()),
+        },
+        ("ContainerResource", _) => match &spec.container_resource {
+            Some(r) => resource(sources, &r.name, Some(&r.container), &r.target, &mut value).await,
+            None => Err("type ContainerResource requires containerResource".into()),
+        },
         ("External", Some(external)) => match prometheus {
             None => Err(
                 "External metrics are read from Prometheus: start the controller with \
@@ -106,6 +138,151 @@ pub async fn evaluate(
         Err(why) => {
             value.error = Some(why.clone());
             (MetricReading::unavailable(why), value)
+        }
+    }
+}
+
+/// metrics.k8s.io's PodMetrics (served by metrics-server).
+fn pod_metrics_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("metrics.k8s.io", "v1beta1", "PodMetrics"),
+        "pods",
+    )
+}
+
+/// `Resource` / `ContainerResource`: the workload's running pods, their requests for `resource`
+/// (from the pod specs) and their usage (from metrics.k8s.io), compared as the HPA does.
+async fn resource(
+    sources: &Sources<'_>,
+    resource: &str,
+    container: Option<&str>,
+    target: &MetricTarget,
+    value: &mut MetricValue,
+) -> Result<bool, String> {
+    let target = Target::from_metric_target(target).map_err(|e| e.to_string())?;
+    if matches!(target, Target::Value(_)) {
+        return Err(format!(
+            "a {resource} metric takes a Utilization or AverageValue target (as the HPA), not Value"
+        ));
+    }
+    let scope = sources
+        .pods
+        .as_ref()
+        .ok_or("the workload was not found, so its pods are unknown")?;
+    let lp = ListParams::default().labels(scope.selector);
+    let pods = Api::<Pod>::namespaced(sources.client.clone(), scope.namespace)
+        .list(&lp)
+        .await
+        .map_err(|e| format!("listing the workload's pods: {e}"))?;
+    let metrics = Api::<DynamicObject>::namespaced_with(
+        sources.client.clone(),
+        scope.namespace,
+        &pod_metrics_resource(),
+    )
+    .list(&lp)
+    .await
+    .map_err(|e| {
+        format!(
+            "metrics.k8s.io is unavailable ({e}); install metrics-server (Helm: \
+             --set installMetricServer=true)"
+        )
+    })?;
+    let wanted = |name: &str| container.is_none_or(|c| c == name);
+    let mut usage = std::collections::HashMap::new();
+    for m in &metrics.items {
+        let Some(pod) = m.metadata.name.clone() else {
+            continue;
+        };
+        let mut total: Option<i128> = None;
+        for c in m.data["containers"].as_array().into_iter().flatten() {
+            if !wanted(c["name"].as_str().unwrap_or_default()) {
+                continue;
+            }
+            if let Some(q) = c["usage"][resource].as_str() {
+                let milli = metric_math::parse_quantity_milli(q)
+                    .map_err(|e| format!("pod {pod} usage of {resource}: {e}"))?;
+                total = Some(total.unwrap_or(0) + milli);
+            }
+        }
+        usage.insert(pod, total);
+    }
+    let mut samples = Vec::new();
+    for pod in &pods.items {
+        let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+        if !running || pod.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let containers: Vec<_> = pod
+            .spec
+            .iter()
+            .flat_map(|s| s.containers.iter())
+            .filter(|c| wanted(&c.name))
+            .collect();
+        if let Some(c) = container
+            && containers.is_empty()
+        {
+            return Err(format!("pod {name} has no container named {c}"));
+        }
+        // A partial request would inflate utilization: any container without one voids it.
+        let mut request: Option<i128> = Some(0);
+        for c in &containers {
+            let q = c
+                .resources
+                .as_ref()
+                .and_then(|r| r.requests.as_ref())
+                .and_then(|r| r.get(resource));
+            request = match (request, q) {
+                (Some(sum), Some(q)) => {
+                    Some(sum + metric_math::quantity_milli(q).map_err(|e| e.to_string())?)
+                }
+                _ => None,
+            };
+        }
+        samples.push(metric_math::PodSample {
+            usage_milli: usage.get(&name).copied().flatten(),
+            request_milli: request,
+            name,
+        });
+    }
+    match target {
+        Target::Utilization(percent) => {
+            let r = metric_math::resource_utilization(&samples).map_err(|e| e.to_string())?;
+            value.current = Some(format!("{}%", r.percent));
+            value.target = Some(format!("{percent}%"));
+            let mut left_out = Vec::new();
+            if !r.missing_request.is_empty() {
+                left_out.push(format!(
+                    "pods without a {resource} request: {}",
+                    r.missing_request.join(", ")
+                ));
+            }
+            if !r.missing_usage.is_empty() {
+                left_out.push(format!(
+                    "pods without usage yet: {}",
+                    r.missing_usage.join(", ")
+                ));
+            }
+            if !left_out.is_empty() {
+                value.error = Some(format!("left out: {}", left_out.join("; ")));
+            }
+            Ok(metric_math::is_above(
+                i128::from(r.percent),
+                &target,
+                metric_math::DEFAULT_TOLERANCE,
+            ))
+        }
+        _ => {
+            let measured: Vec<i128> = samples.iter().filter_map(|s| s.usage_milli).collect();
+            let average = metric_math::average_value(measured.iter().sum(), measured.len())
+                .map_err(|e| e.to_string())?;
+            value.current = Some(format_milli(average));
+            value.target = Some(format_milli(target.amount()));
+            Ok(metric_math::is_above(
+                average,
+                &target,
+                metric_math::DEFAULT_TOLERANCE,
+            ))
         }
     }
 }

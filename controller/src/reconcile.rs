@@ -331,11 +331,25 @@ pub async fn reconcile(md: Arc<ModelDeployment>, running: Arc<Running>) -> Resul
         }
         None => 0,
     };
-    let (readings, metric_values) = evaluate_metrics(&md, ctx.prometheus.as_ref()).await;
     let (workload, workload_error) = match resolve_workload(caches, &md, &namespace) {
         Ok(w) => (Some(w), None),
         Err(why) => (None, Some(why)),
     };
+    let selector = workload
+        .as_ref()
+        .and_then(|w| workload_selector(caches, &md.spec.model_source_ref.kind, w));
+    let sources = crate::metric_source::Sources {
+        client: &ctx.client,
+        prometheus: ctx.prometheus.as_ref(),
+        pods: match (&workload, &selector) {
+            (Some(w), Some(selector)) => Some(crate::metric_source::WorkloadPods {
+                namespace: &w.namespace,
+                selector,
+            }),
+            _ => None,
+        },
+    };
+    let (readings, metric_values) = evaluate_metrics(&md, &sources).await;
 
     let previous_status = md.status.clone();
     let previous = previous_status.as_ref().and_then(decision_from_status);
@@ -676,10 +690,45 @@ fn resolve_service(
     }
 }
 
+/// The workload's pod selector, rendered for a list call (from the cached workload).
+fn workload_selector(caches: &Caches, kind: &WorkloadKind, w: &ResolvedWorkload) -> Option<String> {
+    let (name, ns) = (w.name.as_str(), w.namespace.as_str());
+    let selector = match kind {
+        WorkloadKind::Deployment => caches
+            .deployments
+            .get(&ObjectRef::new(name).within(ns))?
+            .spec
+            .selector
+            .clone(),
+        WorkloadKind::StatefulSet => caches
+            .statefulsets
+            .get(&ObjectRef::new(name).within(ns))?
+            .spec
+            .selector
+            .clone(),
+        WorkloadKind::ReplicaSet => caches
+            .replicasets
+            .get(&ObjectRef::new(name).within(ns))?
+            .spec
+            .selector
+            .clone(),
+        WorkloadKind::DaemonSet => caches
+            .daemonsets
+            .get(&ObjectRef::new(name).within(ns))?
+            .spec
+            .selector
+            .clone(),
+    };
+    kube::core::Selector::try_from(selector)
+        .ok()
+        .map(|s| s.to_string())
+        .filter(|s| !s.is_empty())
+}
+
 /// Every metric of the spec, read and compared (see [`crate::metric_source`]).
 async fn evaluate_metrics(
     md: &ModelDeployment,
-    prometheus: Option<&crate::metric_source::Prometheus>,
+    sources: &crate::metric_source::Sources<'_>,
 ) -> (Vec<decision::MetricReading>, Vec<MetricValue>) {
     let metrics = md
         .spec
@@ -690,7 +739,7 @@ async fn evaluate_metrics(
     let mut readings = Vec::with_capacity(metrics.len());
     let mut values = Vec::with_capacity(metrics.len());
     for metric in metrics {
-        let (reading, value) = crate::metric_source::evaluate(metric, prometheus).await;
+        let (reading, value) = crate::metric_source::evaluate(metric, sources).await;
         readings.push(reading);
         values.push(value);
     }

@@ -13,23 +13,40 @@ use crate::cluster::TestCluster;
 pub const MODEL_DEPLOYMENT_CRD: &str =
     include_str!("../../crds/modeldeployments.deployment.beamlit.com.yaml");
 
+/// A stand-in for metrics-server: PodMetrics (metrics.k8s.io/v1beta1) served as a CRD.
+pub const POD_METRICS_CRD: &str = include_str!("../fixtures/pod-metrics-crd.yaml");
+
 pub fn install_model_deployment_crd(cluster: &TestCluster) -> Result<()> {
-    // API servers (by URL) that have it; the lock serializes installs.
+    install_once(
+        cluster,
+        MODEL_DEPLOYMENT_CRD,
+        "modeldeployments.deployment.beamlit.com",
+    )
+}
+
+/// metrics.k8s.io's PodMetrics at metrics-server's URL, written by the test.
+pub fn install_pod_metrics_crd(cluster: &TestCluster) -> Result<()> {
+    install_once(cluster, POD_METRICS_CRD, "pods.metrics.k8s.io")
+}
+
+fn install_once(cluster: &TestCluster, yaml: &str, name: &str) -> Result<()> {
+    // (API server URL, CRD) pairs installed; the lock serializes installs.
     static INSTALLED: OnceLock<Mutex<BTreeSet<String>>> = OnceLock::new();
     let mut installed = INSTALLED
         .get_or_init(Mutex::default)
         .lock()
         .unwrap_or_else(|p| p.into_inner());
-    if installed.contains(cluster.server()) {
+    let key = format!("{} {name}", cluster.server());
+    if installed.contains(&key) {
         return Ok(());
     }
-    cluster.kubectl_with_stdin(&["apply", "-f", "-"], Some(MODEL_DEPLOYMENT_CRD))?;
+    cluster.kubectl_with_stdin(&["apply", "-f", "-"], Some(yaml))?;
     cluster.kubectl(&[
         "wait",
         "--for=condition=Established",
         "--timeout=30s",
-        "crd/modeldeployments.deployment.beamlit.com",
+        &format!("crd/{name}"),
     ])?;
-    installed.insert(cluster.server().to_string());
+    installed.insert(key);
     Ok(())
 }

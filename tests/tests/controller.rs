@@ -410,3 +410,91 @@ fn the_binary_refuses_a_bad_configuration_naming_the_key() -> Result<()> {
     );
     Ok(())
 }
+
+/// One PodMetrics object (what metrics-server serves) for `pod`, with `cpu` usage in its only
+/// container, labelled like the pod (metrics-server copies the pod's labels).
+fn pod_metrics(pod: &str, cpu: &str) -> String {
+    format!(
+        "apiVersion: metrics.k8s.io/v1beta1\nkind: PodMetrics\nmetadata:\n  name: {pod}\n  \
+         labels: {{run: php-apache}}\ntimestamp: \"2026-11-24T00:00:00Z\"\nwindow: 15s\n\
+         containers:\n  - name: php-apache\n    usage: {{cpu: \"{cpu}\", memory: 10Mi}}\n"
+    )
+}
+
+/// The seed's own metric, CPU `Utilization` 90 (metrics.k8s.io), with the HPA's arithmetic:
+/// usage over the pod's request (php-apache requests 200m): 100m is 50% (healthy), 300m is 150%
+/// (above: `percentage`, 50); without requests the metric is unavailable, naming the pod, and
+/// never offloads.
+#[test]
+fn cpu_utilization_from_metrics_k8s_io_drives_offloading() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let cluster = TestCluster::shared()?;
+    install_model_deployment_crd(cluster)?;
+    beamlit_testbed::crds::install_pod_metrics_crd(cluster)?;
+    let ns = cluster.namespace("ctlcpu")?;
+    deploy_seed(cluster, ns.name())?;
+    let controller = ControllerProcess::start(cluster, ns.name())?;
+    let wait = |what: &str, check: &dyn Fn(&serde_json::Value) -> bool| {
+        wait_status(
+            cluster,
+            ns.name(),
+            "php-apache",
+            Duration::from_secs(30),
+            what,
+            check,
+        )
+        .with_context(|| controller.log())
+    };
+    wait("no sample yet: unavailable", &|s| {
+        s["metrics"][0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("usage"))
+            && s["offloadPercent"] == 0
+    })?;
+    let pod = cluster
+        .kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            ns.name(),
+            "-l",
+            "run=php-apache",
+            "-o",
+            "jsonpath={.items[0].metadata.name}",
+        ])?
+        .trim()
+        .to_string();
+    cluster.apply(ns.name(), &pod_metrics(&pod, "100m"))?;
+    wait("100m of 200m: 50%, healthy", &|s| {
+        s["metrics"][0]["current"] == "50%"
+            && s["metrics"][0]["target"] == "90%"
+            && s["offloadPercent"] == 0
+    })?;
+    cluster.apply(ns.name(), &pod_metrics(&pod, "300m"))?;
+    wait("300m of 200m: 150%, offload the seed's 50%", &|s| {
+        s["metrics"][0]["current"] == "150%"
+            && s["offloadPercent"] == 50
+            && s["reason"] == "MetricAboveTarget"
+    })?;
+
+    // Requests removed: utilization is undefined; reported, never a division by zero.
+    cluster.kubectl(&[
+        "patch",
+        "deployment",
+        "php-apache",
+        "-n",
+        ns.name(),
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/spec/template/spec/containers/0/resources"}]"#,
+    ])?;
+    cluster.wait_deployment_ready(ns.name(), "php-apache", 1, Duration::from_secs(60))?;
+    wait("no request: unavailable, naming the pod", &|s| {
+        s["metrics"][0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no pod has a resource request"))
+    })?;
+    Ok(())
+}
