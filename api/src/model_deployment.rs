@@ -276,6 +276,29 @@ pub struct ModelDeploymentStatus {
     /// `$model` are substituted; secrets are never copied here, only referenced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote_backend: Option<EffectiveRemoteBackend>,
+    /// The model on Beamlit (when the controller has Beamlit credentials).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beamlit: Option<BeamlitSync>,
+}
+
+/// What the controller last pushed to Beamlit for this model, and how that went.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BeamlitSync {
+    /// The `metadata.generation` whose spec Beamlit has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synced_generation: Option<i64>,
+    /// The model's `offloading` label as last set on Beamlit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offloading_label: Option<bool>,
+    /// Consecutive failed attempts (the retry backoff grows with them).
+    #[serde(default)]
+    pub failures: i32,
+    /// RFC 3339 time before which no new attempt is made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// The remote backend the agents' tunnels forward offloaded connections to.

@@ -11,6 +11,9 @@
 //! leaderElection: {enabled: true, namespace: beamlit-system, name: beamlit-controller, leaseDurationSeconds: 15}
 //! workspace: my-workspace          # substituted for $workspace in remote backend paths
 //! agentNamespace: beamlit-system   # where the agents' Leases (acknowledgements) live
+//! beamlitApi:                      # optional: keep the models on Beamlit (finalizer, labels)
+//!   baseUrl: https://api.beamlit.com/v0
+//!   tokenFile: /etc/beamlit/api-token   # base64 of clientId:clientSecret
 //! defaultRemoteBackend:            # for ModelDeployments without spec.offloadingConfig.remoteBackend
 //!   host: run.beamlit.com
 //!   scheme: https
@@ -39,6 +42,23 @@ pub struct FileConfig {
     pub workspace: Option<String>,
     pub agent_namespace: Option<String>,
     pub default_remote_backend: Option<crate::backend::DefaultRemoteBackend>,
+    pub beamlit_api: Option<BeamlitApiFileConfig>,
+}
+
+/// `beamlitApi`: how the controller reaches the Beamlit API (models, the `offloading` label).
+/// Without it, everything but the Beamlit model sync works ("offload to any backend").
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BeamlitApiFileConfig {
+    /// Default `https://api.beamlit.com/v0`.
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// A file holding the API token, base64 of `clientId:clientSecret` (the Helm value
+    /// `beamlitApiToken`, mounted from a Secret).
+    pub token_file: std::path::PathBuf,
+    /// CA bundle trusted besides the system roots (private endpoints).
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
@@ -104,6 +124,11 @@ pub fn parse(label: &str, text: &str) -> Result<FileConfig, ConfigError> {
     {
         return Err(invalid(
             "defaultRemoteBackend.host: must not be empty; write host[:port]".into(),
+        ));
+    }
+    if config.beamlit_api.is_some() && config.workspace.is_none() {
+        return Err(invalid(
+            "beamlitApi: needs `workspace` (the Beamlit workspace the models belong to)".into(),
         ));
     }
     if let Some(bad) = config.namespaces.iter().find(|n| n.trim().is_empty()) {

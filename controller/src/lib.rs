@@ -3,6 +3,7 @@
 //!
 //! - [`backend`]: the remote backend in force (the spec's or the configured default);
 //! - [`beamlit_api`]: the Beamlit API client (OAuth token, models, the `offloading` label);
+//! - [`beamlit_sync`]: the model on Beamlit kept in line (pure plan, backoff, finalizer);
 //! - [`config`]: the configuration file, refused with the bad key named;
 //! - [`decision`]: the offload decision, a pure function of spec, readiness, metrics, the
 //!   previous decision and the time;
@@ -14,6 +15,7 @@
 //! - [`leader`]: leader election on a Lease, so that one replica decides.
 pub mod backend;
 pub mod beamlit_api;
+pub mod beamlit_sync;
 pub mod config;
 pub mod decision;
 pub mod leader;

@@ -77,6 +77,7 @@ struct Settings {
     workspace: Option<String>,
     agent_namespace: String,
     default_backend: Option<beamlit_controller::backend::DefaultRemoteBackend>,
+    beamlit_api: Option<config::BeamlitApiFileConfig>,
 }
 
 impl Settings {
@@ -138,8 +139,32 @@ impl Settings {
                 .or_else(|| std::env::var("POD_NAMESPACE").ok())
                 .unwrap_or_else(|| beamlit_api::acknowledgement::DEFAULT_AGENT_NAMESPACE.into()),
             default_backend: file.default_remote_backend,
+            beamlit_api: file.beamlit_api,
         })
     }
+}
+
+/// The Beamlit API client from `beamlitApi` (the token file is read here, once).
+fn beamlit_client(
+    config: &config::BeamlitApiFileConfig,
+    workspace: &str,
+) -> anyhow::Result<beamlit_controller::beamlit_api::BeamlitApi> {
+    use beamlit_controller::beamlit_api::{BeamlitApi, BeamlitApiConfig, parse_api_token};
+    let token = std::fs::read_to_string(&config.token_file).with_context(|| {
+        format!(
+            "beamlitApi.tokenFile: cannot read {}",
+            config.token_file.display()
+        )
+    })?;
+    let (client_id, secret) = parse_api_token(&token).context("beamlitApi.tokenFile")?;
+    let mut api = BeamlitApiConfig::new(client_id, secret, workspace);
+    if let Some(base) = &config.base_url {
+        api.base_url = base.clone();
+    }
+    api.extra_ca_file = config.ca_file.clone();
+    let client = BeamlitApi::new(api).context("beamlitApi")?;
+    tracing::info!(base = %config.base_url.as_deref().unwrap_or(beamlit_controller::beamlit_api::DEFAULT_BASE_URL), "Beamlit API configured: models are kept in line, with a finalizer");
+    Ok(client)
 }
 
 /// POD_NAME in a cluster; hostname and pid elsewhere.
@@ -175,6 +200,13 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
 
+    let beamlit = match &settings.beamlit_api {
+        None => None,
+        Some(api) => Some(beamlit_client(
+            api,
+            settings.workspace.as_deref().unwrap_or_default(),
+        )?),
+    };
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
@@ -197,6 +229,7 @@ async fn main() -> anyhow::Result<()> {
         workspace: settings.workspace,
         agent_namespace: settings.agent_namespace,
         default_backend: settings.default_backend,
+        beamlit,
     });
     let elector = settings.leader.map(|config| Elector::new(client, config));
     if let Some(elector) = &elector {

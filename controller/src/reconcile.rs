@@ -17,7 +17,7 @@ use kube::{
         Controller, WatchStreamExt as _,
         controller::Action,
         events::{Event, EventType, Recorder, Reporter},
-        predicates,
+        finalizer, predicates,
         reflector::{self, ObjectRef, Store},
         watcher,
     },
@@ -32,7 +32,7 @@ use beamlit_api::{
 
 use crate::{
     backend::{self, DefaultRemoteBackend},
-    decision,
+    beamlit_sync, decision,
     resolve::{self, ResolveError},
     status::{self, ConditionState, DecisionFields, Observed},
 };
@@ -48,6 +48,10 @@ pub enum Error {
     NoNamespace,
     #[error("the caches of Services, EndpointSlices and workloads did not fill within 60 s")]
     CachesNotReady,
+    #[error("{0}")]
+    Beamlit(#[from] crate::beamlit_api::ApiError),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 }
 
 pub struct Context {
@@ -67,6 +71,8 @@ pub struct Context {
     pub agent_namespace: String,
     /// For ModelDeployments without their own remote backend.
     pub default_backend: Option<DefaultRemoteBackend>,
+    /// The Beamlit API, when the controller has credentials for it.
+    pub beamlit: Option<crate::beamlit_api::BeamlitApi>,
 }
 
 impl Context {
@@ -300,12 +306,42 @@ fn error_policy(md: Arc<ModelDeployment>, error: &Error, running: Arc<Running>) 
     Action::requeue(Duration::from_secs(5))
 }
 
+/// With Beamlit credentials, a finalizer holds each ModelDeployment until its model is deleted on
+/// Beamlit; without them no finalizer is added (one left by an earlier configuration is
+/// released), so deleting never waits on a service this controller does not talk to.
 pub async fn reconcile(md: Arc<ModelDeployment>, running: Arc<Running>) -> Result<Action, Error> {
-    let (ctx, caches) = (&running.ctx, &running.caches);
     let namespace = md.namespace().ok_or(Error::NoNamespace)?;
-    if !ctx.handles(Some(&namespace)) {
+    if !running.ctx.handles(Some(&namespace)) {
         return Ok(Action::await_change());
     }
+    let holds_finalizer = md.finalizers().iter().any(|f| f == beamlit_sync::FINALIZER);
+    if running.ctx.beamlit.is_none() && !holds_finalizer {
+        return apply(md, &running).await;
+    }
+    let api: Api<ModelDeployment> = Api::namespaced(running.ctx.client.clone(), &namespace);
+    finalizer(&api, beamlit_sync::FINALIZER, md, |event| async {
+        match event {
+            finalizer::Event::Apply(md) => apply(md, &running).await,
+            finalizer::Event::Cleanup(md) => cleanup(md, &running).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+/// The ModelDeployment is being deleted: its model goes from Beamlit (404 = already gone).
+async fn cleanup(md: Arc<ModelDeployment>, running: &Running) -> Result<Action, Error> {
+    if let Some(api) = &running.ctx.beamlit {
+        api.delete_model(&md.spec.model, &md.spec.environment)
+            .await?;
+        info!(model_deployment = %md.name_any(), model = %md.spec.model, "model deleted on Beamlit");
+    }
+    Ok(Action::await_change())
+}
+
+async fn apply(md: Arc<ModelDeployment>, running: &Running) -> Result<Action, Error> {
+    let (ctx, caches) = (&running.ctx, &running.caches);
+    let namespace = md.namespace().ok_or(Error::NoNamespace)?;
     ctx.metrics.reconcile();
     caches.ready().await?;
     let client = &ctx.client;
@@ -446,7 +482,58 @@ pub async fn reconcile(md: Arc<ModelDeployment>, running: Arc<Running>) -> Resul
     };
     let remote_backend = backend.and_then(Result::ok);
     let timestamp = jiff::Timestamp::try_from(now).unwrap_or_else(|_| jiff::Timestamp::now());
-    let status = status::build(
+    let mut requeue = ctx.resync;
+    let serving_port = service.as_ref().map(|s| match &s.target_port {
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(p)) => *p,
+        _ => s.port,
+    });
+    let beamlit = match &ctx.beamlit {
+        None => None,
+        Some(api) => {
+            let previous_sync = previous_status.as_ref().and_then(|s| s.beamlit.as_ref());
+            let offloading = next.percent > 0;
+            let step =
+                beamlit_sync::plan(previous_sync, md.metadata.generation, offloading, timestamp);
+            let (sync, error) = match step {
+                beamlit_sync::Step::UpToDate | beamlit_sync::Step::Waiting => {
+                    (previous_sync.cloned().unwrap_or_default(), None)
+                }
+                step => {
+                    let model = beamlit_sync::model_of(&md, serving_port, offloading);
+                    let result = beamlit_sync::run(api, step, &model).await;
+                    let sync = beamlit_sync::after(
+                        previous_sync,
+                        step,
+                        md.metadata.generation,
+                        offloading,
+                        result.as_ref().map(|_| ()),
+                        timestamp,
+                    );
+                    (sync, result.err())
+                }
+            };
+            if let Some(wait) = beamlit_sync::retry_in(&sync, timestamp) {
+                requeue = requeue.min(wait.max(Duration::from_secs(1)));
+            }
+            conditions.push(ConditionState {
+                type_: "BeamlitSynced",
+                ok: Some(sync.last_error.is_none()),
+                reason: match &error {
+                    Some(e) => e.reason().to_string(),
+                    None if sync.last_error.is_some() => "RetryingWithBackoff".into(),
+                    None => "Synced".into(),
+                },
+                message: sync.last_error.clone().unwrap_or_else(|| {
+                    format!(
+                        "model {} is on Beamlit, as of this generation",
+                        md.spec.model
+                    )
+                }),
+            });
+            Some((sync, error))
+        }
+    };
+    let mut status = status::build(
         previous_status.as_ref(),
         Observed {
             generation: md.metadata.generation,
@@ -468,6 +555,10 @@ pub async fn reconcile(md: Arc<ModelDeployment>, running: Arc<Running>) -> Resul
             ))
         },
     );
+    let beamlit_error = beamlit.as_ref().and_then(|(_, e)| e.clone());
+    if let Some((sync, _)) = beamlit {
+        status.beamlit = Some(sync);
+    }
     // An unchanged status is not written again: a resync of a quiet object costs no write.
     if previous_status.as_ref() != Some(&status) {
         patch_status(client, &md, &namespace, &status).await?;
@@ -504,6 +595,18 @@ pub async fn reconcile(md: Arc<ModelDeployment>, running: Arc<Running>) -> Resul
             )
             .await;
         }
+    }
+    if let Some(e) = &beamlit_error {
+        warn!(model_deployment = %md.name_any(), "{e}");
+        publish(
+            &recorder,
+            &reference,
+            EventType::Warning,
+            e.reason(),
+            "SyncBeamlit",
+            &e.to_string(),
+        )
+        .await;
     }
     if let Some(e) = &backend_error {
         let was = previous_status
@@ -543,7 +646,7 @@ pub async fn reconcile(md: Arc<ModelDeployment>, running: Arc<Running>) -> Resul
             .await;
         }
     }
-    Ok(Action::requeue(ctx.resync))
+    Ok(Action::requeue(requeue))
 }
 
 /// Agents alive (fresh Lease) and, of those, the ones that applied `generation` of this model.

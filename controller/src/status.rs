@@ -65,6 +65,8 @@ pub fn build(
         agents: agents(decision_generation),
         decision_generation,
         remote_backend: observed.remote_backend,
+        // Filled by the Beamlit sync after the decision (see `beamlit_sync`); carried over here.
+        beamlit: previous.and_then(|p| p.beamlit.clone()),
     }
 }
 

@@ -54,6 +54,8 @@ pub struct ControllerProcess {
     kubeconfig: std::path::PathBuf,
     extra_args: Vec<String>,
     starts: u32,
+    /// Runs inside this network namespace (by name), if set.
+    netns: Option<String>,
 }
 
 impl ControllerProcess {
@@ -66,6 +68,35 @@ impl ControllerProcess {
         )
     }
 
+    /// The controller inside `netns` (to reach a remote there, e.g. the fake Beamlit's API),
+    /// talking to the API server through a relay.
+    pub fn start_in_netns(
+        cluster: &TestCluster,
+        netns: &crate::Netns,
+        extra_args: &[&str],
+    ) -> Result<(Self, crate::cluster::relay::ApiRelay)> {
+        let upstream: std::net::SocketAddr = cluster
+            .server()
+            .trim_start_matches("https://")
+            .parse()
+            .context("the API server's address")?;
+        let relay = crate::cluster::relay::ApiRelay::start(netns, upstream)?;
+        let mut c = Self {
+            child: None,
+            dir: TestDir::new("controller")?,
+            kubeconfig: cluster.kubeconfig().to_path_buf(),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            starts: 0,
+            netns: Some(netns.name().to_string()),
+        };
+        let original = std::fs::read_to_string(cluster.kubeconfig())?;
+        let relayed = c.dir.join("kubeconfig");
+        std::fs::write(&relayed, relay.kubeconfig(&original, cluster.server()))?;
+        c.kubeconfig = relayed;
+        c.spawn()?;
+        Ok((c, relay))
+    }
+
     pub fn start_with(cluster: &TestCluster, extra_args: &[&str]) -> Result<Self> {
         let mut c = Self {
             child: None,
@@ -73,6 +104,7 @@ impl ControllerProcess {
             kubeconfig: cluster.kubeconfig().to_path_buf(),
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             starts: 0,
+            netns: None,
         };
         c.spawn()?;
         Ok(c)
@@ -84,7 +116,14 @@ impl ControllerProcess {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let mut cmd = Command::new(controller_bin());
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(controller_bin());
+                c
+            }
+            None => Command::new(controller_bin()),
+        };
         cmd.args(["--resync-secs", "1", "--stabilization-window-secs", "5"])
             .args(["--http-addr", &format!("127.0.0.1:{port}")])
             .args(&self.extra_args)

@@ -498,3 +498,127 @@ fn cpu_utilization_from_metrics_k8s_io_drives_offloading() -> Result<()> {
     })?;
     Ok(())
 }
+
+/// With Beamlit credentials the controller keeps the model on Beamlit: created with the spec
+/// (and a finalizer on the ModelDeployment), the `offloading` label set when offloading starts
+/// and cleared when it stops, and the model deleted when the ModelDeployment is. The controller
+/// runs in a pod namespace (the fake Beamlit is a remote there) and reaches the API server
+/// through a relay.
+#[test]
+fn the_model_is_kept_on_beamlit_and_deleted_with_its_model_deployment() -> Result<()> {
+    use base64::Engine as _;
+    if !require_privileges() {
+        return Ok(());
+    }
+    let cluster = TestCluster::shared()?;
+    install_model_deployment_crd(cluster)?;
+    let ns = cluster.namespace("ctlapi")?;
+    let fake_pod = cluster.add_unmanaged_pod("beamlit")?;
+    let fake = beamlit_testbed::FakeBeamlit::start(
+        &fake_pod.netns,
+        beamlit_testbed::FakeBeamlitOptions {
+            https: vec![(fake_pod.ipv4, 8443).into()],
+            ..beamlit_testbed::FakeBeamlitOptions::default()
+        },
+    )?;
+    let dir = TestDir::new("ctlapi")?;
+    let opts = fake.options();
+    std::fs::write(
+        dir.join("api-token"),
+        base64::engine::general_purpose::STANDARD
+            .encode(format!("{}:{}", opts.client_id, opts.client_secret)),
+    )?;
+    std::fs::write(
+        dir.join("controller.yaml"),
+        format!(
+            "workspace: ws\nbeamlitApi:\n  baseUrl: https://{ip}:8443/v0\n  tokenFile: {token}\n  caFile: {ca}\n",
+            ip = fake_pod.ipv4,
+            token = dir.join("api-token").display(),
+            ca = fake.ca_pem().display()
+        ),
+    )?;
+    deploy_seed(cluster, ns.name())?;
+    let home = cluster.add_unmanaged_pod("controller")?;
+    let config = dir.join("controller.yaml").display().to_string();
+    let (controller, _relay) = ControllerProcess::start_in_netns(
+        cluster,
+        &home.netns,
+        &[
+            "--leader-election=false",
+            "--namespaces",
+            ns.name(),
+            "--config",
+            &config,
+        ],
+    )?;
+    let label = |fake: &beamlit_testbed::FakeBeamlit| -> Option<String> {
+        let stats = fake.stats().ok()?;
+        stats.models.get("php-apache")?["metadata"]["labels"]["offloading"]
+            .as_str()
+            .map(str::to_string)
+    };
+    let wait_label = |want: &str| {
+        cluster
+            .wait_for(
+                &format!("offloading label {want}"),
+                Duration::from_secs(30),
+                || Ok(label(&fake).as_deref() == Some(want)),
+            )
+            .with_context(|| controller.log())
+    };
+    wait_status(
+        cluster,
+        ns.name(),
+        "php-apache",
+        Duration::from_secs(30),
+        "synced to Beamlit",
+        |s| condition(s, "BeamlitSynced")["status"] == "True",
+    )
+    .with_context(|| controller.log())?;
+    wait_label("false")?;
+    let finalizers = cluster.kubectl(&[
+        "get",
+        "modeldeployment",
+        "php-apache",
+        "-n",
+        ns.name(),
+        "-o",
+        "jsonpath={.metadata.finalizers}",
+    ])?;
+    assert!(
+        finalizers.contains("deployment.beamlit.com/beamlit-model"),
+        "{finalizers}"
+    );
+    let model = fake.stats()?.models["php-apache"].clone();
+    assert_eq!(model["metadata"]["environment"], "production", "{model}");
+    assert_eq!(model["spec"]["enabled"], true, "{model}");
+
+    scale(cluster, ns.name(), 0)?;
+    wait_label("true")?;
+    scale(cluster, ns.name(), 1)?;
+    wait_label("false")?;
+
+    cluster.kubectl(&[
+        "delete",
+        "modeldeployment",
+        "php-apache",
+        "-n",
+        ns.name(),
+        "--wait=false",
+    ])?;
+    cluster
+        .wait_for(
+            "the model gone from Beamlit and the object deleted",
+            Duration::from_secs(30),
+            || {
+                let gone = !fake.stats()?.models.contains_key("php-apache");
+                let deleted = cluster
+                    .kubectl(&["get", "modeldeployment", "-n", ns.name(), "-o", "name"])?
+                    .trim()
+                    .is_empty();
+                Ok(gone && deleted)
+            },
+        )
+        .with_context(|| controller.log())?;
+    Ok(())
+}

@@ -29,6 +29,7 @@ mod node_sim;
 pub use node_sim::NETNS_ANNOTATION;
 pub mod pki;
 pub mod proxy;
+pub mod relay;
 pub mod tools;
 
 use std::future::Future;
