@@ -11,6 +11,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 
 use crate::{
+    chart::{self, CommandLine, Rendered},
     naming,
     probe::agent_bin,
     process::{ChildGuard, spawn},
@@ -25,6 +26,10 @@ pub struct AgentFixture {
     starts: u32,
     /// `Some(kubeconfig)`: cluster mode (no routes file).
     kubeconfig: Option<PathBuf>,
+    /// The command line rendered from the Helm chart ([`Self::start_rendered`]), used as is.
+    rendered: Option<CommandLine>,
+    /// A directory made for the pins' parent (the chart's bpffs volume), removed on drop.
+    bpffs_root: Option<PathBuf>,
 }
 
 impl AgentFixture {
@@ -42,6 +47,8 @@ impl AgentFixture {
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             starts: 0,
             kubeconfig: None,
+            rendered: None,
+            bpffs_root: None,
         };
         agent.write_routes(routes_yaml)?;
         agent.spawn()?;
@@ -70,7 +77,63 @@ impl AgentFixture {
             extra_args: args,
             starts: 0,
             kubeconfig: Some(kubeconfig.to_path_buf()),
+            rendered: None,
+            bpffs_root: None,
         };
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    /// Starts a cluster-mode agent with the arguments and environment of the chart's rendered
+    /// DaemonSet (see [`crate::chart::agent_command_line`]), as the pod on `node` in `namespace`
+    /// with node address `host_ip`: its bpffs volume is a fresh directory under /sys/fs/bpf, its
+    /// cgroup volume is `cgroup`. Two things differ from a pod, because tests share this
+    /// machine: `--metrics-addr` binds a free loopback port, and `extra_args` (e.g.
+    /// `--tunnel-netns`) are appended. Waits until the agent has listed the cluster.
+    pub fn start_rendered(
+        rendered: &Rendered,
+        kubeconfig: &Path,
+        cgroup: &Path,
+        namespace: &str,
+        node: &str,
+        host_ip: &str,
+        extra_args: &[&str],
+    ) -> Result<Self> {
+        let name = naming::unique_name("beamlit-test-", "agent");
+        let workdir = std::env::temp_dir().join(&name);
+        fs::create_dir_all(&workdir).with_context(|| format!("creating {}", workdir.display()))?;
+        let bpffs_root = PathBuf::from("/sys/fs/bpf").join(&name);
+        fs::create_dir_all(&bpffs_root)
+            .with_context(|| format!("creating {}", bpffs_root.display()))?;
+        let mut agent = Self {
+            child: None,
+            bpffs: bpffs_root.clone(),
+            cgroup: cgroup.to_path_buf(),
+            workdir: workdir.clone(),
+            extra_args: Vec::new(),
+            starts: 0,
+            kubeconfig: Some(kubeconfig.to_path_buf()),
+            rendered: None,
+            bpffs_root: Some(bpffs_root.clone()),
+        };
+        let mut command = chart::agent_command_line(
+            rendered,
+            namespace,
+            node,
+            host_ip,
+            &bpffs_root,
+            cgroup,
+            &workdir,
+        )?;
+        command.replace_flag("--metrics-addr", "127.0.0.1:0")?;
+        command
+            .args
+            .extend(extra_args.iter().map(|a| a.to_string()));
+        agent.bpffs = command
+            .env_value("BEAMLIT_BPFFS_DIR")
+            .map(PathBuf::from)
+            .context("the rendered agent has no BEAMLIT_BPFFS_DIR")?;
+        agent.rendered = Some(command);
         agent.spawn()?;
         Ok(agent)
     }
@@ -113,24 +176,27 @@ impl AgentFixture {
     fn spawn(&mut self) -> Result<()> {
         self.starts += 1;
         let log = fs::File::create(self.log_path())?;
-        let mut cmd = Command::new(agent_bin());
-        cmd.arg("--bpffs")
-            .arg(&self.bpffs)
-            .arg("--state-dir")
-            .arg(self.state_dir())
-            .arg("run");
-        match &self.kubeconfig {
-            Some(kubeconfig) => {
-                cmd.env("KUBECONFIG", kubeconfig);
-            }
+        let mut cmd = match &self.rendered {
+            // The chart's command line carries the pins, state, cgroup and mode itself.
+            Some(rendered) => rendered.command(&agent_bin()),
             None => {
-                cmd.arg("--routes").arg(self.routes_path());
+                let mut cmd = Command::new(agent_bin());
+                cmd.arg("--bpffs")
+                    .arg(&self.bpffs)
+                    .arg("--state-dir")
+                    .arg(self.state_dir())
+                    .arg("run");
+                if self.kubeconfig.is_none() {
+                    cmd.arg("--routes").arg(self.routes_path());
+                }
+                cmd.arg("--cgroup").arg(&self.cgroup).args(&self.extra_args);
+                cmd
             }
+        };
+        if let Some(kubeconfig) = &self.kubeconfig {
+            cmd.env("KUBECONFIG", kubeconfig);
         }
-        cmd.arg("--cgroup")
-            .arg(&self.cgroup)
-            .args(&self.extra_args)
-            .env("NO_COLOR", "1")
+        cmd.env("NO_COLOR", "1")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -274,6 +340,9 @@ impl Drop for AgentFixture {
         }
         // Backstop: unlinking pins on bpffs detaches links and frees maps.
         let _ = fs::remove_dir_all(&self.bpffs);
+        if let Some(root) = &self.bpffs_root {
+            let _ = fs::remove_dir_all(root);
+        }
         let _ = fs::remove_dir_all(&self.workdir);
     }
 }

@@ -34,11 +34,13 @@
 
 mod agent;
 mod cgroup;
+pub mod chart;
 pub mod cluster;
 pub mod crds;
 pub mod fake_beamlit;
 mod naming;
 mod netns;
+pub mod oci;
 mod privileges;
 mod probe;
 mod process;

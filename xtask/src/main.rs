@@ -5,6 +5,7 @@ mod bench_failover;
 mod bench_tunnel;
 mod cluster;
 mod demo;
+mod images;
 mod setup;
 
 use std::{
@@ -35,12 +36,16 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Write the ModelDeployment CRD, generated from the Rust types, into crds/.
+    /// Write the ModelDeployment CRD, generated from the Rust types, into crds/ and into the
+    /// Helm chart's crds/.
     Crds,
     /// The seed README's walkthrough, live: a control plane with a simulated node, the
     /// controller and the agent, the fake Beamlit; php-apache scaled to 0 and back while a client
     /// requests it every 100 ms. Needs root and cgroup v2.
     Demo(demo::DemoArgs),
+    /// OCI image archives of the controller and the agent from release binaries, without a
+    /// container engine (target/images/*.tar).
+    Images(images::ImagesArgs),
     /// Benchmarks, measured side by side in one run against a baseline.
     Bench {
         #[command(subcommand)]
@@ -77,10 +82,15 @@ fn main() -> anyhow::Result<()> {
         Task::Test { args } => test(&args),
         Task::Demo(args) => demo::demo(&args),
         Task::Crds => {
-            let path = project_root().join(beamlit_api::CRD_FILE);
-            std::fs::write(&path, beamlit_api::crd_yaml()?)
-                .with_context(|| format!("writing {}", path.display()))?;
-            println!("wrote {}", path.display());
+            let yaml = beamlit_api::crd_yaml()?;
+            // The chart installs the same file (helm applies its crds/ before the templates).
+            let chart = PathBuf::from("charts/beamlit-controller").join(beamlit_api::CRD_FILE);
+            for file in [PathBuf::from(beamlit_api::CRD_FILE), chart] {
+                let path = project_root().join(file);
+                std::fs::write(&path, &yaml)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                println!("wrote {}", path.display());
+            }
             Ok(())
         }
         Task::Bench { which } => match which {
@@ -90,6 +100,7 @@ fn main() -> anyhow::Result<()> {
             Bench::Failover(args) => bench_failover::failover(&args),
         },
         Task::Cluster { action } => cluster::run(action),
+        Task::Images(args) => images::images(&args),
     }
 }
 

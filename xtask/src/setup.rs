@@ -25,6 +25,9 @@ const APT_PACKAGES: &[&str] = &[
     "wrk",
     "curl",
     "prometheus",
+    // `cargo xtask images`: the CA bundle the images carry, and strip for their binaries.
+    "ca-certificates",
+    "binutils",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

@@ -1,11 +1,230 @@
+{{/* Chart name, shortened to the 63 characters of a label value. */}}
+{{- define "beamlit.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+Prefix of every object: the release name when it already contains the chart name (the README's
+`helm install beamlit-controller ...` gives `beamlit-controller`), else `<release>-<chart>`.
+*/}}
+{{- define "beamlit.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 52 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := include "beamlit.name" . -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 52 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 52 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Labels every object of the chart carries. */}}
-{{- define "beamlit-controller.labels" -}}
-app.kubernetes.io/name: {{ .Chart.Name }}
+{{- define "beamlit.labels" -}}
+app.kubernetes.io/name: {{ include "beamlit.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
-helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Selector labels of one component (`controller`, `agent`, `metrics-server`). */}}
+{{- define "beamlit.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "beamlit.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* The chart's labels plus the component's (the selector labels are a subset of these). */}}
+{{- define "beamlit.componentLabels" -}}
+{{ include "beamlit.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "beamlit.controller.name" -}}{{ include "beamlit.fullname" . }}{{- end -}}
+{{- define "beamlit.agent.name" -}}{{ include "beamlit.fullname" . }}-agent{{- end -}}
+{{- define "beamlit.metricsServer.name" -}}{{ include "beamlit.fullname" . }}-metrics-server{{- end -}}
+
+{{/* The Secret holding the default remote backend's client secret and the Beamlit API token. */}}
+{{- define "beamlit.credentialsSecret" -}}
+{{- if .Values.existingSecret -}}
+{{- .Values.existingSecret -}}
+{{- else -}}
+{{- include "beamlit.fullname" . }}-credentials
+{{- end -}}
+{{- end -}}
+
+{{/* Whether the chart makes the credentials Secret (something to put in it, no existingSecret). */}}
+{{- define "beamlit.createSecret" -}}
+{{- $oauth := .Values.config.defaultRemoteBackend.authConfig.oauthConfig -}}
+{{- if and (not .Values.existingSecret) (or $oauth.clientSecret .Values.beamlitApiToken) -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* Whether the default remote backend authenticates (an OAuth client id is given). */}}
+{{- define "beamlit.defaultBackendAuth" -}}
+{{- if and .Values.config.defaultRemoteBackend.enabled .Values.config.defaultRemoteBackend.authConfig.oauthConfig.clientId -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* Whether a Beamlit API token is available to mount (given, or expected in existingSecret). */}}
+{{- define "beamlit.apiToken" -}}
+{{- if or .Values.beamlitApiToken .Values.existingSecret -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{- define "beamlit.controller.image" -}}
+{{- $image := .Values.controllerManager.manager.image -}}
+{{- printf "%s:%s" $image.repository (default .Chart.AppVersion $image.tag | toString) -}}
+{{- end -}}
+
+{{- define "beamlit.agent.image" -}}
+{{- $image := .Values.agent.image -}}
+{{- printf "%s:%s" $image.repository (default .Chart.AppVersion $image.tag | toString) -}}
+{{- end -}}
+
+{{- define "beamlit.agent.priorityClassName" -}}
+{{- if .Values.agent.priorityClassName -}}
+{{- .Values.agent.priorityClassName -}}
+{{- else if .Values.agent.priorityClass.create -}}
+{{- include "beamlit.agent.name" . -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Prometheus URL: prometheusUrl, else the earlier chart's metricInformer. */}}
+{{- define "beamlit.prometheusUrl" -}}
+{{- if .Values.config.prometheusUrl -}}
+{{- .Values.config.prometheusUrl -}}
+{{- else if eq .Values.config.metricInformer.type "prometheus" -}}
+{{- required "config.metricInformer.prometheus.address is required when config.metricInformer.type is prometheus" .Values.config.metricInformer.prometheus.address -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The controller's configuration file (`beamlit-controller --config`). Built as a dict and written
+with toYaml, so that every value is quoted as YAML needs. Keys are the ones controller/src/config.rs
+accepts; the tests feed this file to `beamlit-controller --check-config`.
+*/}}
+{{- define "beamlit.controller.config" -}}
+{{- $c := .Values.config -}}
+{{- $file := dict
+  "stabilizationWindowSeconds" (int $c.stabilizationWindowSeconds)
+  "resyncSeconds" (int $c.resyncSeconds)
+  "httpAddr" (printf "0.0.0.0:%d" (int $c.httpPort))
+  "agentNamespace" .Release.Namespace
+  "leaderElection" (dict
+    "enabled" $c.leaderElection.enabled
+    "namespace" .Release.Namespace
+    "name" (include "beamlit.controller.name" .)
+    "leaseDurationSeconds" (int $c.leaderElection.leaseDurationSeconds))
+-}}
+{{- with (include "beamlit.prometheusUrl" .) }}{{ $_ := set $file "prometheusUrl" . }}{{ end -}}
+{{- with .Values.allowedNamespaces }}{{ $_ := set $file "namespaces" . }}{{ end -}}
+{{- with $c.workspace }}{{ $_ := set $file "workspace" . }}{{ end -}}
+{{- $b := $c.defaultRemoteBackend -}}
+{{- if $b.enabled -}}
+{{- $backend := dict "host" $b.host "scheme" $b.scheme "pathPrefix" $b.pathPrefix -}}
+{{- with $b.headersToAdd }}{{ $_ := set $backend "headersToAdd" . }}{{ end -}}
+{{- if include "beamlit.defaultBackendAuth" . -}}
+{{- $o := $b.authConfig.oauthConfig -}}
+{{- $_ := set $backend "authConfig" (dict
+  "type" $b.authConfig.type
+  "oauthConfig" (dict
+    "clientId" $o.clientId
+    "tokenUrl" $o.tokenUrl
+    "clientSecretRef" (dict
+      "namespace" .Release.Namespace
+      "name" (include "beamlit.credentialsSecret" .)
+      "key" .Values.existingSecretKeys.clientSecret))) -}}
+{{- end -}}
+{{- $_ := set $file "defaultRemoteBackend" $backend -}}
+{{- end -}}
+{{- toYaml $file -}}
+{{- end -}}
+
+{{/* Checks that fail the install with a message instead of rendering something broken. */}}
+{{- define "beamlit.validate" -}}
+{{- $o := .Values.config.defaultRemoteBackend.authConfig.oauthConfig -}}
+{{- if and (include "beamlit.defaultBackendAuth" .) (not $o.clientSecret) (not .Values.existingSecret) -}}
+{{- fail "config.defaultRemoteBackend.authConfig.oauthConfig.clientId is set but there is no client secret: set config.defaultRemoteBackend.authConfig.oauthConfig.clientSecret, or existingSecret" -}}
+{{- end -}}
+{{- if and $o.clientSecret (not $o.clientId) -}}
+{{- fail "config.defaultRemoteBackend.authConfig.oauthConfig.clientSecret is set without clientId" -}}
+{{- end -}}
+{{- with .Values.beamlitApiToken -}}
+{{- /* What the controller's parse_api_token accepts: base64 of `id:secret`, a non-empty id. */ -}}
+{{- /* sprig's b64dec returns an error text for invalid input: the round trip catches that. */ -}}
+{{- $token := trim . -}}
+{{- $decoded := b64dec $token -}}
+{{- if or (ne (b64enc $decoded) $token) (not (regexMatch "(?s)^[^:]+:.+$" $decoded)) -}}
+{{- fail "beamlitApiToken must be base64 of `clientId:clientSecret` (echo -n $CLIENT_ID:$CLIENT_SECRET | base64)" -}}
+{{- end -}}
+{{- end -}}
+{{- if not (regexMatch "^https?://" .Values.beamlitBaseUrl) -}}
+{{- fail "beamlitBaseUrl must be an http:// or https:// URL" -}}
+{{- end -}}
+{{- if and (gt (int .Values.controllerManager.replicas) 1) (not .Values.config.leaderElection.enabled) -}}
+{{- fail "controllerManager.replicas > 1 needs config.leaderElection.enabled: two controllers would both decide" -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+`beamlit-agent run` arguments, shared by the DaemonSet and the helm test (which adds
+--check-config), so that the test checks exactly what the agents run with. $(HOST_IP) is expanded
+by the kubelet from the environment below.
+*/}}
+{{- define "beamlit.agent.args" -}}
+{{- $a := .Values.agent -}}
+- run
+# The node's cgroup v2 root (mounted there): every pod of the node.
+- --cgroup=/run/beamlit/cgroup2
+- --tunnel-ipv4=$(HOST_IP):{{ $a.tunnelPort }}
+- --metrics-addr=0.0.0.0:{{ $a.metricsPort }}
+- --bypass-mark={{ $a.bypassMark }}
+- --ebpf-log-level={{ $a.ebpfLogLevel }}
+{{- with .Values.allowedNamespaces }}
+- --model-namespaces={{ join "," . }}
+{{- end }}
+{{- if $a.caBundle }}
+- --ca-file=/etc/beamlit/ca/ca.pem
+{{- end }}
+{{- with $a.extraArgs }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* The agent's environment (see beamlit.agent.args). */}}
+{{- define "beamlit.agent.env" -}}
+# This node's Lease is beamlit-agent-<node>.
+- name: NODE_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: spec.nodeName
+# Where the agents' Leases live (the controller's agentNamespace).
+- name: POD_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
+- name: HOST_IP
+  valueFrom:
+    fieldRef:
+      fieldPath: status.hostIP
+# Through the environment rather than flags, so that `beamlit-agent inspect`
+# (kubectl exec) finds the same pins and state.
+- name: BEAMLIT_BPFFS_DIR
+  value: /run/beamlit/bpffs/beamlit
+- name: BEAMLIT_STATE_DIR
+  value: /run/beamlit-agent
+- name: RUST_LOG
+  value: {{ .Values.agent.logLevel | quote }}
+{{- with .Values.agent.extraEnv }}
 {{ toYaml . }}
 {{- end }}
 {{- end -}}
