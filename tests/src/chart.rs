@@ -692,6 +692,9 @@ impl TestReleaseValues<'_> {
                 self.token_url,
             )
             .set_string("existingSecret", self.secret_name)
+            // The test's Secret holds the client secret only: no Beamlit API (which would need
+            // the API token in that Secret, and the controller in the fake Beamlit's network).
+            .set_string("existingSecretKeys.beamlitApiToken", "")
             .set("agent.tunnelPort", &self.tunnel_port.to_string());
         if let Some(ca) = self.ca_file {
             v = v.set_file("agent.caBundle", ca);

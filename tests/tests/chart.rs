@@ -34,6 +34,7 @@ fn variants() -> Vec<(&'static str, ChartValues)> {
             ChartValues::seed()
                 .set_list("allowedNamespaces", &["models"])
                 .set_string("agent.caBundle", TEST_PEM)
+                .set_string("beamlitApiCaBundle", TEST_PEM)
                 .set("agent.readSecretsInModelNamespaces", "true")
                 .set("config.prometheusUrl", "http://prometheus.monitoring:9090")
                 .set("config.workspace", "my-workspace")
@@ -57,8 +58,10 @@ fn variants() -> Vec<(&'static str, ChartValues)> {
                 .set("agent.priorityClassName", "system-node-critical"),
         ),
         (
-            "one replica without leader election, no default backend, no agent",
+            "one replica without leader election, no default backend, no agent, no API token",
             ChartValues::new()
+                .set("existingSecret", "my-credentials")
+                .set_string("existingSecretKeys.beamlitApiToken", "")
                 .set("controllerManager.replicas", "1")
                 .set("config.leaderElection.enabled", "false")
                 .set("config.defaultRemoteBackend.enabled", "false")
@@ -143,7 +146,22 @@ fn the_seed_flags_render_what_they_say() -> Result<()> {
     let (id, secret) = beamlit_controller::beamlit_api::parse_api_token(&data["beamlitApiToken"])?;
     assert_eq!(id, chart::SEED_CLIENT_ID);
     assert_eq!(secret.expose(), chart::SEED_CLIENT_SECRET);
-    // ... and reaches the controller as a file, alone.
+    // ... and reaches the controller as a file, alone; named by its configuration once the
+    // workspace is known (the seed's flags do not give one; the controller needs it).
+    assert!(config.get("beamlitApi").is_none());
+    let with_workspace = chart::render(
+        "default",
+        &ChartValues::seed().set("config.workspace", "ws"),
+    )?;
+    let config_ws: serde_yaml::Value = serde_yaml::from_str(&with_workspace.controller_config()?)?;
+    assert_eq!(
+        config_ws["beamlitApi"]["tokenFile"].as_str(),
+        Some("/etc/beamlit/api/beamlitApiToken")
+    );
+    assert_eq!(
+        config_ws["beamlitApi"]["baseUrl"].as_str(),
+        Some("https://api.beamlit.com/v0")
+    );
     let token_mount = controller
         .mounts()
         .into_iter()
@@ -403,12 +421,10 @@ fn the_binaries_accept_the_rendered_configuration() -> Result<()> {
     let dir = TestDir::new("chart-check")?;
     for (i, (name, values)) in variants().into_iter().enumerate() {
         let r = chart::render("beamlit-system", &values).with_context(|| name.to_string())?;
-        let host = HostEnv::new(&dir.join(format!("v{i}"))).pod(
-            "pod-1",
-            "beamlit-system",
-            "node-1",
-            "10.0.0.5",
-        );
+        let host = HostEnv::new(&dir.join(format!("v{i}")))
+            .pod("pod-1", "beamlit-system", "node-1", "10.0.0.5")
+            // An existingSecret is not rendered: an empty directory stands in for it.
+            .volume("beamlit-api", &dir.join("api-token"));
         let controller = r.controller()?.command_line(&r, &host)?;
         let out = controller
             .command(&controller_bin())
@@ -673,6 +689,33 @@ fn can_i(cluster: &TestCluster, sa: &str, args: &[&str]) -> Result<bool> {
     }
 }
 
+/// Whether `user` may `verb` `group`/`resource` in `namespace`, from a SubjectAccessReview.
+fn subject_access_review(
+    cluster: &TestCluster,
+    user: &str,
+    verb: &str,
+    group: &str,
+    resource: &str,
+    namespace: &str,
+) -> Result<bool> {
+    let review = serde_json::json!({
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SubjectAccessReview",
+        "spec": {
+            "user": user,
+            "resourceAttributes": {
+                "verb": verb, "group": group, "resource": resource, "namespace": namespace,
+            },
+        },
+    });
+    let out = cluster.kubectl_with_stdin(
+        &["create", "-f", "-", "-o", "json"],
+        Some(&review.to_string()),
+    )?;
+    let answer: serde_json::Value = serde_json::from_str(&out)?;
+    Ok(answer["status"]["allowed"] == true)
+}
+
 /// `helm install` with the seed README's command as written (release `beamlit-controller`,
 /// the current namespace, its six flags) into a private cluster; the ServiceAccounts get
 /// what the binaries use and no more (`kubectl auth can-i`); then the real controller and a
@@ -737,6 +780,8 @@ fn the_seed_install_works_and_its_service_accounts_suffice() -> Result<()> {
         (controller_sa, &["list", "statefulsets.apps", "-A"], true),
         (controller_sa, &["list", "replicasets.apps", "-A"], true),
         (controller_sa, &["watch", "daemonsets.apps", "-A"], true),
+        (controller_sa, &["list", "pods", "-n", "models"], true),
+        (controller_sa, &["get", "pods", "-n", "models"], false),
         (
             controller_sa,
             &["create", "events.events.k8s.io", "-n", "models"],
@@ -819,13 +864,43 @@ fn the_seed_install_works_and_its_service_accounts_suffice() -> Result<()> {
         }
     }
     assert!(wrong.is_empty(), "RBAC differs:\n{}", wrong.join("\n"));
+    // metrics.k8s.io is not served here (metrics-server has no kubelet to scrape), so kubectl
+    // cannot map the resource: ask the authorizer directly.
+    assert!(subject_access_review(
+        &cluster,
+        controller_sa,
+        "list",
+        "metrics.k8s.io",
+        "pods",
+        "models"
+    )?);
+    assert!(!subject_access_review(
+        &cluster,
+        agent_sa,
+        "list",
+        "metrics.k8s.io",
+        "pods",
+        "models"
+    )?);
+
+    // metrics-server cannot serve here (no kubelet to scrape): its APIService would answer 503,
+    // which kube-client retries with backoff for a long while, holding up the reconcile of the
+    // seed's model (it has a Resource metric). Without the APIService the metric is simply
+    // unavailable.
+    cluster.kubectl(&["delete", "apiservice", "v1beta1.metrics.k8s.io"])?;
 
     // The binaries, as those ServiceAccounts, from the installed release's configuration.
     let dir = TestDir::new("seed-install")?;
+    // With a workspace, so that the agent gets a remote backend and reads the Secret; without
+    // the API token, so that nothing calls the real Beamlit API from here (the finalizer's
+    // `patch` is checked with can-i above).
     let r = chart::render(
         "default",
-        &ChartValues::seed().set("config.workspace", "ws"),
+        &ChartValues::seed()
+            .set("config.workspace", "ws")
+            .set("beamlitApiToken", ""),
     )?;
+    assert!(!r.controller_config()?.contains("beamlitApi"));
     cluster.apply(
         "models",
         &std::fs::read_to_string(workspace_root().join("tests/fixtures/php-apache.yaml"))?,
@@ -860,7 +935,12 @@ fn the_seed_install_works_and_its_service_accounts_suffice() -> Result<()> {
                     == "beamlit-controller-credentials",
             )
         })
-        .with_context(controller_log)?;
+        .with_context(|| {
+            let status = cluster
+                .kubectl(&["get", md, "php-apache", "-n", "models", "-o", "yaml"])
+                .unwrap_or_default();
+            format!("{}\n{status}", controller_log())
+        })?;
     assert!(
         controller_log().contains("became the leader"),
         "{}",

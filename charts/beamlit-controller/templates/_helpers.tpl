@@ -73,9 +73,9 @@ true
 {{- end -}}
 {{- end -}}
 
-{{/* Whether a Beamlit API token is available to mount (given, or expected in existingSecret). */}}
+{{/* Whether the controller gets the Beamlit API token (given, or in existingSecret). */}}
 {{- define "beamlit.apiToken" -}}
-{{- if or .Values.beamlitApiToken .Values.existingSecret -}}
+{{- if or .Values.beamlitApiToken (and .Values.existingSecret .Values.existingSecretKeys.beamlitApiToken) -}}
 true
 {{- end -}}
 {{- end -}}
@@ -128,6 +128,12 @@ accepts; the tests feed this file to `beamlit-controller --check-config`.
 {{- with (include "beamlit.prometheusUrl" .) }}{{ $_ := set $file "prometheusUrl" . }}{{ end -}}
 {{- with .Values.allowedNamespaces }}{{ $_ := set $file "namespaces" . }}{{ end -}}
 {{- with $c.workspace }}{{ $_ := set $file "workspace" . }}{{ end -}}
+{{- /* The controller refuses beamlitApi without a workspace (the models' workspace). */ -}}
+{{- if and (include "beamlit.apiToken" .) $c.workspace -}}
+{{- $api := dict "baseUrl" .Values.beamlitBaseUrl "tokenFile" "/etc/beamlit/api/beamlitApiToken" -}}
+{{- if .Values.beamlitApiCaBundle }}{{ $_ := set $api "caFile" "/etc/beamlit/api-ca/ca.pem" }}{{ end -}}
+{{- $_ := set $file "beamlitApi" $api -}}
+{{- end -}}
 {{- $b := $c.defaultRemoteBackend -}}
 {{- if $b.enabled -}}
 {{- $backend := dict "host" $b.host "scheme" $b.scheme "pathPrefix" $b.pathPrefix -}}
