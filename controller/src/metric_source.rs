@@ -142,6 +142,9 @@ pub async fn evaluate(spec: &MetricSpec, sources: &Sources<'_>) -> (MetricReadin
     }
 }
 
+/// How long one call to the metrics APIs may take.
+const METRICS_API_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// metrics.k8s.io's PodMetrics (served by metrics-server).
 fn pod_metrics_resource() -> ApiResource {
     ApiResource::from_gvk_with_plural(
@@ -170,23 +173,34 @@ async fn resource(
         .as_ref()
         .ok_or("the workload was not found, so its pods are unknown")?;
     let lp = ListParams::default().labels(scope.selector);
-    let pods = Api::<Pod>::namespaced(sources.client.clone(), scope.namespace)
-        .list(&lp)
-        .await
-        .map_err(|e| format!("listing the workload's pods: {e}"))?;
-    let metrics = Api::<DynamicObject>::namespaced_with(
-        sources.client.clone(),
-        scope.namespace,
-        &pod_metrics_resource(),
+    // Bounded: an APIService that answers 503 (metrics-server still starting) would otherwise
+    // be retried for minutes inside the client, holding this model's reconcile, and so its
+    // failover, hostage.
+    let pods = tokio::time::timeout(
+        METRICS_API_TIMEOUT,
+        Api::<Pod>::namespaced(sources.client.clone(), scope.namespace).list(&lp),
     )
-    .list(&lp)
     .await
-    .map_err(|e| {
+    .map_err(|_| format!("listing the workload's pods took over {METRICS_API_TIMEOUT:?}"))?
+    .map_err(|e| format!("listing the workload's pods: {e}"))?;
+    let unavailable = |why: String| {
         format!(
-            "metrics.k8s.io is unavailable ({e}); install metrics-server (Helm: \
+            "metrics.k8s.io is unavailable ({why}); install metrics-server (Helm: \
              --set installMetricServer=true)"
         )
-    })?;
+    };
+    let metrics = tokio::time::timeout(
+        METRICS_API_TIMEOUT,
+        Api::<DynamicObject>::namespaced_with(
+            sources.client.clone(),
+            scope.namespace,
+            &pod_metrics_resource(),
+        )
+        .list(&lp),
+    )
+    .await
+    .map_err(|_| unavailable(format!("no answer within {METRICS_API_TIMEOUT:?}")))?
+    .map_err(|e| unavailable(e.to_string()))?;
     let wanted = |name: &str| container.is_none_or(|c| c == name);
     let mut usage = std::collections::HashMap::new();
     for m in &metrics.items {

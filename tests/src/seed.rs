@@ -362,17 +362,6 @@ impl<'c> OffloadBed<'c> {
             },
         )?;
         let dir = TestDir::new(hint)?;
-        let remote = format!("{}:8443", fake_pod.ipv4);
-        std::fs::write(
-            dir.join("controller.yaml"),
-            format!(
-                "workspace: ws\nagentNamespace: {agents}\ndefaultRemoteBackend:\n  host: \"{remote}\"\n  \
-                 authConfig:\n    oauthConfig:\n      clientId: {CLIENT_ID}\n      \
-                 tokenUrl: https://{remote}/oauth/token\n      \
-                 clientSecretRef: {{namespace: {agents}, name: beamlit-credentials, key: clientSecret}}\n",
-                agents = agents.name()
-            ),
-        )?;
         Ok(Self {
             cluster,
             models,
@@ -387,43 +376,59 @@ impl<'c> OffloadBed<'c> {
         self.models.name()
     }
 
-    pub fn controller(&self) -> Result<ControllerProcess> {
-        let config = self.dir.join("controller.yaml");
-        ControllerProcess::start_with(
-            self.cluster,
-            &[
-                "--leader-election=false",
-                "--namespaces",
-                self.ns(),
-                "--config",
-                &config.display().to_string(),
-            ],
-        )
+    /// The Helm chart rendered for this bed (release namespace: the agents' namespace), with
+    /// the fake Beamlit as the default remote backend and the test's pace (see
+    /// [`crate::chart::TestReleaseValues`]): the controller and the agents run from what the
+    /// chart renders, not from hand-written arguments.
+    pub fn render(&self, tunnel_port: u16) -> Result<crate::chart::Rendered> {
+        let remote = format!("{}:8443", self.fake_pod.ipv4);
+        let token_url = format!("https://{remote}/oauth/token");
+        let values = crate::chart::TestReleaseValues {
+            models_namespace: self.ns(),
+            remote: &remote,
+            workspace: "ws",
+            client_id: CLIENT_ID,
+            token_url: &token_url,
+            secret_name: "beamlit-credentials",
+            ca_file: Some(self.fake.ca_pem()),
+            tunnel_port,
+        };
+        crate::chart::render(self.agents.name(), &values.values())
     }
 
-    /// A cluster-mode agent for `node`, attached to `cgroup` (the node's pods), its tunnel in
-    /// the node namespace on a port of its own.
+    /// The controller with the chart's arguments and configuration (plus `extra`).
+    pub fn controller_with(&self, extra: &[&str]) -> Result<ControllerProcess> {
+        let rendered = self.render(NEXT_TUNNEL_PORT.load(Ordering::Relaxed))?;
+        let host = crate::chart::HostEnv::new(&self.dir.join("controller-pod")).pod(
+            "controller-0",
+            self.agents.name(),
+            "beamlit-node-1",
+            &Topology::NODE_V4.to_string(),
+        );
+        let command = rendered.controller()?.command_line(&rendered, &host)?;
+        let mut args: Vec<&str> = command.args.iter().map(String::as_str).collect();
+        args.extend_from_slice(extra);
+        ControllerProcess::start_with(self.cluster, &args)
+    }
+
+    pub fn controller(&self) -> Result<ControllerProcess> {
+        self.controller_with(&[])
+    }
+
+    /// A cluster-mode agent for `node` with the chart's arguments, attached to `cgroup` (the
+    /// node's pods), its tunnel in the node namespace on a port of its own.
     pub fn agent(&self, node: &str, cgroup: &TestCgroup) -> Result<AgentFixture> {
         let port = NEXT_TUNNEL_PORT.fetch_add(1, Ordering::Relaxed);
-        let tunnel = format!("{}:{port}", Topology::NODE_V4);
+        let rendered = self.render(port)?;
         let netns = format!("/var/run/netns/{}", self.cluster.node_netns());
-        let ca = self.fake.ca_pem().display().to_string();
-        AgentFixture::start_cluster(
-            cgroup.path(),
+        AgentFixture::start_rendered(
+            &rendered,
             self.cluster.kubeconfig(),
+            cgroup.path(),
+            self.agents.name(),
             node,
-            &[
-                "--namespace",
-                self.agents.name(),
-                "--model-namespaces",
-                self.ns(),
-                "--tunnel-ipv4",
-                &tunnel,
-                "--tunnel-netns",
-                &netns,
-                "--ca-file",
-                &ca,
-            ],
+            &Topology::NODE_V4.to_string(),
+            &["--tunnel-netns", &netns],
         )
     }
 

@@ -10,8 +10,8 @@ use beamlit_testbed::{
     cluster::TestCluster,
     finish_probe, require_privileges, run_probe,
     seed::{
-        ControllerProcess, Exporter, OffloadBed, PHP_APACHE, deploy_seed, scale,
-        seed_model_deployment, start_prometheus, status,
+        Exporter, OffloadBed, PHP_APACHE, deploy_seed, scale, seed_model_deployment,
+        start_prometheus, status,
     },
     spawn_probe,
 };
@@ -324,19 +324,7 @@ fn a_metric_above_target_offloads_about_the_percentage_then_none() -> Result<()>
         "the seed's metric block moved: {md}"
     );
     cluster.apply(bed.ns(), &md)?;
-    let config = bed.dir.join("controller.yaml").display().to_string();
-    let controller = ControllerProcess::start_with(
-        cluster,
-        &[
-            "--leader-election=false",
-            "--namespaces",
-            bed.ns(),
-            "--config",
-            &config,
-            "--prometheus-url",
-            &url,
-        ],
-    )?;
+    let controller = bed.controller_with(&["--prometheus-url", &url])?;
     let node = TestCgroup::new("node1")?;
     let agent = bed.agent("beamlit-node-1", &node)?;
     bed.wait_applied("healthy, applied", |s| {
