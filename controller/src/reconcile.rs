@@ -608,40 +608,33 @@ async fn apply(md: Arc<ModelDeployment>, running: &Running) -> Result<Action, Er
         )
         .await;
     }
-    if let Some(e) = &backend_error {
+    // Input errors: one Warning when the condition's reason changes, not one per resync.
+    let problems = [
+        (
+            "RemoteBackendConfigured",
+            backend_error.as_ref().map(|e| (e.reason(), e.to_string())),
+        ),
+        (
+            "Ready",
+            service_error.as_ref().map(|e| (e.reason(), e.to_string())),
+        ),
+    ];
+    for (condition, problem) in problems {
+        let Some((reason, message)) = problem else {
+            continue;
+        };
         let was = previous_status
             .as_ref()
-            .and_then(|s| {
-                s.conditions
-                    .iter()
-                    .find(|c| c.type_ == "RemoteBackendConfigured")
-            })
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == condition))
             .map(|c| c.reason.clone());
-        if was.as_deref() != Some(e.reason()) {
+        if was.as_deref() != Some(reason) {
             publish(
                 &recorder,
                 &reference,
                 EventType::Warning,
-                e.reason(),
+                reason,
                 "Resolve",
-                &e.to_string(),
-            )
-            .await;
-        }
-    }
-    if let Some(e) = &service_error {
-        let was = previous_status
-            .as_ref()
-            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
-            .map(|c| c.reason.clone());
-        if was.as_deref() != Some(e.reason()) {
-            publish(
-                &recorder,
-                &reference,
-                EventType::Warning,
-                e.reason(),
-                "Resolve",
-                &e.to_string(),
+                &message,
             )
             .await;
         }

@@ -81,14 +81,7 @@ impl ControllerProcess {
             .parse()
             .context("the API server's address")?;
         let relay = crate::cluster::relay::ApiRelay::start(netns, upstream)?;
-        let mut c = Self {
-            child: None,
-            dir: TestDir::new("controller")?,
-            kubeconfig: cluster.kubeconfig().to_path_buf(),
-            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
-            starts: 0,
-            netns: Some(netns.name().to_string()),
-        };
+        let mut c = Self::unstarted(cluster, extra_args, Some(netns.name()))?;
         let original = std::fs::read_to_string(cluster.kubeconfig())?;
         let relayed = c.dir.join("kubeconfig");
         std::fs::write(&relayed, relay.kubeconfig(&original, cluster.server()))?;
@@ -98,16 +91,20 @@ impl ControllerProcess {
     }
 
     pub fn start_with(cluster: &TestCluster, extra_args: &[&str]) -> Result<Self> {
-        let mut c = Self {
+        let mut c = Self::unstarted(cluster, extra_args, None)?;
+        c.spawn()?;
+        Ok(c)
+    }
+
+    fn unstarted(cluster: &TestCluster, extra_args: &[&str], netns: Option<&str>) -> Result<Self> {
+        Ok(Self {
             child: None,
             dir: TestDir::new("controller")?,
             kubeconfig: cluster.kubeconfig().to_path_buf(),
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             starts: 0,
-            netns: None,
-        };
-        c.spawn()?;
-        Ok(c)
+            netns: netns.map(str::to_string),
+        })
     }
 
     fn spawn(&mut self) -> Result<()> {

@@ -18,7 +18,7 @@ use beamlit_testbed::{
     controller_bin,
     crds::install_model_deployment_crd,
     oci, require_privileges,
-    seed::{OffloadBed, deploy_seed, scale, seed_model_deployment},
+    seed::seed_model_deployment,
     spawn,
 };
 
@@ -1050,65 +1050,6 @@ fn the_seed_install_works_and_its_service_accounts_suffice() -> Result<()> {
     drop(agent);
     let out = cluster.helm().args(["uninstall", RELEASE]).output()?;
     assert!(out.status.success(), "helm uninstall: {out:?}");
-    Ok(())
-}
-
-/// The seed walkthrough (scale to 0: offloaded to the fake Beamlit; back: local) with the
-/// controller and the agent started from the chart's rendered configuration: what
-/// `seed::OffloadBed` does with hand-written files, done with [`TestReleaseValues`] and
-/// [`AgentFixture::start_rendered`].
-#[test]
-fn the_walkthrough_runs_from_the_charts_configuration() -> Result<()> {
-    if !require_privileges() {
-        return Ok(());
-    }
-    let cluster = TestCluster::shared()?;
-    let bed = OffloadBed::new(cluster, "chartwalk")?;
-    deploy_seed(cluster, bed.ns())?;
-    // The bed runs both from the chart's rendered arguments and configuration.
-    let controller = bed.controller()?;
-    let node = TestCgroup::new("chartwalk")?;
-    let agent = bed.agent("beamlit-node-1", &node)?;
-    bed.wait_applied("applied on 1 of 1 nodes", |s| {
-        s["offloadPercent"] == 0 && s["agents"]["applied"] == 1
-    })
-    .with_context(|| format!("{}\n{}", controller.log(), agent.log()))?;
-    let svc = bed.service_address()?;
-    let client = cluster.run_client_pod(bed.ns(), "curl-check")?;
-    let probe = |count| -> Result<beamlit_testbed::ProbeReport> {
-        let mut opts = beamlit_testbed::ProbeOptions::new(svc.parse()?, count);
-        opts.http = true;
-        opts.timeout_ms = Some(2000);
-        beamlit_testbed::run_probe(&client.netns, Some(node.path()), &opts)
-    };
-    let local = probe(5)?;
-    assert_eq!(local.ok, 5, "{local:?}");
-    assert_eq!(local.count("beamlit"), 0, "{local:?}");
-    scale(cluster, bed.ns(), 0)?;
-    agent.wait_share(&svc, 10_000, Duration::from_secs(10))?;
-    bed.wait_applied("100%, applied on 1 of 1", |s| {
-        s["offloadPercent"] == 100
-            && s["reason"] == "NoReadyEndpoints"
-            && s["agents"]["applied"] == 1
-    })?;
-    std::thread::sleep(Duration::from_secs(2));
-    let remote_report = probe(5)?;
-    assert_eq!(remote_report.count("beamlit"), 5, "{remote_report:?}");
-    scale(cluster, bed.ns(), 1)?;
-    cluster.wait_deployment_ready(bed.ns(), "php-apache", 1, WAIT)?;
-    agent.wait_share(&svc, 0, WAIT)?;
-    std::thread::sleep(Duration::from_millis(1500));
-    let back = probe(5)?;
-    assert_eq!(back.ok, 5, "{back:?}");
-    assert_eq!(back.count("beamlit"), 0, "{back:?}");
-    let stats = bed.fake.stats()?;
-    assert!(
-        stats
-            .requests_by_path
-            .keys()
-            .any(|p| p.starts_with("/ws/models/php-apache")),
-        "{stats:?}"
-    );
     Ok(())
 }
 

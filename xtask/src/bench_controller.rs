@@ -40,20 +40,8 @@ pub fn controller(args: &ControllerArgs) -> Result<()> {
     install_model_deployment_crd(&cluster)?;
     let ns = cluster.namespace("benchctl")?;
     let created = Instant::now();
-    for batch in (0..args.count).collect::<Vec<_>>().chunks(100) {
-        let mut yaml = String::new();
-        for i in batch {
-            // A Service without selector: no endpoints, so every model decides NoReadyEndpoints.
-            write!(
-                yaml,
-                "apiVersion: v1\nkind: Service\nmetadata: {{name: model-{i}}}\nspec:\n  ports: [{{port: 80}}]\n---\n\
-                 apiVersion: deployment.beamlit.com/v1alpha1\nkind: ModelDeployment\nmetadata: {{name: model-{i}}}\n\
-                 spec:\n  model: model-{i}\n  modelSourceRef: {{kind: Deployment, name: model-{i}}}\n  \
-                 serviceRef: {{name: model-{i}, targetPort: 80}}\n  offloadingConfig: {{behavior: {{percentage: 50}}}}\n---\n"
-            )?;
-        }
-        cluster.apply(ns.name(), &yaml)?;
-    }
+    // Each model's workload does not exist: only the Service and the decision matter here.
+    apply_models(&cluster, ns.name(), 0..args.count, |i| format!("model-{i}"))?;
     println!(
         "[bench] created {} Services and ModelDeployments in {:.1?}",
         args.count,
@@ -144,6 +132,32 @@ pub fn controller(args: &ControllerArgs) -> Result<()> {
     )?;
     writeln!(out, "target: RSS ≤ 150 MB: {}", verdict(peak_mib <= 150.0))?;
     print!("{out}");
+    Ok(())
+}
+
+/// `model-<i>` for each `i` of `range`: a Service without selector (no endpoints, so every model
+/// decides NoReadyEndpoints) and a ModelDeployment on it (50% on metrics) whose workload is
+/// `workload(i)`, applied 100 at a time.
+pub(crate) fn apply_models(
+    cluster: &TestCluster,
+    namespace: &str,
+    range: std::ops::Range<usize>,
+    workload: impl Fn(usize) -> String,
+) -> Result<()> {
+    for batch in range.collect::<Vec<_>>().chunks(100) {
+        let mut yaml = String::new();
+        for i in batch {
+            write!(
+                yaml,
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: model-{i}}}\nspec:\n  ports: [{{port: 80}}]\n---\n\
+                 apiVersion: deployment.beamlit.com/v1alpha1\nkind: ModelDeployment\nmetadata: {{name: model-{i}}}\n\
+                 spec:\n  model: model-{i}\n  modelSourceRef: {{kind: Deployment, name: {workload}}}\n  \
+                 serviceRef: {{name: model-{i}, targetPort: 80}}\n  offloadingConfig: {{behavior: {{percentage: 50}}}}\n---\n",
+                workload = workload(*i)
+            )?;
+        }
+        cluster.apply(namespace, &yaml)?;
+    }
     Ok(())
 }
 

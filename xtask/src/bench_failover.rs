@@ -137,19 +137,9 @@ pub fn failover(args: &FailoverArgs) -> Result<()> {
         "[bench] applying {} ModelDeployments and Services",
         args.models
     );
-    for batch in (0..args.models).collect::<Vec<_>>().chunks(100) {
-        let mut yaml = String::new();
-        for i in batch {
-            write!(
-                yaml,
-                "apiVersion: v1\nkind: Service\nmetadata: {{name: model-{i}}}\nspec:\n  ports: [{{port: 80}}]\n---\n\
-                 apiVersion: deployment.beamlit.com/v1alpha1\nkind: ModelDeployment\nmetadata: {{name: model-{i}}}\n\
-                 spec:\n  model: model-{i}\n  modelSourceRef: {{kind: Deployment, name: php-apache}}\n  \
-                 serviceRef: {{name: model-{i}, targetPort: 80}}\n  offloadingConfig: {{behavior: {{percentage: 50}}}}\n---\n"
-            )?;
-        }
-        cluster.apply(&ns, &yaml)?;
-    }
+    crate::bench_controller::apply_models(&cluster, &ns, 0..args.models, |_| {
+        "php-apache".to_string()
+    })?;
     let wanted = args.models + 1;
     wait_until(Duration::from_secs(300), || {
         maps.count().is_some_and(|n| n >= wanted)
