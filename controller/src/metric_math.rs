@@ -548,7 +548,8 @@ pub fn promql_for_metric(
     Ok(out)
 }
 
-fn is_metric_name(s: &str) -> bool {
+/// A classic Prometheus metric name (`[a-zA-Z_:][a-zA-Z0-9_:]*`).
+pub fn is_metric_name(s: &str) -> bool {
     let mut bytes = s.bytes();
     matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_' || b == b':')
         && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b':')

@@ -1,10 +1,12 @@
 //! Where metric values come from:
 //! - `Resource` and `ContainerResource`: metrics.k8s.io (metrics-server), the pods' usage against
 //!   their requests with the HPA's arithmetic, over the workload's running pods;
-//! - `External`: Prometheus instant queries (the metric name plus its label selector, rendered
-//!   as PromQL).
+//! - `Pods` and `Object`: custom.metrics.k8s.io (an adapter such as prometheus-adapter);
+//! - `External`: Prometheus instant queries when `prometheusUrl` is set (the metric name plus its
+//!   label selector, rendered as PromQL), else external.metrics.k8s.io.
 //!
-//! The custom and external metrics APIs (`Pods`, `Object`) are not collected yet and report so.
+//! As the HPA: `AverageValue` of an `Object` or `External` metric is its value divided by the
+//! workload's current (ready) replicas; a `Pods` metric is averaged over the pods that report it.
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -92,6 +94,8 @@ pub struct WorkloadPods<'a> {
     pub namespace: &'a str,
     /// The workload's label selector, rendered (`app=x,tier in (a,b)`).
     pub selector: &'a str,
+    /// Ready replicas now, for `AverageValue` of `Object` and `External` metrics.
+    pub replicas: i32,
 }
 
 /// What [`evaluate`] reads from.
@@ -100,6 +104,8 @@ pub struct Sources<'a> {
     pub prometheus: Option<&'a Prometheus>,
     /// `None` when the workload was not found.
     pub pods: Option<WorkloadPods<'a>>,
+    /// The ModelDeployment's namespace (where `Object` and `External` metrics are asked).
+    pub namespace: &'a str,
 }
 
 /// One metric of a ModelDeployment: its reading for the decision and its value for status.
@@ -118,13 +124,17 @@ pub async fn evaluate(spec: &MetricSpec, sources: &Sources<'_>) -> (MetricReadin
             Some(r) => resource(sources, &r.name, Some(&r.container), &r.target, &mut value).await,
             None => Err("type ContainerResource requires containerResource".into()),
         },
+        ("Pods", _) => match &spec.pods {
+            Some(p) => custom_pods(sources, p, &mut value).await,
+            None => Err("type Pods requires pods".into()),
+        },
+        ("Object", _) => match &spec.object {
+            Some(o) => custom_object(sources, o, &mut value).await,
+            None => Err("type Object requires object".into()),
+        },
         ("External", Some(external)) => match prometheus {
-            None => Err(
-                "External metrics are read from Prometheus: start the controller with \
-                         --prometheus-url"
-                    .to_string(),
-            ),
-            Some(p) => external_from_prometheus(external, p, &mut value).await,
+            None => external_from_api(sources, external, &mut value).await,
+            Some(p) => external_from_prometheus(sources, external, p, &mut value).await,
         },
         (other, _) => Err(format!(
             "{other} metrics are not collected by this controller version yet"
@@ -302,29 +312,255 @@ async fn resource(
 }
 
 async fn external_from_prometheus(
+    sources: &Sources<'_>,
     external: &k8s_openapi::api::autoscaling::v2::ExternalMetricSource,
     prometheus: &Prometheus,
     value: &mut MetricValue,
 ) -> Result<bool, String> {
     let target = Target::from_metric_target(&external.target).map_err(|e| e.to_string())?;
-    if matches!(target, Target::AverageValue(_)) {
-        // The HPA divides an External metric by the current replica count for AverageValue.
-        return Err(
-            "AverageValue targets of External metrics are not supported yet; use Value".into(),
-        );
-    }
-    let query =
-        metric_math::promql_for_metric(&external.metric.name, external.metric.selector.as_ref())
-            .map_err(|e| e.to_string())?;
+    let query = prometheus_query(&external.metric)?;
     let current = prometheus.instant(&query).await?;
     let current_milli = metric_math::f64_to_milli(current).map_err(|e| e.to_string())?;
-    value.current = Some(format_number(current));
+    compare_total(sources, current_milli, target, value)
+}
+
+/// The instant query of an External metric: its name rendered with its label selector, or, when
+/// the name is not a plain metric name, the name itself as a full PromQL expression (which then
+/// takes no selector: the query says it all).
+fn prometheus_query(
+    metric: &k8s_openapi::api::autoscaling::v2::MetricIdentifier,
+) -> Result<String, String> {
+    let selector = metric.selector.as_ref().filter(|s| {
+        s.match_labels.as_ref().is_some_and(|m| !m.is_empty())
+            || s.match_expressions.as_ref().is_some_and(|e| !e.is_empty())
+    });
+    if metric_math::is_metric_name(&metric.name) {
+        return metric_math::promql_for_metric(&metric.name, selector).map_err(|e| e.to_string());
+    }
+    if selector.is_some() {
+        return Err(format!(
+            "`{}` is a full PromQL query, which takes no selector: put the label matchers in the \
+             query, or use a plain metric name with the selector",
+            metric.name
+        ));
+    }
+    Ok(metric.name.clone())
+}
+
+/// A total (an `Object` or `External` metric) against its target: `Value` as it is,
+/// `AverageValue` per ready replica of the workload (the HPA's rule).
+fn compare_total(
+    sources: &Sources<'_>,
+    total_milli: i128,
+    target: Target,
+    value: &mut MetricValue,
+) -> Result<bool, String> {
+    let current = match target {
+        Target::Value(_) => total_milli,
+        Target::AverageValue(_) => {
+            let replicas = sources
+                .pods
+                .as_ref()
+                .map(|p| p.replicas)
+                .ok_or("an AverageValue target needs the workload's replicas, and the workload was not found")?;
+            metric_math::average_value(total_milli, usize::try_from(replicas).unwrap_or(0))
+                .map_err(|e| format!("{e} (the workload has no ready replica)"))?
+        }
+        Target::Utilization(_) => {
+            return Err("Utilization targets are for Resource metrics".into());
+        }
+    };
+    value.current = Some(format_milli(current));
     value.target = Some(format_milli(target.amount()));
     Ok(metric_math::is_above(
-        current_milli,
+        current,
         &target,
         metric_math::DEFAULT_TOLERANCE,
     ))
+}
+
+/// GET on an aggregated metrics API through the API server, bounded in time.
+async fn metrics_api_get(client: &kube::Client, path: &str) -> Result<serde_json::Value, String> {
+    let request = http::Request::get(path)
+        .body(Vec::new())
+        .map_err(|e| format!("request {path}: {e}"))?;
+    tokio::time::timeout(
+        METRICS_API_TIMEOUT,
+        client.request::<serde_json::Value>(request),
+    )
+    .await
+    .map_err(|_| format!("{path}: no answer within {METRICS_API_TIMEOUT:?}"))?
+    .map_err(|e| format!("{path}: {e}"))
+}
+
+fn selector_query(
+    selector: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
+) -> Result<Option<String>, String> {
+    match selector {
+        None => Ok(None),
+        Some(s) => kube::core::Selector::try_from(s.clone())
+            .map(|s| Some(s.to_string()).filter(|s| !s.is_empty()))
+            .map_err(|e| format!("metric selector: {e}")),
+    }
+}
+
+fn with_query(path: String, params: &[(&str, Option<String>)]) -> String {
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    let mut any = false;
+    for (key, value) in params {
+        if let Some(v) = value {
+            query.append_pair(key, v);
+            any = true;
+        }
+    }
+    if any {
+        format!("{path}?{}", query.finish())
+    } else {
+        path
+    }
+}
+
+/// The values of a MetricValueList / ExternalMetricValueList, in milli-units.
+fn item_values(list: &serde_json::Value) -> Result<Vec<i128>, String> {
+    list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|item| {
+            let q = item["value"].as_str().ok_or("an item without a value")?;
+            metric_math::parse_quantity_milli(q).map_err(|e| e.to_string())
+        })
+        .collect()
+}
+
+const CUSTOM_METRICS: &str = "/apis/custom.metrics.k8s.io/v1beta2";
+const EXTERNAL_METRICS: &str = "/apis/external.metrics.k8s.io/v1beta1";
+
+fn unavailable_api(api: &str, why: String) -> String {
+    format!(
+        "{api} is unavailable or has no such metric ({why}); install a metrics adapter (e.g. prometheus-adapter) that serves it"
+    )
+}
+
+/// `Pods`: the metric of each of the workload's pods, averaged over those that report it.
+async fn custom_pods(
+    sources: &Sources<'_>,
+    pods: &k8s_openapi::api::autoscaling::v2::PodsMetricSource,
+    value: &mut MetricValue,
+) -> Result<bool, String> {
+    let target = Target::from_metric_target(&pods.target).map_err(|e| e.to_string())?;
+    if !matches!(target, Target::AverageValue(_)) {
+        return Err("a Pods metric takes an AverageValue target (as the HPA)".into());
+    }
+    let scope = sources
+        .pods
+        .as_ref()
+        .ok_or("the workload was not found, so its pods are unknown")?;
+    let path = with_query(
+        format!(
+            "{CUSTOM_METRICS}/namespaces/{}/pods/*/{}",
+            scope.namespace, pods.metric.name
+        ),
+        &[
+            ("labelSelector", Some(scope.selector.to_string())),
+            (
+                "metricLabelSelector",
+                selector_query(pods.metric.selector.as_ref())?,
+            ),
+        ],
+    );
+    let list = metrics_api_get(sources.client, &path)
+        .await
+        .map_err(|e| unavailable_api("custom.metrics.k8s.io", e))?;
+    let values = item_values(&list)?;
+    let average = metric_math::average_value(values.iter().sum(), values.len())
+        .map_err(|e| format!("{e}: no pod reports {}", pods.metric.name))?;
+    value.current = Some(format_milli(average));
+    value.target = Some(format_milli(target.amount()));
+    Ok(metric_math::is_above(
+        average,
+        &target,
+        metric_math::DEFAULT_TOLERANCE,
+    ))
+}
+
+/// The custom metrics API's name for a kind: `deployments.apps`, `services`, `ingresses...`.
+fn resource_of(api_version: Option<&str>, kind: &str) -> String {
+    let lower = kind.to_ascii_lowercase();
+    let plural = if lower.ends_with('s') || lower.ends_with('x') || lower.ends_with("ch") {
+        format!("{lower}es")
+    } else if let Some(stem) = lower.strip_suffix('y') {
+        format!("{stem}ies")
+    } else {
+        format!("{lower}s")
+    };
+    match api_version.and_then(|v| v.split_once('/')) {
+        Some((group, _)) => format!("{plural}.{group}"),
+        None => plural,
+    }
+}
+
+/// `Object`: one object's metric (`describedObject`, in the ModelDeployment's namespace).
+async fn custom_object(
+    sources: &Sources<'_>,
+    object: &k8s_openapi::api::autoscaling::v2::ObjectMetricSource,
+    value: &mut MetricValue,
+) -> Result<bool, String> {
+    let target = Target::from_metric_target(&object.target).map_err(|e| e.to_string())?;
+    let described = &object.described_object;
+    let path = with_query(
+        format!(
+            "{CUSTOM_METRICS}/namespaces/{}/{}/{}/{}",
+            sources.namespace,
+            resource_of(described.api_version.as_deref(), &described.kind),
+            described.name,
+            object.metric.name
+        ),
+        &[(
+            "metricLabelSelector",
+            selector_query(object.metric.selector.as_ref())?,
+        )],
+    );
+    let list = metrics_api_get(sources.client, &path)
+        .await
+        .map_err(|e| unavailable_api("custom.metrics.k8s.io", e))?;
+    let total = item_values(&list)?.first().copied().ok_or_else(|| {
+        format!(
+            "no value for {} of {} {}",
+            object.metric.name, described.kind, described.name
+        )
+    })?;
+    compare_total(sources, total, target, value)
+}
+
+/// `External` from external.metrics.k8s.io: the sum of the series the selector matches.
+async fn external_from_api(
+    sources: &Sources<'_>,
+    external: &k8s_openapi::api::autoscaling::v2::ExternalMetricSource,
+    value: &mut MetricValue,
+) -> Result<bool, String> {
+    let target = Target::from_metric_target(&external.target).map_err(|e| e.to_string())?;
+    let path = with_query(
+        format!(
+            "{EXTERNAL_METRICS}/namespaces/{}/{}",
+            sources.namespace, external.metric.name
+        ),
+        &[(
+            "labelSelector",
+            selector_query(external.metric.selector.as_ref())?,
+        )],
+    );
+    let list = metrics_api_get(sources.client, &path)
+        .await
+        .map_err(|e| unavailable_api("external.metrics.k8s.io (or set prometheusUrl)", e))?;
+    let values = item_values(&list)?;
+    if values.is_empty() {
+        return Err(format!(
+            "external.metrics.k8s.io has no series for {}",
+            external.metric.name
+        ));
+    }
+    compare_total(sources, values.iter().sum(), target, value)
 }
 
 fn name(m: &MetricSpec) -> String {
@@ -336,14 +572,6 @@ fn name(m: &MetricSpec) -> String {
         .or_else(|| m.object.as_ref().map(|o| o.metric.name.clone()))
         .or_else(|| m.external.as_ref().map(|e| e.metric.name.clone()))
         .unwrap_or_else(|| m.type_.clone())
-}
-
-fn format_number(v: f64) -> String {
-    if v.fract() == 0.0 && v.abs() < 1e15 {
-        format!("{}", v as i64)
-    } else {
-        format!("{v}")
-    }
 }
 
 fn format_milli(milli: i128) -> String {
@@ -360,10 +588,54 @@ mod tests {
 
     #[test]
     fn values_print_as_people_write_them() {
-        assert_eq!(format_number(5.0), "5");
-        assert_eq!(format_number(0.25), "0.25");
         assert_eq!(format_milli(10_000), "10");
         assert_eq!(format_milli(250), "250m");
+    }
+
+    #[test]
+    fn prometheus_queries_from_a_name_and_selector_or_a_full_expression() {
+        let metric = |yaml: &str| -> k8s_openapi::api::autoscaling::v2::MetricIdentifier {
+            serde_yaml::from_str(yaml).expect("test metric")
+        };
+        let cases = [
+            (
+                "{name: model_load, selector: {matchLabels: {model: php, tier: a}}}",
+                Ok(r#"model_load{model="php",tier="a"}"#),
+            ),
+            ("{name: model_load}", Ok("model_load")),
+            (
+                "{name: 'sum(rate(http_requests_total{model=\"php\"}[1m]))'}",
+                Ok(r#"sum(rate(http_requests_total{model="php"}[1m]))"#),
+            ),
+            (
+                "{name: 'sum(x)', selector: {matchLabels: {a: b}}}",
+                Err("takes no selector"),
+            ),
+        ];
+        for (yaml, expected) in cases {
+            match (prometheus_query(&metric(yaml)), expected) {
+                (Ok(q), Ok(want)) => assert_eq!(q, want, "{yaml}"),
+                (Err(e), Err(needle)) => assert!(e.contains(needle), "{yaml}: {e}"),
+                (got, want) => panic!("{yaml}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn custom_metrics_resource_names() {
+        for (api_version, kind, expected) in [
+            (Some("apps/v1"), "Deployment", "deployments.apps"),
+            (Some("v1"), "Service", "services"),
+            (
+                Some("networking.k8s.io/v1"),
+                "Ingress",
+                "ingresses.networking.k8s.io",
+            ),
+            (None, "Pod", "pods"),
+            (Some("example.com/v1"), "Policy", "policies.example.com"),
+        ] {
+            assert_eq!(resource_of(api_version, kind), expected, "{kind}");
+        }
     }
 
     #[test]

@@ -381,9 +381,11 @@ async fn apply(md: Arc<ModelDeployment>, running: &Running) -> Result<Action, Er
             (Some(w), Some(selector)) => Some(crate::metric_source::WorkloadPods {
                 namespace: &w.namespace,
                 selector,
+                replicas: w.ready_replicas,
             }),
             _ => None,
         },
+        namespace: &namespace,
     };
     let (readings, metric_values) = evaluate_metrics(&md, &sources).await;
 

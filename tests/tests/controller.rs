@@ -434,7 +434,19 @@ fn cpu_utilization_from_metrics_k8s_io_drives_offloading() -> Result<()> {
     install_model_deployment_crd(cluster)?;
     beamlit_testbed::crds::install_pod_metrics_crd(cluster)?;
     let ns = cluster.namespace("ctlcpu")?;
-    deploy_seed(cluster, ns.name())?;
+    // The seed's Resource metric, and the same as a ContainerResource of its one container.
+    cluster.apply(ns.name(), PHP_APACHE)?;
+    cluster.wait_deployment_ready(ns.name(), "php-apache", 1, Duration::from_secs(60))?;
+    let md = seed_model_deployment(ns.name()).replace(
+        "            averageUtilization: 90\n",
+        "            averageUtilization: 90\n      - type: ContainerResource\n        containerResource:\n          \
+         name: cpu\n          container: php-apache\n          target: {type: Utilization, averageUtilization: 90}\n",
+    );
+    assert!(
+        md.contains("ContainerResource"),
+        "the seed's metric block moved: {md}"
+    );
+    cluster.apply(ns.name(), &md)?;
     let controller = ControllerProcess::start(cluster, ns.name())?;
     let wait = |what: &str, check: &dyn Fn(&serde_json::Value) -> bool| {
         wait_status(
@@ -470,14 +482,28 @@ fn cpu_utilization_from_metrics_k8s_io_drives_offloading() -> Result<()> {
     wait("100m of 200m: 50%, healthy", &|s| {
         s["metrics"][0]["current"] == "50%"
             && s["metrics"][0]["target"] == "90%"
+            && s["metrics"][1]["current"] == "50%"
             && s["offloadPercent"] == 0
     })?;
     cluster.apply(ns.name(), &pod_metrics(&pod, "300m"))?;
     wait("300m of 200m: 150%, offload the seed's 50%", &|s| {
         s["metrics"][0]["current"] == "150%"
+            && s["metrics"][1]["current"] == "150%"
             && s["offloadPercent"] == 50
             && s["reason"] == "MetricAboveTarget"
     })?;
+    // Falls: offloading continues through the window (5 s here), then stops.
+    cluster.apply(ns.name(), &pod_metrics(&pod, "100m"))?;
+    let fell = std::time::Instant::now();
+    wait("back below: stabilizing", &|s| {
+        s["metrics"][0]["current"] == "50%" && s["offloadPercent"] == 50
+    })?;
+    wait("after the window: 0%", &|s| s["offloadPercent"] == 0)?;
+    assert!(
+        fell.elapsed() >= Duration::from_secs(4),
+        "stopped before the window: {:?}",
+        fell.elapsed()
+    );
 
     // Requests removed: utilization is undefined; reported, never a division by zero.
     cluster.kubectl(&[
@@ -595,8 +621,48 @@ fn the_model_is_kept_on_beamlit_and_deleted_with_its_model_deployment() -> Resul
 
     scale(cluster, ns.name(), 0)?;
     wait_label("true")?;
+
+    // Beamlit down: the label cannot be cleared; a condition says so and retries back off.
+    let mut fake = fake;
+    fake.stop()?;
     scale(cluster, ns.name(), 1)?;
+    wait_status(
+        cluster,
+        ns.name(),
+        "php-apache",
+        Duration::from_secs(60),
+        "BeamlitSynced=False while Beamlit is down",
+        |s| {
+            condition(s, "BeamlitSynced")["status"] == "False"
+                && s["beamlit"]["failures"].as_i64().is_some_and(|f| f >= 1)
+                && s["beamlit"]["retryAfter"].is_string()
+        },
+    )
+    .with_context(|| controller.log())?;
+    let seen = events(cluster, ns.name())?;
+    assert!(
+        seen.contains("BeamlitUnreachable") || seen.contains("BeamlitTokenFailed"),
+        "no Warning Event for the failure: {seen}"
+    );
+    fake.restart()?;
+    let wait_label = |want: &str| {
+        cluster
+            .wait_for(
+                &format!("offloading label {want}"),
+                Duration::from_secs(60),
+                || Ok(label(&fake).as_deref() == Some(want)),
+            )
+            .with_context(|| controller.log())
+    };
     wait_label("false")?;
+    wait_status(
+        cluster,
+        ns.name(),
+        "php-apache",
+        Duration::from_secs(30),
+        "synced again",
+        |s| condition(s, "BeamlitSynced")["status"] == "True",
+    )?;
 
     cluster.kubectl(&[
         "delete",
