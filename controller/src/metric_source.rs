@@ -420,6 +420,14 @@ fn with_query(path: String, params: &[(&str, Option<String>)]) -> String {
     }
 }
 
+/// The values a metrics API answers at `path`, in milli-units; `api` names it in errors.
+async fn read_values(client: &kube::Client, api: &str, path: &str) -> Result<Vec<i128>, String> {
+    let list = metrics_api_get(client, path)
+        .await
+        .map_err(|e| unavailable_api(api, e))?;
+    item_values(&list)
+}
+
 /// The values of a MetricValueList / ExternalMetricValueList, in milli-units.
 fn item_values(list: &serde_json::Value) -> Result<Vec<i128>, String> {
     list["items"]
@@ -469,10 +477,7 @@ async fn custom_pods(
             ),
         ],
     );
-    let list = metrics_api_get(sources.client, &path)
-        .await
-        .map_err(|e| unavailable_api("custom.metrics.k8s.io", e))?;
-    let values = item_values(&list)?;
+    let values = read_values(sources.client, "custom.metrics.k8s.io", &path).await?;
     let average = metric_math::average_value(values.iter().sum(), values.len())
         .map_err(|e| format!("{e}: no pod reports {}", pods.metric.name))?;
     value.current = Some(format_milli(average));
@@ -521,10 +526,8 @@ async fn custom_object(
             selector_query(object.metric.selector.as_ref())?,
         )],
     );
-    let list = metrics_api_get(sources.client, &path)
-        .await
-        .map_err(|e| unavailable_api("custom.metrics.k8s.io", e))?;
-    let total = item_values(&list)?.first().copied().ok_or_else(|| {
+    let values = read_values(sources.client, "custom.metrics.k8s.io", &path).await?;
+    let total = values.first().copied().ok_or_else(|| {
         format!(
             "no value for {} of {} {}",
             object.metric.name, described.kind, described.name
@@ -550,10 +553,12 @@ async fn external_from_api(
             selector_query(external.metric.selector.as_ref())?,
         )],
     );
-    let list = metrics_api_get(sources.client, &path)
-        .await
-        .map_err(|e| unavailable_api("external.metrics.k8s.io (or set prometheusUrl)", e))?;
-    let values = item_values(&list)?;
+    let values = read_values(
+        sources.client,
+        "external.metrics.k8s.io (or set prometheusUrl)",
+        &path,
+    )
+    .await?;
     if values.is_empty() {
         return Err(format!(
             "external.metrics.k8s.io has no series for {}",

@@ -41,6 +41,24 @@ pub fn scale(cluster: &TestCluster, namespace: &str, replicas: u32) -> Result<()
 }
 
 /// The seed's php-apache (Ready) and its ModelDeployment, in `namespace`.
+/// The name of the (first) php-apache pod in `namespace`.
+pub fn php_apache_pod(cluster: &TestCluster, namespace: &str) -> Result<String> {
+    let name = cluster.kubectl(&[
+        "get",
+        "pods",
+        "-n",
+        namespace,
+        "-l",
+        "run=php-apache",
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
+    ])?;
+    match name.trim() {
+        "" => bail!("no php-apache pod in {namespace}"),
+        n => Ok(n.to_string()),
+    }
+}
+
 pub fn deploy_seed(cluster: &TestCluster, namespace: &str) -> Result<()> {
     cluster.apply(namespace, PHP_APACHE)?;
     cluster.wait_deployment_ready(namespace, "php-apache", 1, Duration::from_secs(60))?;

@@ -14,8 +14,8 @@ use beamlit_testbed::{
     crds::install_model_deployment_crd,
     require_privileges,
     seed::{
-        ControllerProcess, Exporter, PHP_APACHE, condition, deploy_seed, events, scale,
-        seed_model_deployment, start_prometheus, status, wait_status,
+        ControllerProcess, Exporter, PHP_APACHE, condition, deploy_seed, events, php_apache_pod,
+        scale, seed_model_deployment, start_prometheus, status, wait_status,
     },
 };
 
@@ -465,19 +465,7 @@ fn cpu_utilization_from_metrics_k8s_io_drives_offloading() -> Result<()> {
             .is_some_and(|e| e.contains("usage"))
             && s["offloadPercent"] == 0
     })?;
-    let pod = cluster
-        .kubectl(&[
-            "get",
-            "pods",
-            "-n",
-            ns.name(),
-            "-l",
-            "run=php-apache",
-            "-o",
-            "jsonpath={.items[0].metadata.name}",
-        ])?
-        .trim()
-        .to_string();
+    let pod = php_apache_pod(cluster, ns.name())?;
     cluster.apply(ns.name(), &pod_metrics(&pod, "100m"))?;
     wait("100m of 200m: 50%, healthy", &|s| {
         s["metrics"][0]["current"] == "50%"

@@ -9,7 +9,7 @@ use beamlit_testbed::{
     crds::install_model_deployment_crd,
     metrics_adapter::MetricsAdapter,
     require_privileges,
-    seed::{ControllerProcess, PHP_APACHE, seed_model_deployment, wait_status},
+    seed::{ControllerProcess, PHP_APACHE, php_apache_pod, seed_model_deployment, wait_status},
 };
 
 const METRICS: &str = "      - type: Pods\n        pods:\n          metric: {name: requests_per_second}\n          \
@@ -30,19 +30,7 @@ fn pods_object_and_external_metrics_through_the_aggregated_apis() -> Result<()> 
     let ns = cluster.namespace("custom")?;
     cluster.apply(ns.name(), PHP_APACHE)?;
     cluster.wait_deployment_ready(ns.name(), "php-apache", 1, Duration::from_secs(60))?;
-    let pod = cluster
-        .kubectl(&[
-            "get",
-            "pods",
-            "-n",
-            ns.name(),
-            "-l",
-            "run=php-apache",
-            "-o",
-            "jsonpath={.items[0].metadata.name}",
-        ])?
-        .trim()
-        .to_string();
+    let pod = php_apache_pod(&cluster, ns.name())?;
     adapter.set_pods(ns.name(), "requests_per_second", &[(&pod, "5")]);
     adapter.set_object(ns.name(), "services", "php-apache", "queue_length", "50");
     adapter.set_external(ns.name(), "beamlit_backlog", &["10"]);
