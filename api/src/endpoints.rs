@@ -10,7 +10,7 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Ready endpoints of the Service across its EndpointSlices (every family), counted once per
 /// address. Per the EndpointSlice API, a missing `ready` condition means ready; terminating
 /// endpoints are not ready for new connections.
-pub fn ready_endpoints(slices: &[EndpointSlice]) -> u32 {
+pub fn ready_endpoints<'a>(slices: impl IntoIterator<Item = &'a EndpointSlice>) -> u32 {
     let mut ready = BTreeSet::new();
     for slice in slices {
         for endpoint in slice.endpoints.iter().flatten() {

@@ -300,13 +300,7 @@ async fn resource(
             let measured: Vec<i128> = samples.iter().filter_map(|s| s.usage_milli).collect();
             let average = metric_math::average_value(measured.iter().sum(), measured.len())
                 .map_err(|e| e.to_string())?;
-            value.current = Some(format_milli(average));
-            value.target = Some(format_milli(target.amount()));
-            Ok(metric_math::is_above(
-                average,
-                &target,
-                metric_math::DEFAULT_TOLERANCE,
-            ))
+            Ok(compare(value, average, &target))
         }
     }
 }
@@ -370,13 +364,15 @@ fn compare_total(
             return Err("Utilization targets are for Resource metrics".into());
         }
     };
+    Ok(compare(value, current, &target))
+}
+
+/// `current` (in the target's units) against `target`, with the HPA's tolerance; both go into
+/// the metric's status.
+fn compare(value: &mut MetricValue, current: i128, target: &Target) -> bool {
     value.current = Some(format_milli(current));
     value.target = Some(format_milli(target.amount()));
-    Ok(metric_math::is_above(
-        current,
-        &target,
-        metric_math::DEFAULT_TOLERANCE,
-    ))
+    metric_math::is_above(current, target, metric_math::DEFAULT_TOLERANCE)
 }
 
 /// GET on an aggregated metrics API through the API server, bounded in time.
@@ -480,13 +476,7 @@ async fn custom_pods(
     let values = read_values(sources.client, "custom.metrics.k8s.io", &path).await?;
     let average = metric_math::average_value(values.iter().sum(), values.len())
         .map_err(|e| format!("{e}: no pod reports {}", pods.metric.name))?;
-    value.current = Some(format_milli(average));
-    value.target = Some(format_milli(target.amount()));
-    Ok(metric_math::is_above(
-        average,
-        &target,
-        metric_math::DEFAULT_TOLERANCE,
-    ))
+    Ok(compare(value, average, &target))
 }
 
 /// The custom metrics API's name for a kind: `deployments.apps`, `services`, `ingresses...`.

@@ -107,6 +107,37 @@ pub struct Caches {
     daemonsets: Store<DaemonSet>,
     /// The agents' Leases (one per node), for "applied on N of M nodes".
     agent_leases: Store<Lease>,
+    /// Each Lease's acknowledgements, parsed once per resourceVersion rather than by every
+    /// reconcile (the annotation lists every model the node applied).
+    parsed_acks: std::sync::Mutex<std::collections::HashMap<String, ParsedAcks>>,
+}
+
+/// A Lease's resourceVersion and what it acknowledges.
+type ParsedAcks = (Option<String>, Arc<AppliedDecisions>);
+
+impl Caches {
+    /// What `lease` acknowledges, from the parse cache.
+    fn acknowledged(&self, lease: &Lease) -> Arc<AppliedDecisions> {
+        let name = lease.name_any();
+        let version = lease.resource_version();
+        let mut cache = self
+            .parsed_acks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((seen, parsed)) = cache.get(&name)
+            && *seen == version
+        {
+            return parsed.clone();
+        }
+        let parsed = Arc::new(AppliedDecisions::from_annotation(
+            lease
+                .annotations()
+                .get(acknowledgement::APPLIED_ANNOTATION)
+                .map(String::as_str),
+        ));
+        cache.insert(name, (version, parsed.clone()));
+        parsed
+    }
 }
 
 impl Caches {
@@ -203,6 +234,7 @@ pub async fn run(ctx: Arc<Context>) {
             replicasets,
             daemonsets,
             agent_leases,
+            parsed_acks: std::sync::Mutex::default(),
         },
     });
     let (s1, s2, s3, s4, s5, s6) = (
@@ -353,17 +385,11 @@ async fn apply(md: Arc<ModelDeployment>, running: &Running) -> Result<Action, Er
     };
     let ready_endpoints = match &service {
         Some(s) => {
-            let slices: Vec<EndpointSlice> = caches
-                .slices
-                .state()
-                .iter()
-                .filter(|slice| {
-                    slice.namespace().as_deref() == Some(s.namespace.as_str())
-                        && slice.labels().get(SERVICE_NAME_LABEL) == Some(&s.name)
-                })
-                .map(|slice| EndpointSlice::clone(slice))
-                .collect();
-            resolve::ready_endpoints(&slices)
+            let slices = caches.slices.state();
+            resolve::ready_endpoints(slices.iter().map(AsRef::as_ref).filter(|slice| {
+                slice.namespace().as_deref() == Some(s.namespace.as_str())
+                    && slice.labels().get(SERVICE_NAME_LABEL) == Some(&s.name)
+            }))
         }
         None => 0,
     };
@@ -548,14 +574,7 @@ async fn apply(md: Arc<ModelDeployment>, running: &Running) -> Result<Action, Er
         },
         decision_fields(&next),
         timestamp,
-        |generation| {
-            Some(agents_applied(
-                &caches.agent_leases,
-                &md,
-                generation,
-                timestamp,
-            ))
-        },
+        |generation| Some(agents_applied(caches, &md, generation, timestamp)),
     );
     let beamlit_error = beamlit.as_ref().and_then(|(_, e)| e.clone());
     if let Some((sync, _)) = beamlit {
@@ -646,7 +665,7 @@ async fn apply(md: Arc<ModelDeployment>, running: &Running) -> Result<Action, Er
 
 /// Agents alive (fresh Lease) and, of those, the ones that applied `generation` of this model.
 fn agents_applied(
-    leases: &Store<Lease>,
+    caches: &Caches,
     md: &ModelDeployment,
     generation: i64,
     now: jiff::Timestamp,
@@ -657,7 +676,7 @@ fn agents_applied(
     );
     let uid = md.uid().unwrap_or_default();
     let mut counts = AgentsApplied::default();
-    for lease in leases.state() {
+    for lease in caches.agent_leases.state() {
         let spec = lease.spec.as_ref();
         let renewed = spec.and_then(|s| s.renew_time.as_ref()).map(|t| t.0);
         if !acknowledgement::lease_is_fresh(
@@ -668,13 +687,10 @@ fn agents_applied(
             continue;
         }
         counts.total += 1;
-        let applied = AppliedDecisions::from_annotation(
-            lease
-                .annotations()
-                .get(acknowledgement::APPLIED_ANNOTATION)
-                .map(String::as_str),
-        );
-        if applied.has_applied(&key, &uid, generation) {
+        if caches
+            .acknowledged(&lease)
+            .has_applied(&key, &uid, generation)
+        {
             counts.applied += 1;
         }
     }

@@ -291,6 +291,6 @@ mod tests {
             },
         ];
         assert_eq!(ready_endpoints(&slices), 2);
-        assert_eq!(ready_endpoints(&[]), 0);
+        assert_eq!(ready_endpoints(&[] as &[EndpointSlice]), 0);
     }
 }

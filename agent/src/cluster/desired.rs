@@ -9,6 +9,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
+    sync::Arc,
     time::Duration,
 };
 
@@ -74,7 +75,7 @@ pub struct Desired {
 }
 
 pub fn desired(
-    models: &[ModelDeployment],
+    models: &[Arc<ModelDeployment>],
     ready: &ReadyEndpoints,
     tunnels: &TunnelAddresses,
     secrets: &SecretValues,
@@ -82,7 +83,7 @@ pub fn desired(
     let mut out = Desired::default();
     // Sorted, so that when two ModelDeployments claim one Service address, the same one wins
     // on every node and every run.
-    let mut models: Vec<&ModelDeployment> = models.iter().collect();
+    let mut models: Vec<&ModelDeployment> = models.iter().map(AsRef::as_ref).collect();
     models.sort_by_key(|md| key_of(md));
     for md in models {
         let key = key_of(md);
@@ -290,7 +291,7 @@ fn remote_backend(
 }
 
 /// The Secrets the models' backends reference (each read once however many models share it).
-pub fn secret_refs(models: &[ModelDeployment]) -> Vec<NamespacedSecretKeyRef> {
+pub fn secret_refs(models: &[Arc<ModelDeployment>]) -> Vec<NamespacedSecretKeyRef> {
     let mut refs: Vec<NamespacedSecretKeyRef> = models
         .iter()
         .filter_map(|md| md.status.as_ref()?.remote_backend.as_ref()?.oauth.as_ref())
@@ -306,11 +307,11 @@ pub const SECRET_REFRESH: Duration = Duration::from_secs(60);
 
 /// Per Service (`namespace`, `name`), ready endpoints over its EndpointSlices.
 pub fn ready_endpoints_by_service(
-    slices: &[std::sync::Arc<k8s_openapi::api::discovery::v1::EndpointSlice>],
+    slices: &[Arc<k8s_openapi::api::discovery::v1::EndpointSlice>],
 ) -> ReadyEndpoints {
     let mut grouped: BTreeMap<
         (String, String),
-        Vec<k8s_openapi::api::discovery::v1::EndpointSlice>,
+        Vec<&k8s_openapi::api::discovery::v1::EndpointSlice>,
     > = BTreeMap::new();
     for slice in slices {
         let (Some(namespace), Some(service)) = (
@@ -327,11 +328,11 @@ pub fn ready_endpoints_by_service(
         grouped
             .entry((namespace, service))
             .or_default()
-            .push(slice.as_ref().clone());
+            .push(slice.as_ref());
     }
     grouped
         .into_iter()
-        .map(|(k, v)| (k, beamlit_api::endpoints::ready_endpoints(&v)))
+        .map(|(k, v)| (k, beamlit_api::endpoints::ready_endpoints(v)))
         .collect()
 }
 
@@ -405,7 +406,7 @@ mod tests {
     #[test]
     fn the_controllers_decision_is_applied_on_every_family() {
         let md = model("a", 50, "MetricAboveTarget", &["10.96.0.10", "fd00:96::10"]);
-        let d = desired(&[md], &ready("a", 2), &tunnels(), &secrets());
+        let d = desired(&[Arc::new(md)], &ready("a", 2), &tunnels(), &secrets());
         assert!(d.problems.is_empty(), "{:?}", d.problems);
         assert_eq!(d.set.routes.len(), 2);
         for route in &d.set.routes {
@@ -533,7 +534,8 @@ mod tests {
             },
         ];
         for case in cases {
-            let d = desired(&case.models, &case.ready, &tunnels(), &case.secrets);
+            let models: Vec<Arc<ModelDeployment>> = case.models.into_iter().map(Arc::new).collect();
+            let d = desired(&models, &case.ready, &tunnels(), &case.secrets);
             let got: Vec<(String, f64)> = d
                 .set
                 .routes
@@ -563,7 +565,7 @@ mod tests {
             ipv6: None,
             ..tunnels()
         };
-        let d = desired(&[md], &ready("a", 1), &only_v4, &secrets());
+        let d = desired(&[Arc::new(md)], &ready("a", 1), &only_v4, &secrets());
         assert!(d.set.routes.is_empty());
         assert!(d.problems[0].contains("--tunnel-ipv6"), "{:?}", d.problems);
     }
@@ -571,8 +573,8 @@ mod tests {
     #[test]
     fn secret_refs_are_deduplicated() {
         let models = vec![
-            model("a", 0, "Healthy", &["10.96.0.10"]),
-            model("b", 0, "Healthy", &["10.96.0.11"]),
+            Arc::new(model("a", 0, "Healthy", &["10.96.0.10"])),
+            Arc::new(model("b", 0, "Healthy", &["10.96.0.11"])),
         ];
         assert_eq!(secret_refs(&models), vec![secret_ref()]);
     }

@@ -331,9 +331,9 @@ impl Cluster {
         periodic: bool,
     ) -> usize {
         let scope = &self.config.model_namespaces;
-        let models: Vec<ModelDeployment> = models
+        let models: Vec<Arc<ModelDeployment>> = models
             .state()
-            .iter()
+            .into_iter()
             .filter(|m| {
                 scope.is_empty()
                     || m.metadata
@@ -341,7 +341,6 @@ impl Cluster {
                         .as_ref()
                         .is_some_and(|n| scope.contains(n))
             })
-            .map(|m| (**m).clone())
             .collect();
         let refs = desired::secret_refs(&models);
         self.secrets.refresh(&self.client, &refs, periodic).await;
