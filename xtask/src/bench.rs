@@ -304,7 +304,7 @@ pub(crate) fn enable_bpf_stats() -> Result<OwnedFd> {
 /// Debian's nginx in a pod, with its own config, pid file and logs in a temp dir. One
 /// process (`master_process off`): killing it leaves no orphaned worker holding the namespace.
 pub(crate) struct Nginx {
-    _child: ChildGuard,
+    child: ChildGuard,
 }
 
 impl Nginx {
@@ -342,12 +342,38 @@ impl Nginx {
                 ])
                 .output()?;
             if probe.status.success() {
-                return Ok(Self { _child: child });
+                return Ok(Self { child });
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         bail!("nginx did not start; see {}/error.log", workdir.display())
     }
+}
+
+impl Nginx {
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+}
+
+/// CPU time (user + system, all threads) a process has used so far, in microseconds.
+pub(crate) fn cpu_time_us(pid: u32) -> Result<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name may hold spaces; the fields after its closing parenthesis do not.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // utime and stime are fields 14 and 15 of stat(5), i.e. 11 and 12 after the name.
+    let ticks = |i: usize| -> Result<f64> {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .with_context(|| format!("no field {i} in /proc/{pid}/stat"))
+    };
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok((ticks(11)? + ticks(12)?) * 1e6 / per_second)
 }
 
 /// An nginx `server` answering 200 with a fixed body: the upstream of every benchmark.
