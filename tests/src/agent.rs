@@ -197,7 +197,10 @@ impl AgentFixture {
             cmd.env("KUBECONFIG", kubeconfig);
         }
         cmd.env("NO_COLOR", "1")
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("BEAMLIT_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

@@ -89,9 +89,16 @@ impl Bed {
     }
 
     fn agent(&self, extra: &[&str]) -> Result<AgentFixture> {
+        self.agent_to(Remote::Https, extra)
+    }
+
+    /// An agent whose Service goes to the fake's HTTPS or plain-HTTP listener.
+    fn agent_to(&self, remote: Remote, extra: &[&str]) -> Result<AgentFixture> {
         let mut args = vec!["--tunnel-netns", self.node_netns.as_str()];
         args.extend_from_slice(extra);
-        AgentFixture::start(self.cgroup.path(), &self.routes(self.fake.ca_pem()), &args)
+        let (scheme, port) = remote.scheme_port();
+        let routes = self.routes_to(self.fake.ca_pem(), scheme, port);
+        AgentFixture::start(self.cgroup.path(), &routes, &args)
     }
 
     /// curl from the client pod, in the test cgroup (so the eBPF programs apply).
@@ -110,6 +117,23 @@ impl Bed {
                 String::from_utf8_lossy(&out.stderr)
             )
         })
+    }
+}
+
+/// The fake's two HTTP listeners: HTTPS goes through hyper's pooled client (HTTP/2 by ALPN),
+/// plain HTTP through the client connection's own HTTP/1.1 connection (`tunnel::h1`).
+#[derive(Debug, Clone, Copy)]
+enum Remote {
+    Https,
+    Http,
+}
+
+impl Remote {
+    fn scheme_port(self) -> (&'static str, u16) {
+        match self {
+            Remote::Https => ("https", 8443),
+            Remote::Http => ("http", 8080),
+        }
     }
 }
 
@@ -197,11 +221,20 @@ fn short_lived_tokens_are_refreshed_before_they_expire() -> Result<()> {
 
 #[test]
 fn server_sent_events_stream_as_they_are_produced() -> Result<()> {
+    server_sent_events_stream(Remote::Https, "tsse")
+}
+
+#[test]
+fn server_sent_events_stream_from_a_plain_http_remote() -> Result<()> {
+    server_sent_events_stream(Remote::Http, "tssep")
+}
+
+fn server_sent_events_stream(remote: Remote, hint: &str) -> Result<()> {
     if !require_privileges() {
         return Ok(());
     }
-    let bed = Bed::new("tsse", Duration::from_secs(3600))?;
-    let _agent = bed.agent(&[])?;
+    let bed = Bed::new(hint, Duration::from_secs(3600))?;
+    let _agent = bed.agent_to(remote, &[])?;
     let mut cmd = bed.client.netns.cmd("curl");
     cmd.args(["-sSN", "--max-time", "10", &format!("http://{SVC}/sse")])
         .stdout(Stdio::piped());
@@ -218,7 +251,9 @@ fn server_sent_events_stream_as_they_are_produced() -> Result<()> {
     }
     let total = started.elapsed();
     let first = first.context("no event arrived")?;
-    println!("first SSE event after {first:?}, stream of {events} events took {total:?}");
+    println!(
+        "{remote:?}: first SSE event after {first:?}, stream of {events} events took {total:?}"
+    );
     assert_eq!(events, 10);
     // The fake sends one event every 100 ms: buffering would deliver everything at the end.
     assert!(
@@ -230,11 +265,20 @@ fn server_sent_events_stream_as_they_are_produced() -> Result<()> {
 
 #[test]
 fn a_100_mb_upload_streams_with_bounded_memory() -> Result<()> {
+    upload_streams(Remote::Https, "tupload")
+}
+
+#[test]
+fn a_100_mb_upload_streams_to_a_plain_http_remote() -> Result<()> {
+    upload_streams(Remote::Http, "tuploadp")
+}
+
+fn upload_streams(remote: Remote, hint: &str) -> Result<()> {
     if !require_privileges() {
         return Ok(());
     }
-    let bed = Bed::new("tupload", Duration::from_secs(3600))?;
-    let mut agent = bed.agent(&[])?;
+    let bed = Bed::new(hint, Duration::from_secs(3600))?;
+    let mut agent = bed.agent_to(remote, &[])?;
     let file = bed.dir.join("upload.bin");
     let size: u64 = 100 * 1024 * 1024;
     std::fs::File::create(&file)?.set_len(size)?;
@@ -262,7 +306,10 @@ fn a_100_mb_upload_streams_with_bounded_memory() -> Result<()> {
         .with_context(|| String::from_utf8_lossy(&out.stderr).to_string())?;
     assert_eq!(answer["bytes"], 10 * 1024 * 1024, "{answer}");
     let peak = agent.peak_rss_kib()?;
-    println!("agent peak RSS after a 100 MB upload: {} MiB", peak / 1024);
+    println!(
+        "{remote:?}: agent peak RSS after a 100 MB upload: {} MiB",
+        peak / 1024
+    );
     assert!(
         peak < 64 * 1024,
         "agent peak RSS {peak} KiB: the body was buffered"
@@ -272,15 +319,24 @@ fn a_100_mb_upload_streams_with_bounded_memory() -> Result<()> {
 
 #[test]
 fn remote_down_gives_a_fast_clear_502_and_recovers() -> Result<()> {
+    remote_down_and_back(Remote::Https, "tdown")
+}
+
+#[test]
+fn a_plain_http_remote_down_gives_a_fast_clear_502_and_recovers() -> Result<()> {
+    remote_down_and_back(Remote::Http, "tdownp")
+}
+
+fn remote_down_and_back(remote: Remote, hint: &str) -> Result<()> {
     if !require_privileges() {
         return Ok(());
     }
-    let mut bed = Bed::new("tdown", Duration::from_secs(3600))?;
-    let _agent = bed.agent(&[])?;
+    let mut bed = Bed::new(hint, Duration::from_secs(3600))?;
+    let _agent = bed.agent_to(remote, &[])?;
     assert_eq!(status_of(&bed, "/ok")?.0, 200);
     bed.fake.stop()?;
     let (code, body, elapsed) = status_of(&bed, "/ok")?;
-    println!("remote down: {code} in {elapsed:?}: {body}");
+    println!("{remote:?} remote down: {code} in {elapsed:?}: {body}");
     assert_eq!(code, 502, "{body}");
     assert!(
         body.contains("unreachable") && body.contains("refused"),
@@ -425,5 +481,119 @@ print(got.decode().strip())
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(lines.next(), Some("ping through the tunnel"), "{stdout}");
+    Ok(())
+}
+
+#[test]
+fn plain_http_remotes_get_prefix_headers_host_and_token_over_one_kept_alive_connection()
+-> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let bed = Bed::new("tplain", Duration::from_secs(3600))?;
+    let agent = bed.agent_to(Remote::Http, &[])?;
+    let echo = bed.get_json("/predict?x=1")?;
+    assert_eq!(echo["path"], "/ws/models/php-apache/predict?x=1", "{echo}");
+    let headers = &echo["headers"];
+    assert_eq!(headers["x-beamlit-environment"], "production", "{echo}");
+    assert_eq!(headers["authorization"], "Bearer tok-1", "{echo}");
+    assert_eq!(
+        headers["x-forwarded-for"],
+        bed.client.ipv4.to_string(),
+        "{echo}"
+    );
+    assert_eq!(headers["x-forwarded-host"], "10.96.0.10", "{echo}");
+    assert_eq!(echo["version"], "HTTP/1.1", "{echo}");
+    assert_eq!(
+        echo["authority"],
+        format!("{}:8080", bed.remote_ip),
+        "{echo}"
+    );
+    assert!(
+        !agent.log().contains(CLIENT_SECRET),
+        "secret in the agent log"
+    );
+
+    // One client connection, messages of every framing: the upstream connection is reused
+    // throughout (the fake sees one peer), so each body was delimited exactly.
+    let script = r#"
+import http.client, json
+c = http.client.HTTPConnection("10.96.0.10", 80, timeout=10)
+peers = []
+def echo(method, path, **kw):
+    c.request(method, path, **kw)
+    r = c.getresponse()
+    d = json.loads(r.read())
+    peers.append(d["peer"])
+    return d
+for i in range(3):
+    echo("GET", f"/keepalive/{i}")
+c.request("HEAD", "/head")
+r = c.getresponse(); r.read()
+print("HEAD", r.status)
+c.request("GET", "/status/204")
+r = c.getresponse(); r.read()
+print("204", r.status)
+d = echo("POST", "/fixed", body=b"x" * 100000)
+print("FIXED", d["body_len"])
+d = echo("POST", "/chunked", body=iter([b"a" * 1000, b"b" * 2000]), encode_chunked=True)
+print("CHUNKED", d["body_len"])
+echo("GET", "/last")
+print("PEERS", len(set(peers)), len(peers))
+"#;
+    let mut cmd = bed.client.netns.cmd("python3");
+    cmd.args(["-c", script]);
+    let out = run_in(Some(bed.cgroup.path()), cmd)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    for expected in [
+        "HEAD 200",
+        "204 204",
+        "FIXED 100000",
+        "CHUNKED 3000",
+        "PEERS 1 6",
+    ] {
+        assert!(
+            stdout.lines().any(|l| l == expected),
+            "{expected:?} missing:\n{stdout}{stderr}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn h2c_clients_are_served_whatever_the_remote_speaks() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let bed = Bed::new("th2c", Duration::from_secs(3600))?;
+    for remote in [Remote::Https, Remote::Http] {
+        let agent = bed.agent_to(remote, &[])?;
+        // One request per connection: curl 7.88 fails every request after the first on a reused
+        // prior-knowledge connection, even straight to an h2c server.
+        let mut answers = String::new();
+        for i in 0..3 {
+            let out = bed.curl(&[
+                "--http2-prior-knowledge",
+                "-w",
+                "\n%{http_version} %{http_code}\n",
+                &format!("http://{SVC}/h2c/{i}"),
+            ])?;
+            answers.push_str(&String::from_utf8_lossy(&out.stdout));
+            answers.push_str(&String::from_utf8_lossy(&out.stderr));
+        }
+        let ok = answers.lines().filter(|l| *l == "2 200").count();
+        let paths = (0..3)
+            .filter(|i| answers.contains(&format!("/ws/models/php-apache/h2c/{i}")))
+            .count();
+        assert_eq!(
+            (ok, paths),
+            (3, 3),
+            "{remote:?}: {answers}\nagent log:\n{}",
+            agent.log()
+        );
+        drop(agent);
+    }
     Ok(())
 }

@@ -11,7 +11,9 @@ use hyper_util::{
 };
 use rustls_pki_types::{CertificateDer, pem::PemObject};
 
-pub type Body = BoxBody<Bytes, hyper::Error>;
+/// Errors of bodies in either direction: hyper's, or the plain-HTTP forwarder's ([`super::h1`]).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = BoxBody<Bytes, BoxError>;
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {

@@ -1,7 +1,12 @@
 //! Forward layer, HTTP mode: a reverse proxy toward the Service's remote backend. Bodies stream
 //! both ways (an SSE event reaches the client when the remote sends it; uploads pass with
 //! bounded memory). Failures become fast 502/503/504 answers whose body says why.
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use http::{
@@ -10,26 +15,77 @@ use http::{
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpStream;
+use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tracing::{debug, warn};
 
 use super::{
     Route, auth,
-    client::{self, Body},
+    backend::Scheme,
+    client::{self, Body, BoxError},
+    h1,
 };
 
-/// Serves one accepted client connection (HTTP/1.1 with keep-alive and upgrades, or h2c).
+/// The connection preface of HTTP/2 with prior knowledge (h2c, RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Serves one accepted client connection: HTTP/1.1 (keep-alive, chunked bodies, upgrades), or
+/// h2c when the client opens with the HTTP/2 preface (gRPC clients do).
 pub async fn serve(stream: TcpStream, client_addr: SocketAddr, route: Arc<Route>) {
+    let h2 = match opens_with_h2_preface(&stream, route.backend.header_timeout).await {
+        Ok(h2) => h2,
+        Err(e) => {
+            debug!(client = %client_addr, "client connection ended before a request: {e}");
+            return;
+        }
+    };
+    // Plain-HTTP remotes: this connection's own upstream connections (see `h1`).
+    let upstreams = Arc::new(h1::Upstreams::default());
     let service = hyper::service::service_fn(move |req| {
         let route = route.clone();
-        async move { Ok::<_, Infallible>(handle(req, client_addr, &route).await) }
+        let upstreams = upstreams.clone();
+        async move { Ok::<_, Infallible>(handle(req, client_addr, &route, &upstreams).await) }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-        .await
-    {
+    let io = TokioIo::new(stream);
+    let served = if h2 {
+        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(io, service)
+            .await
+    } else {
+        hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, service)
+            .with_upgrades()
+            .await
+    };
+    if let Err(e) = served {
         debug!(client = %client_addr, "client connection ended: {e}");
+    }
+}
+
+/// Tells HTTP/2 from HTTP/1 by peeking at the first bytes, so they stay in the socket for the
+/// protocol's own reader. (Reading them into a prefix buffer instead, as hyper-util's `auto`
+/// server does, makes hyper grow every connection's read buffer to 16 KiB; with a thousand
+/// connections that is 8 MB more.) HTTP/1 is known from the first byte that differs from the
+/// preface, usually the first one.
+async fn opens_with_h2_preface(stream: &TcpStream, within: Duration) -> std::io::Result<bool> {
+    let deadline = Instant::now() + within;
+    let mut first = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = stream.peek(&mut first).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if first[..n] != H2_PREFACE[..n] {
+            return Ok(false);
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(true);
+        }
+        // Part of the preface so far. Peeking again returns at once while those bytes wait, so
+        // pause briefly; clients rarely split these 24 bytes.
+        if Instant::now() >= deadline {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
@@ -37,6 +93,7 @@ async fn handle(
     mut req: Request<Incoming>,
     client_addr: SocketAddr,
     route: &Route,
+    upstreams: &Arc<h1::Upstreams>,
 ) -> Response<Body> {
     let metrics = &route.metrics;
     let backend = &route.backend;
@@ -68,40 +125,54 @@ async fn handle(
     };
 
     let sent_at = Instant::now();
-    let response =
-        match tokio::time::timeout(backend.header_timeout, route.http.request(upstream)).await {
-            Err(_) => {
-                metrics.request(&route.label, "timeout");
-                return error(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "timeout",
-                    &format!(
-                        "remote backend {authority} sent no response headers within {:?}",
-                        backend.header_timeout
-                    ),
-                );
-            }
-            Ok(Err(e)) => {
-                let cause = client::root_cause(&e);
-                metrics.request(&route.label, "unreachable");
-                warn!(service = %route.label, remote = %authority, "upstream failed: {cause}");
-                return error(
-                    StatusCode::BAD_GATEWAY,
-                    "unreachable",
-                    &format!("remote backend {authority} unreachable: {cause}"),
-                );
-            }
-            Ok(Ok(response)) => response,
-        };
+    let reply =
+        tokio::time::timeout(backend.header_timeout, forward(upstream, route, upstreams)).await;
+    let reply = match reply {
+        Err(_) => {
+            metrics.request(&route.label, "timeout");
+            return error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                &format!(
+                    "remote backend {authority} sent no response headers within {:?}",
+                    backend.header_timeout
+                ),
+            );
+        }
+        Ok(Err(failure)) => {
+            metrics.request(&route.label, failure.kind);
+            warn!(service = %route.label, remote = %authority, "upstream failed: {}", failure.cause);
+            return error(
+                failure.status,
+                failure.kind,
+                &format!(
+                    "remote backend {authority} {}: {}",
+                    failure.what, failure.cause
+                ),
+            );
+        }
+        Ok(Ok(reply)) => reply,
+    };
     route.stats.latency.observe(sent_at.elapsed().as_secs_f64());
+    let response = match reply {
+        Upstream::Response(response) => response,
+        Upstream::Switched(response, upstream_io) => {
+            route.stats.response(response.status().as_u16());
+            return match client_upgrade {
+                Some(client_upgrade) => {
+                    switch_protocols(response, client_upgrade, upstream_io, route)
+                }
+                // A 101 the client did not ask for cannot be passed on.
+                None => error(
+                    StatusCode::BAD_GATEWAY,
+                    "protocol",
+                    &format!("remote backend {authority} switched protocols unasked"),
+                ),
+            };
+        }
+    };
     let status = response.status();
     route.stats.response(status.as_u16());
-
-    if status == StatusCode::SWITCHING_PROTOCOLS
-        && let Some(client_upgrade) = client_upgrade
-    {
-        return switch_protocols(response, client_upgrade, route);
-    }
 
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -179,31 +250,130 @@ fn upstream_request(
             }
             frame
         })
+        .map_err(BoxError::from)
         .boxed();
     Ok(Request::from_parts(parts, body))
 }
 
-/// 101 from the remote: hand the client the switch, then splice the two upgraded streams.
+/// What the remote answered, as the client's side needs it.
+enum Upstream {
+    Response(Response<Body>),
+    /// `101 Switching Protocols`: the head, and the remote's side of the switched connection.
+    Switched(Response<Body>, SwitchedRemote),
+}
+
+enum SwitchedRemote {
+    /// From hyper's client (HTTPS remotes).
+    Hyper(hyper::upgrade::OnUpgrade),
+    /// From the plain-HTTP forwarder.
+    Plain(h1::Upgraded),
+}
+
+/// Why forwarding failed, as the client is told.
+struct Failure {
+    status: StatusCode,
+    /// The metric outcome and the `x-beamlit-agent-error` value.
+    kind: &'static str,
+    what: &'static str,
+    cause: String,
+}
+
+impl Failure {
+    fn unreachable(cause: String) -> Self {
+        Self {
+            status: StatusCode::BAD_GATEWAY,
+            kind: "unreachable",
+            what: "unreachable",
+            cause,
+        }
+    }
+}
+
+/// Sends the request on the way the remote's scheme calls for: the client connection's own
+/// HTTP/1.1 connection for plain HTTP, hyper's pooled client (HTTP/2 by ALPN) for HTTPS.
+async fn forward(
+    req: Request<Body>,
+    route: &Route,
+    upstreams: &Arc<h1::Upstreams>,
+) -> Result<Upstream, Failure> {
+    let backend = &route.backend;
+    match backend.scheme {
+        Scheme::Http => {
+            let reply = h1::send(upstreams, &route.target, backend.connect_timeout, req).await;
+            match reply {
+                Ok(h1::Reply::Response(response)) => Ok(Upstream::Response(response)),
+                Ok(h1::Reply::Upgraded(response, io)) => {
+                    Ok(Upstream::Switched(response, SwitchedRemote::Plain(io)))
+                }
+                Err(e @ (h1::SendError::Connect(_) | h1::SendError::Io(_))) => {
+                    Err(Failure::unreachable(e.to_string()))
+                }
+                Err(e @ h1::SendError::Protocol(_)) => Err(Failure {
+                    status: StatusCode::BAD_GATEWAY,
+                    kind: "protocol",
+                    what: "sent an answer that is not valid HTTP/1.1",
+                    cause: e.to_string(),
+                }),
+                Err(e @ h1::SendError::ClientBody(_)) => Err(Failure {
+                    status: StatusCode::BAD_REQUEST,
+                    kind: "request",
+                    what: "did not get the whole request",
+                    cause: e.to_string(),
+                }),
+            }
+        }
+        Scheme::Https => match route.http.request(req).await {
+            Ok(mut response) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                let remote = hyper::upgrade::on(&mut response);
+                let (parts, _) = response.into_parts();
+                Ok(Upstream::Switched(
+                    Response::from_parts(parts, client::full(Bytes::new())),
+                    SwitchedRemote::Hyper(remote),
+                ))
+            }
+            Ok(response) => Ok(Upstream::Response(
+                response.map(|body| body.map_err(BoxError::from).boxed()),
+            )),
+            Err(e) => Err(Failure::unreachable(client::root_cause(&e))),
+        },
+    }
+}
+
+/// 101 from the remote: hand the client the switch, then splice the two switched connections.
 fn switch_protocols(
-    mut response: Response<Incoming>,
+    response: Response<Body>,
     client_upgrade: hyper::upgrade::OnUpgrade,
+    remote: SwitchedRemote,
     route: &Route,
 ) -> Response<Body> {
-    let upstream_upgrade = hyper::upgrade::on(&mut response);
     let stats = route.stats.clone();
     let label = route.label.clone();
     tokio::spawn(async move {
-        let (client, upstream) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
-            Ok(pair) => pair,
+        let mut client = match client_upgrade.await {
+            Ok(io) => TokioIo::new(io),
             Err(e) => {
-                debug!(service = %label, "upgrade failed: {e}");
+                debug!(service = %label, "client upgrade failed: {e}");
                 return;
             }
         };
-        let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-        if let Ok((sent, received)) =
-            tokio::io::copy_bidirectional(&mut client, &mut upstream).await
-        {
+        let relayed = match remote {
+            SwitchedRemote::Hyper(remote) => match remote.await {
+                Ok(io) => tokio::io::copy_bidirectional(&mut client, &mut TokioIo::new(io)).await,
+                Err(e) => {
+                    debug!(service = %label, "remote upgrade failed: {e}");
+                    return;
+                }
+            },
+            SwitchedRemote::Plain(h1::Upgraded { early, mut stream }) => {
+                // Bytes the remote sent right behind its 101 head go first.
+                if client.write_all(&early).await.is_err() {
+                    return;
+                }
+                stats.from_remote.inc_by(early.len() as u64);
+                tokio::io::copy_bidirectional(&mut client, &mut stream).await
+            }
+        };
+        if let Ok((sent, received)) = relayed {
             stats.to_remote.inc_by(sent);
             stats.from_remote.inc_by(received);
         }

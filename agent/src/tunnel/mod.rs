@@ -13,6 +13,7 @@ pub mod auth;
 pub mod backend;
 pub mod client;
 pub mod flows;
+pub mod h1;
 pub mod http;
 pub mod metrics;
 pub mod tcp;
@@ -46,6 +47,8 @@ pub struct Route {
     /// The Service address, as used in logs and metric labels.
     pub label: String,
     pub backend: RemoteBackend,
+    /// `host:port` of the remote, to connect to.
+    pub target: String,
     pub tokens: Option<Arc<TokenCache>>,
     pub http: HttpClient,
     /// Rare outcomes (errors) by label; hot-path series through `stats`.
@@ -127,6 +130,7 @@ impl Tunnel {
                 *service,
                 Arc::new(Route {
                     label: service.to_string(),
+                    target: backend.host_port(),
                     backend: backend.clone(),
                     tokens,
                     http: self.shared.http.clone(),

@@ -11,7 +11,7 @@
 //!   `/$workspace/models/$model/...`) reach the echo as before;
 //! - `GET .../sse`: 10 server-sent events, 100 ms apart, each flushed;
 //! - `POST|PUT .../upload`: streams the body through SHA-256;
-//! - `/status/<code>`: that status;
+//! - `/status/<code>` (after any prefix): that status;
 //! - `GET .../upgrade` with `Upgrade: echo`: `101 Switching Protocols`, then echoes raw bytes
 //!   (HTTP/1.1 only, as upgrades are);
 //! - anything else: a JSON echo of the request;
@@ -422,7 +422,7 @@ async fn serve_conn<I>(io: I, state: Arc<State>, tls: bool, peer: SocketAddr)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let service = service_fn(move |req| handle(Arc::clone(&state), tls, req));
+    let service = service_fn(move |req| handle(Arc::clone(&state), tls, peer, req));
     // `auto` tells HTTP/2 from HTTP/1.1 by the connection preface, which is
     // what ALPN negotiated on TLS (and h2c prior knowledge on plain HTTP).
     if let Err(e) = auto::Builder::new(TokioExecutor::new())
@@ -465,6 +465,7 @@ async fn echo_stream(stream: &mut TcpStream) -> std::io::Result<()> {
 async fn handle(
     state: Arc<State>,
     tls: bool,
+    peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_string();
@@ -490,12 +491,12 @@ async fn handle(
         sse()
     } else if path.ends_with("/upload") && (method == Method::POST || method == Method::PUT) {
         upload(&state, req).await
-    } else if let Some(code) = path.strip_prefix("/status/") {
+    } else if let Some((_, code)) = path.rsplit_once("/status/") {
         status(code)
     } else if path.ends_with("/upgrade") && method == Method::GET {
         upgrade(req)
     } else {
-        echo(req, tls).await
+        echo(req, tls, peer).await
     };
 
     let headers = resp.headers_mut();
@@ -1012,7 +1013,7 @@ fn status(code: &str) -> Response<Body> {
     )
 }
 
-async fn echo(req: Request<Incoming>, tls: bool) -> Response<Body> {
+async fn echo(req: Request<Incoming>, tls: bool, peer: SocketAddr) -> Response<Body> {
     let (parts, mut body) = req.into_parts();
     let mut headers: BTreeMap<String, String> = BTreeMap::new();
     for (name, value) in &parts.headers {
@@ -1065,6 +1066,9 @@ async fn echo(req: Request<Incoming>, tls: bool) -> Response<Body> {
             "body": String::from_utf8_lossy(&prefix),
             "body_len": total,
             "tls": tls,
+            // The client's address and port: requests with the same one came over the same
+            // connection.
+            "peer": peer.to_string(),
             "served_by": "fake-beamlit",
         }),
     )
