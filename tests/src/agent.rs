@@ -30,12 +30,34 @@ pub struct AgentFixture {
     rendered: Option<CommandLine>,
     /// A directory made for the pins' parent (the chart's bpffs volume), removed on drop.
     bpffs_root: Option<PathBuf>,
+    /// Run the agent itself inside the cgroup it attaches to, as on a node (its programs then
+    /// see the agent's own sockets).
+    inside_cgroup: bool,
 }
 
 impl AgentFixture {
     /// Starts an agent attached to `cgroup` (a test cgroup) with the given routes, and waits
     /// until its maps hold them.
     pub fn start(cgroup: &Path, routes_yaml: &str, extra_args: &[&str]) -> Result<Self> {
+        Self::start_with(cgroup, routes_yaml, extra_args, false)
+    }
+
+    /// [`Self::start`], with the agent process itself inside `cgroup`, as an agent on a node
+    /// sits in the root cgroup its programs are attached to.
+    pub fn start_inside_cgroup(
+        cgroup: &Path,
+        routes_yaml: &str,
+        extra_args: &[&str],
+    ) -> Result<Self> {
+        Self::start_with(cgroup, routes_yaml, extra_args, true)
+    }
+
+    fn start_with(
+        cgroup: &Path,
+        routes_yaml: &str,
+        extra_args: &[&str],
+        inside_cgroup: bool,
+    ) -> Result<Self> {
         let name = naming::unique_name("beamlit-test-", "agent");
         let workdir = std::env::temp_dir().join(&name);
         fs::create_dir_all(&workdir).with_context(|| format!("creating {}", workdir.display()))?;
@@ -49,6 +71,7 @@ impl AgentFixture {
             kubeconfig: None,
             rendered: None,
             bpffs_root: None,
+            inside_cgroup,
         };
         agent.write_routes(routes_yaml)?;
         agent.spawn()?;
@@ -79,6 +102,7 @@ impl AgentFixture {
             kubeconfig: Some(kubeconfig.to_path_buf()),
             rendered: None,
             bpffs_root: None,
+            inside_cgroup: false,
         };
         agent.spawn()?;
         Ok(agent)
@@ -115,6 +139,7 @@ impl AgentFixture {
             kubeconfig: Some(kubeconfig.to_path_buf()),
             rendered: None,
             bpffs_root: Some(bpffs_root.clone()),
+            inside_cgroup: false,
         };
         let mut command = chart::agent_command_line(
             rendered,
@@ -204,8 +229,9 @@ impl AgentFixture {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        // The agent itself stays outside the test cgroup: it only loads programs.
-        self.child = Some(spawn(cmd, None)?);
+        // Usually the agent stays outside the test cgroup: it only loads programs.
+        let cgroup = self.inside_cgroup.then_some(self.cgroup.as_path());
+        self.child = Some(spawn(cmd, cgroup)?);
         let ready = if self.kubeconfig.is_some() {
             "listed; applying"
         } else {

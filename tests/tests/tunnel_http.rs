@@ -24,8 +24,9 @@ struct Bed {
     dir: TestDir,
     node_netns: String,
     remote_ip: std::net::Ipv4Addr,
+    local_ip: std::net::Ipv4Addr,
     _local: ChildGuard,
-    _topology: Topology,
+    topology: Topology,
 }
 
 impl Bed {
@@ -62,9 +63,10 @@ impl Bed {
             fake,
             node_netns: format!("/var/run/netns/{}", topology.node().name()),
             remote_ip: remote.ipv4,
+            local_ip: local.ipv4,
             dir,
             _local: local_server,
-            _topology: topology,
+            topology,
         })
     }
 
@@ -595,5 +597,47 @@ fn h2c_clients_are_served_whatever_the_remote_speaks() -> Result<()> {
         );
         drop(agent);
     }
+    Ok(())
+}
+
+#[test]
+fn the_tunnel_s_own_connections_are_never_redirected_back_into_it() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let bed = Bed::new("tloop", Duration::from_secs(3600))?;
+    // The remote backend is an address the node's eBPF offloads: here the Service itself. The
+    // agent runs inside the cgroup its programs are attached to, as on a node, so without the
+    // bypass mark on its upstream socket the tunnel would dial itself, again and again.
+    let routes = format!(
+        "tunnel:\n  ipv4: 10.200.0.1:15001\nservices:\n  - address: {SVC}\n    \
+         offloadPercent: 100\n    remote:\n      scheme: http\n      host: \"{SVC}\"\n"
+    );
+    // A route for the Service address on the node, as a real node's default route provides;
+    // kube-proxy's rule then rewrites it to the local pod.
+    let route = bed
+        .topology
+        .node()
+        .cmd("ip")
+        .args(["route", "add", "10.96.0.0/16", "via"])
+        .arg(bed.local_ip.to_string())
+        .output()?;
+    anyhow::ensure!(
+        route.status.success(),
+        "ip route: {}",
+        String::from_utf8_lossy(&route.stderr)
+    );
+    let agent = AgentFixture::start_inside_cgroup(
+        bed.cgroup.path(),
+        &routes,
+        &["--tunnel-netns", &bed.node_netns],
+    )?;
+    let (code, body, elapsed) = status_of(&bed, "/loop")?;
+    println!("through the tunnel to the Service itself: {code} in {elapsed:?}: {body}");
+    assert_eq!((code, body.trim()), (200, "local"), "{}", agent.log());
+    let row = agent.service(SVC)?;
+    // The client's connection went to the tunnel; the tunnel's own went past the programs.
+    assert_eq!(row["redirected"], 1, "{row}");
+    assert_eq!(row["bypassed"], 1, "{row}");
     Ok(())
 }

@@ -5,16 +5,15 @@ use std::{fs, io, path::Path, time::Duration};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper_rustls::HttpsConnector;
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
-};
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use rustls_pki_types::{CertificateDer, pem::PemObject};
+
+use super::dial::Dialer;
 
 /// Errors of bodies in either direction: hyper's, or the plain-HTTP forwarder's ([`super::h1`]).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
+pub type HttpClient = Client<HttpsConnector<Dialer>, Body>;
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())
@@ -50,17 +49,13 @@ pub fn tls_config(extra_ca: Option<&Path>) -> anyhow::Result<rustls::ClientConfi
         .with_no_client_auth())
 }
 
-pub fn http_client(tls: rustls::ClientConfig, connect_timeout: Duration) -> HttpClient {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(connect_timeout));
+pub fn http_client(tls: rustls::ClientConfig, dialer: Dialer) -> HttpClient {
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(http);
+        .wrap_connector(dialer);
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .build(https)

@@ -15,7 +15,6 @@ use std::{
     pin::Pin,
     sync::{Arc, Mutex, PoisonError},
     task::{Context, Poll, ready},
-    time::Duration,
 };
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -24,7 +23,10 @@ use http_body_util::BodyExt;
 use hyper::body::{Body as _, Frame, SizeHint};
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
-use super::client::{Body, BoxError};
+use super::{
+    client::{Body, BoxError},
+    dial::Dialer,
+};
 
 /// A response head larger than this is refused (hyper's default limit is ~400 KiB of buffer;
 /// no model API sends heads near this).
@@ -70,12 +72,11 @@ struct Conn {
 }
 
 impl Conn {
-    async fn connect(target: &str, timeout: Duration) -> Result<Self, SendError> {
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(target))
+    async fn connect(target: &str, dialer: Dialer) -> Result<Self, SendError> {
+        let stream = dialer
+            .dial(target)
             .await
-            .map_err(|_| SendError::Connect(format!("no answer within {timeout:?}")))?
             .map_err(|e| SendError::Connect(e.to_string()))?;
-        let _ = stream.set_nodelay(true);
         Ok(Self {
             stream,
             buf: BytesMut::new(),
@@ -152,7 +153,7 @@ pub struct Upgraded {
 pub async fn send(
     upstreams: &Arc<Upstreams>,
     target: &str,
-    connect_timeout: Duration,
+    dialer: Dialer,
     req: Request<Body>,
 ) -> Result<Reply, SendError> {
     let (parts, mut body) = req.into_parts();
@@ -163,7 +164,7 @@ pub async fn send(
     let may_retry = framing == RequestFraming::None && parts.method.is_idempotent();
     let (mut conn, mut reused) = match upstreams.take_open() {
         Some(conn) => (conn, true),
-        None => (Conn::connect(target, connect_timeout).await?, false),
+        None => (Conn::connect(target, dialer).await?, false),
     };
     let response_head = loop {
         let attempt = async {
@@ -177,7 +178,7 @@ pub async fn send(
             Ok(head) => break head,
             Err(SendError::Io(e)) if reused && may_retry && conn.buf.is_empty() => {
                 tracing::debug!("reused upstream connection failed ({e}); sending again");
-                conn = Conn::connect(target, connect_timeout).await?;
+                conn = Conn::connect(target, dialer).await?;
                 reused = false;
             }
             Err(e) => return Err(e),

@@ -299,7 +299,7 @@ async fn forward(
     let backend = &route.backend;
     match backend.scheme {
         Scheme::Http => {
-            let reply = h1::send(upstreams, &route.target, backend.connect_timeout, req).await;
+            let reply = h1::send(upstreams, &route.target, route.dialer, req).await;
             match reply {
                 Ok(h1::Reply::Response(response)) => Ok(Upstream::Response(response)),
                 Ok(h1::Reply::Upgraded(response, io)) => {

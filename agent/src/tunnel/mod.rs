@@ -12,6 +12,7 @@
 pub mod auth;
 pub mod backend;
 pub mod client;
+pub mod dial;
 pub mod flows;
 pub mod h1;
 pub mod http;
@@ -35,6 +36,7 @@ use self::{
     auth::TokenCache,
     backend::{Auth, Mode, RemoteBackend},
     client::HttpClient,
+    dial::Dialer,
     flows::FlowTable,
     metrics::Metrics,
 };
@@ -49,6 +51,8 @@ pub struct Route {
     pub backend: RemoteBackend,
     /// `host:port` of the remote, to connect to.
     pub target: String,
+    /// Connects out with the bypass mark and the backend's connect timeout.
+    pub dialer: Dialer,
     pub tokens: Option<Arc<TokenCache>>,
     pub http: HttpClient,
     /// Rare outcomes (errors) by label; hot-path series through `stats`.
@@ -75,7 +79,10 @@ struct Shared {
     routes: RwLock<HashMap<SocketAddr, Arc<Route>>>,
     listeners: Mutex<BTreeMap<SocketAddr, tokio::task::AbortHandle>>,
     flows: FlowTable,
-    http: HttpClient,
+    tls: rustls::ClientConfig,
+    bypass_mark: u32,
+    /// hyper's pooled clients, one per connect timeout in use (the timeout is the dialer's).
+    clients: Mutex<HashMap<Duration, HttpClient>>,
     metrics: Arc<Metrics>,
     /// Keyed by (token URL, client id): services sharing a client share its token.
     tokens: Mutex<HashMap<(String, String), Arc<TokenCache>>>,
@@ -85,9 +92,10 @@ impl Tunnel {
     pub fn start(config: &TunnelConfig, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
         let flows = FlowTable::open(&config.bpffs_dir)?;
         let mut heartbeat = crate::maps::PinnedMaps::open(&config.bpffs_dir)?;
+        // The data plane's own setting: the mark its programs let through.
+        let bypass_mark = heartbeat.config()?.bypass_mark;
         let tls = client::tls_config(config.extra_ca_file.as_deref())?;
         let (handle, stop) = runtime_in_netns(config.netns.as_deref(), config.workers.max(1))?;
-        let http = client::http_client(tls, backend::DEFAULT_CONNECT_TIMEOUT);
         // The heartbeat runs on the tunnel's own runtime: it proves that runtime is alive, not
         // merely the agent's main loop.
         handle.spawn(async move {
@@ -106,7 +114,9 @@ impl Tunnel {
                 routes: RwLock::new(HashMap::new()),
                 listeners: Mutex::new(BTreeMap::new()),
                 flows,
-                http,
+                tls,
+                bypass_mark,
+                clients: Mutex::new(HashMap::new()),
                 metrics,
                 tokens: Mutex::new(HashMap::new()),
             }),
@@ -122,8 +132,13 @@ impl Tunnel {
     ) -> BTreeSet<SocketAddr> {
         let mut routes = HashMap::new();
         for (service, (_, backend)) in backends {
+            let dialer = Dialer {
+                mark: self.shared.bypass_mark,
+                timeout: backend.connect_timeout,
+            };
+            let http = self.http_client(dialer);
             let tokens = match &backend.auth {
-                Auth::OAuth(oauth) => Some(self.token_cache(oauth, backend.connect_timeout)),
+                Auth::OAuth(oauth) => Some(self.token_cache(oauth, &http, backend.connect_timeout)),
                 _ => None,
             };
             routes.insert(
@@ -131,9 +146,10 @@ impl Tunnel {
                 Arc::new(Route {
                     label: service.to_string(),
                     target: backend.host_port(),
+                    dialer,
                     backend: backend.clone(),
                     tokens,
-                    http: self.shared.http.clone(),
+                    http,
                     metrics: self.shared.metrics.clone(),
                     stats: self.shared.metrics.for_route(&service.to_string()),
                 }),
@@ -188,7 +204,24 @@ impl Tunnel {
         accepting
     }
 
-    fn token_cache(&self, oauth: &backend::OAuthClient, timeout: Duration) -> Arc<TokenCache> {
+    fn http_client(&self, dialer: Dialer) -> HttpClient {
+        let mut clients = self
+            .shared
+            .clients
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        clients
+            .entry(dialer.timeout)
+            .or_insert_with(|| client::http_client(self.shared.tls.clone(), dialer))
+            .clone()
+    }
+
+    fn token_cache(
+        &self,
+        oauth: &backend::OAuthClient,
+        http: &HttpClient,
+        timeout: Duration,
+    ) -> Arc<TokenCache> {
         let key = (oauth.token_url.to_string(), oauth.client_id.clone());
         let mut caches = self
             .shared
@@ -201,7 +234,7 @@ impl Tunnel {
             _ => {
                 let cache = Arc::new(TokenCache::new(
                     oauth.clone(),
-                    self.shared.http.clone(),
+                    http.clone(),
                     timeout,
                     self.shared.metrics.clone(),
                 ));
@@ -265,7 +298,14 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared)
     match route.backend.mode {
         Mode::Http => http::serve(stream, peer, route).await,
         Mode::Tcp => {
-            if let Err(e) = tcp::forward(stream, &route.backend, &route.label, &route.metrics).await
+            if let Err(e) = tcp::forward(
+                stream,
+                route.dialer,
+                &route.target,
+                &route.label,
+                &route.metrics,
+            )
+            .await
             {
                 route.metrics.connection(&route.label, "tcp_error");
                 warn!(service = %route.label, "{e}");
