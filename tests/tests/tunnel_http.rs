@@ -155,6 +155,18 @@ fn requests_arrive_with_prefix_headers_host_and_token() -> Result<()> {
     }
     let bed = Bed::new("thttp", Duration::from_secs(3600))?;
     let agent = bed.agent(&[])?;
+    // HTTP/2 to the remote, chosen by ALPN.
+    assert_forwarded_as_configured(&bed, &agent, Remote::Https, "HTTP/2")
+}
+
+/// One request through the Service: path prefix, added headers, token, `X-Forwarded-*`, and the
+/// remote's own authority (not the Service's), in the protocol `version`.
+fn assert_forwarded_as_configured(
+    bed: &Bed,
+    agent: &AgentFixture,
+    remote: Remote,
+    version: &str,
+) -> Result<()> {
     let echo = bed.get_json("/predict?x=1")?;
     assert_eq!(echo["path"], "/ws/models/php-apache/predict?x=1", "{echo}");
     let headers = &echo["headers"];
@@ -168,11 +180,11 @@ fn requests_arrive_with_prefix_headers_host_and_token() -> Result<()> {
     assert_eq!(headers["x-forwarded-proto"], "http", "{echo}");
     // What the client sent as Host (curl omits the default port).
     assert_eq!(headers["x-forwarded-host"], "10.96.0.10", "{echo}");
-    // HTTP/2 to the remote, chosen by ALPN; :authority is the remote, not the Service.
-    assert_eq!(echo["version"], "HTTP/2", "{echo}");
+    assert_eq!(echo["version"], version, "{echo}");
+    let (_, port) = remote.scheme_port();
     assert_eq!(
         echo["authority"],
-        format!("{}:8443", bed.remote_ip),
+        format!("{}:{port}", bed.remote_ip),
         "{echo}"
     );
     assert!(
@@ -494,27 +506,7 @@ fn plain_http_remotes_get_prefix_headers_host_and_token_over_one_kept_alive_conn
     }
     let bed = Bed::new("tplain", Duration::from_secs(3600))?;
     let agent = bed.agent_to(Remote::Http, &[])?;
-    let echo = bed.get_json("/predict?x=1")?;
-    assert_eq!(echo["path"], "/ws/models/php-apache/predict?x=1", "{echo}");
-    let headers = &echo["headers"];
-    assert_eq!(headers["x-beamlit-environment"], "production", "{echo}");
-    assert_eq!(headers["authorization"], "Bearer tok-1", "{echo}");
-    assert_eq!(
-        headers["x-forwarded-for"],
-        bed.client.ipv4.to_string(),
-        "{echo}"
-    );
-    assert_eq!(headers["x-forwarded-host"], "10.96.0.10", "{echo}");
-    assert_eq!(echo["version"], "HTTP/1.1", "{echo}");
-    assert_eq!(
-        echo["authority"],
-        format!("{}:8080", bed.remote_ip),
-        "{echo}"
-    );
-    assert!(
-        !agent.log().contains(CLIENT_SECRET),
-        "secret in the agent log"
-    );
+    assert_forwarded_as_configured(&bed, &agent, Remote::Http, "HTTP/1.1")?;
 
     // One client connection, messages of every framing: the upstream connection is reused
     // throughout (the fake sees one peer), so each body was delimited exactly.
