@@ -24,6 +24,7 @@ struct Bed {
     dir: TestDir,
     node_netns: String,
     remote_ip: std::net::Ipv4Addr,
+    remote_netns: std::sync::Arc<beamlit_testbed::Netns>,
     local_ip: std::net::Ipv4Addr,
     _local: ChildGuard,
     topology: Topology,
@@ -63,6 +64,7 @@ impl Bed {
             fake,
             node_netns: format!("/var/run/netns/{}", topology.node().name()),
             remote_ip: remote.ipv4,
+            remote_netns: remote.netns.clone(),
             local_ip: local.ipv4,
             dir,
             _local: local_server,
@@ -631,5 +633,98 @@ fn the_tunnel_s_own_connections_are_never_redirected_back_into_it() -> Result<()
     // The client's connection went to the tunnel; the tunnel's own went past the programs.
     assert_eq!(row["redirected"], 1, "{row}");
     assert_eq!(row["bypassed"], 1, "{row}");
+    Ok(())
+}
+
+#[test]
+fn an_early_answer_reaches_the_client_while_it_is_still_uploading() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let bed = Bed::new("tearly", Duration::from_secs(3600))?;
+    // 200 MB: far more than the socket buffers on the way hold, so a forwarder that sends the
+    // whole body before reading the answer would sit on a blocked write.
+    let file = bed.dir.join("big.bin");
+    std::fs::File::create(&file)?.set_len(200 * 1024 * 1024)?;
+    for remote in [Remote::Http, Remote::Https] {
+        let agent = bed.agent_to(remote, &[])?;
+        let started = Instant::now();
+        // The fake answers /status/413 at once, without reading the body.
+        let out = bed.curl(&[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--data-binary",
+            &format!("@{}", file.display()),
+            &format!("http://{SVC}/status/413"),
+        ])?;
+        let elapsed = started.elapsed();
+        let code = String::from_utf8_lossy(&out.stdout).to_string();
+        println!("{remote:?}: early 413 after {elapsed:?}");
+        assert_eq!(
+            code,
+            "413",
+            "{remote:?}: {}\nagent log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            agent.log()
+        );
+        assert!(elapsed < Duration::from_secs(10), "{remote:?}: {elapsed:?}");
+        drop(agent);
+    }
+
+    // A remote that answers early and then neither reads nor closes: only a forwarder that reads
+    // while it sends sees the answer (one that sends first waits on a full socket buffer).
+    let script = r#"
+import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 9090))
+s.listen(8)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = c.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    c.sendall(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n")
+    time.sleep(60)
+"#;
+    let mut cmd = bed.remote_netns.cmd("python3");
+    cmd.args(["-c", script, &bed.remote_ip.to_string()])
+        .stdout(Stdio::piped());
+    let mut server = spawn(cmd, None)?;
+    let stdout = server.take_stdout().context("server stdout")?;
+    let mut ready = String::new();
+    BufReader::new(stdout).read_line(&mut ready)?;
+    anyhow::ensure!(ready.trim() == "ready", "the stubborn server did not start");
+    let agent = AgentFixture::start(
+        bed.cgroup.path(),
+        &bed.routes_to(bed.fake.ca_pem(), "http", 9090),
+        &["--tunnel-netns", &bed.node_netns],
+    )?;
+    let started = Instant::now();
+    let out = bed.curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--data-binary",
+        &format!("@{}", file.display()),
+        &format!("http://{SVC}/anything"),
+    ])?;
+    let elapsed = started.elapsed();
+    println!("a remote that stops reading: 413 after {elapsed:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "413",
+        "{}\nagent log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        agent.log()
+    );
+    assert!(elapsed < Duration::from_secs(10), "{elapsed:?}");
     Ok(())
 }

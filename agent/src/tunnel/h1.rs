@@ -21,7 +21,10 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Frame, SizeHint};
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+};
 
 use super::{
     client::{Body, BoxError},
@@ -94,14 +97,8 @@ impl Conn {
     }
 
     fn poll_fill(&mut self, cx: &mut Context<'_>, reserve: usize) -> Poll<io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() < reserve / 4 {
-            self.buf.reserve(reserve);
-        }
+        reserve_for_read(&mut self.buf, reserve);
         tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.buf)
-    }
-
-    async fn fill(&mut self, reserve: usize) -> io::Result<usize> {
-        std::future::poll_fn(|cx| self.poll_fill(cx, reserve)).await
     }
 }
 
@@ -166,16 +163,9 @@ pub async fn send(
         Some(conn) => (conn, true),
         None => (Conn::connect(target, dialer).await?, false),
     };
-    let response_head = loop {
-        let attempt = async {
-            conn.stream.write_all(&head).await?;
-            if framing != RequestFraming::None {
-                write_body(&mut conn.stream, &mut body, framing).await?;
-            }
-            read_response_head(&mut conn).await
-        };
-        match attempt.await {
-            Ok(head) => break head,
+    let (response_head, body_sent) = loop {
+        match exchange(&mut conn, &head, &mut body, framing).await {
+            Ok(answer) => break answer,
             Err(SendError::Io(e)) if reused && may_retry && conn.buf.is_empty() => {
                 tracing::debug!("reused upstream connection failed ({e}); sending again");
                 conn = Conn::connect(target, dialer).await?;
@@ -203,7 +193,9 @@ pub async fn send(
         ));
     }
     let framing = ResponseFraming::of(&parts.method, status, response.headers())?;
-    let reusable = keep_alive && !matches!(framing, ResponseFraming::UntilClose);
+    // A remote that answered before the whole request body was sent expects the rest, or
+    // closes: either way the connection cannot carry another request.
+    let reusable = keep_alive && body_sent && !matches!(framing, ResponseFraming::UntilClose);
     if matches!(framing, ResponseFraming::Length(0) | ResponseFraming::Empty) {
         // No body: the connection is free for the client's next request at once.
         if reusable && conn.buf.is_empty() {
@@ -244,6 +236,48 @@ impl RequestFraming {
         match body.size_hint().exact() {
             Some(n) => RequestFraming::Length(n),
             None => RequestFraming::Chunked,
+        }
+    }
+}
+
+/// Sends the request head and body while reading the response head, as a proxy must: a remote
+/// may answer (a `413`, say) before it has read the whole body, and stop reading. Returns the
+/// head and whether the body was sent completely.
+async fn exchange(
+    conn: &mut Conn,
+    head: &[u8],
+    body: &mut Body,
+    framing: RequestFraming,
+) -> Result<(ResponseHead, bool), SendError> {
+    let (mut reader, mut writer) = conn.stream.split();
+    let send = async {
+        writer.write_all(head).await?;
+        if framing != RequestFraming::None {
+            write_body(&mut writer, body, framing).await?;
+        }
+        Ok::<_, SendError>(())
+    };
+    let receive = read_response_head(&mut reader, &mut conn.buf);
+    tokio::pin!(send, receive);
+    let mut sent = false;
+    let mut send_error = None;
+    loop {
+        tokio::select! {
+            // Sending first: a response head cannot come before the request head is out.
+            biased;
+            result = &mut send, if !sent && send_error.is_none() => match result {
+                Ok(()) => sent = true,
+                // The remote may have answered and closed (a 413 and a reset, say): the
+                // answer, if any, is what the client should see; else this error.
+                Err(e) => send_error = Some(e),
+            },
+            answer = &mut receive => {
+                return match (answer, send_error) {
+                    (Ok(head), _) => Ok((head, sent)),
+                    (Err(_), Some(e)) => Err(e),
+                    (Err(e), None) => Err(e),
+                };
+            }
         }
     }
 }
@@ -290,7 +324,7 @@ fn encode_request_head(parts: &http::request::Parts, framing: RequestFraming) ->
 
 /// Streams the client's body to the remote as it arrives; trailers are not forwarded.
 async fn write_body(
-    stream: &mut TcpStream,
+    stream: &mut (impl AsyncWrite + Unpin),
     body: &mut Body,
     framing: RequestFraming,
 ) -> Result<(), SendError> {
@@ -328,10 +362,13 @@ struct ResponseHead {
 
 /// Reads up to the end of a final response head (interim 1xx heads other than 101 are skipped),
 /// leaving what follows it in the buffer.
-async fn read_response_head(conn: &mut Conn) -> Result<ResponseHead, SendError> {
+async fn read_response_head(
+    reader: &mut (impl AsyncRead + Unpin),
+    buf: &mut BytesMut,
+) -> Result<ResponseHead, SendError> {
     loop {
-        if !conn.buf.is_empty()
-            && let Some(head) = parse_response_head(&mut conn.buf)?
+        if !buf.is_empty()
+            && let Some(head) = parse_response_head(buf)?
         {
             let code = head.status.as_u16();
             if (100..200).contains(&code) && code != 101 {
@@ -339,14 +376,15 @@ async fn read_response_head(conn: &mut Conn) -> Result<ResponseHead, SendError> 
             }
             return Ok(head);
         }
-        if conn.buf.len() >= MAX_HEAD_BYTES {
+        if buf.len() >= MAX_HEAD_BYTES {
             return Err(SendError::Protocol(format!(
                 "remote response head larger than {} KiB",
                 MAX_HEAD_BYTES / 1024
             )));
         }
-        if conn.fill(HEAD_READ).await? == 0 {
-            return Err(if conn.buf.is_empty() {
+        reserve_for_read(buf, HEAD_READ);
+        if reader.read_buf(buf).await? == 0 {
+            return Err(if buf.is_empty() {
                 SendError::Io(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "remote closed the connection before answering",
@@ -355,6 +393,13 @@ async fn read_response_head(conn: &mut Conn) -> Result<ResponseHead, SendError> 
                 SendError::Protocol("remote closed the connection inside its response head".into())
             });
         }
+    }
+}
+
+/// Room for at least a quarter of `size` more bytes, growing by `size` when needed.
+fn reserve_for_read(buf: &mut BytesMut, size: usize) {
+    if buf.capacity() - buf.len() < size / 4 {
+        buf.reserve(size);
     }
 }
 
