@@ -96,6 +96,15 @@ impl RemoteBackend {
         }
     }
 
+    /// Scheme and authority as URI parts, for the upstream requests' URIs.
+    pub fn origin(&self) -> Option<(http::uri::Scheme, http::uri::Authority)> {
+        let scheme = match self.scheme {
+            Scheme::Http => http::uri::Scheme::HTTP,
+            Scheme::Https => http::uri::Scheme::HTTPS,
+        };
+        Some((scheme, self.authority().parse().ok()?))
+    }
+
     /// `host:port` always, as a socket address to connect to.
     pub fn host_port(&self) -> String {
         format!("{}:{}", self.bracketed_host(), self.port)

@@ -11,6 +11,7 @@ use std::{
 use bytes::Bytes;
 use http::{
     HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version, header,
+    uri::PathAndQuery,
 };
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -25,6 +26,23 @@ use super::{
     h1,
 };
 
+/// What every request of one client connection shares.
+struct ClientConn {
+    /// The client's address as `X-Forwarded-For` carries it, made once per connection.
+    forwarded_for: Option<HeaderValue>,
+    /// Plain-HTTP remotes: this connection's own upstream connections (see `h1`).
+    upstreams: Arc<h1::Upstreams>,
+}
+
+impl ClientConn {
+    fn new(addr: SocketAddr) -> Self {
+        Self {
+            forwarded_for: HeaderValue::try_from(addr.ip().to_canonical().to_string()).ok(),
+            upstreams: Arc::new(h1::Upstreams::default()),
+        }
+    }
+}
+
 /// The connection preface of HTTP/2 with prior knowledge (h2c, RFC 9113 §3.4).
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -38,12 +56,11 @@ pub async fn serve(stream: TcpStream, client_addr: SocketAddr, route: Arc<Route>
             return;
         }
     };
-    // Plain-HTTP remotes: this connection's own upstream connections (see `h1`).
-    let upstreams = Arc::new(h1::Upstreams::default());
+    let client = Arc::new(ClientConn::new(client_addr));
     let service = hyper::service::service_fn(move |req| {
         let route = route.clone();
-        let upstreams = upstreams.clone();
-        async move { Ok::<_, Infallible>(handle(req, client_addr, &route, &upstreams).await) }
+        let client = client.clone();
+        async move { Ok::<_, Infallible>(handle(req, &client, &route).await) }
     });
     let io = TokioIo::new(stream);
     let served = if h2 {
@@ -89,12 +106,7 @@ async fn opens_with_h2_preface(stream: &TcpStream, within: Duration) -> std::io:
     }
 }
 
-async fn handle(
-    mut req: Request<Incoming>,
-    client_addr: SocketAddr,
-    route: &Route,
-    upstreams: &Arc<h1::Upstreams>,
-) -> Response<Body> {
+async fn handle(mut req: Request<Incoming>, client: &ClientConn, route: &Route) -> Response<Body> {
     let metrics = &route.metrics;
     let backend = &route.backend;
     let authority = backend.authority();
@@ -116,7 +128,7 @@ async fn handle(
             );
         }
     };
-    let upstream = match upstream_request(req, client_addr, route, authorization, upgrade) {
+    let upstream = match upstream_request(req, client, route, authorization, upgrade) {
         Ok(r) => r,
         Err(e) => {
             metrics.request(&route.label, "bad_request");
@@ -125,8 +137,11 @@ async fn handle(
     };
 
     let sent_at = Instant::now();
-    let reply =
-        tokio::time::timeout(backend.header_timeout, forward(upstream, route, upstreams)).await;
+    let reply = tokio::time::timeout(
+        backend.header_timeout,
+        forward(upstream, route, &client.upstreams),
+    )
+    .await;
     let reply = match reply {
         Err(_) => {
             metrics.request(&route.label, "timeout");
@@ -190,23 +205,14 @@ async fn handle(
 
 fn upstream_request(
     req: Request<Incoming>,
-    client_addr: SocketAddr,
+    client: &ClientConn,
     route: &Route,
     authorization: Option<String>,
     upgrade: bool,
 ) -> Result<Request<Body>, String> {
     let backend = &route.backend;
     let (mut parts, body) = req.into_parts();
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let uri: Uri = format!(
-        "{}://{}{}{}",
-        backend.scheme.as_str(),
-        backend.authority(),
-        backend.path_prefix,
-        path
-    )
-    .parse()
-    .map_err(|e| format!("cannot build the upstream URI for {path}: {e}"))?;
+    let uri = upstream_uri(route, parts.uri.path_and_query())?;
 
     let original_host = parts.headers.get(header::HOST).cloned();
     let upgrade_headers = upgrade.then(|| {
@@ -218,7 +224,7 @@ fn upstream_request(
     strip_hop_by_hop(&mut parts.headers);
     // The client pool sets Host (HTTP/1.1) or :authority (HTTP/2) from the URI: the remote's.
     parts.headers.remove(header::HOST);
-    append_forwarded_for(&mut parts.headers, client_addr);
+    append_forwarded_for(&mut parts.headers, client.forwarded_for.as_ref());
     parts
         .headers
         .insert("x-forwarded-proto", HeaderValue::from_static("http"));
@@ -253,6 +259,29 @@ fn upstream_request(
         .map_err(BoxError::from)
         .boxed();
     Ok(Request::from_parts(parts, body))
+}
+
+/// The remote's scheme and authority (parsed once per route) with the path prefix and the
+/// client's path and query.
+fn upstream_uri(route: &Route, client_path: Option<&PathAndQuery>) -> Result<Uri, String> {
+    let path = client_path.map_or("/", PathAndQuery::as_str);
+    let Some((scheme, authority)) = &route.origin else {
+        return Err(format!(
+            "cannot build the upstream URI for {path}: invalid remote host {}",
+            route.backend.authority()
+        ));
+    };
+    let prefix = &route.backend.path_prefix;
+    let path_and_query = match client_path {
+        Some(p) if prefix.is_empty() => p.clone(),
+        _ => PathAndQuery::try_from(format!("{prefix}{path}"))
+            .map_err(|e| format!("cannot build the upstream URI for {path}: {e}"))?,
+    };
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(scheme.clone());
+    uri.authority = Some(authority.clone());
+    uri.path_and_query = Some(path_and_query);
+    Uri::from_parts(uri).map_err(|e| format!("cannot build the upstream URI for {path}: {e}"))
 }
 
 /// What the remote answered, as the client's side needs it.
@@ -397,6 +426,10 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus those the
 /// Connection header names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names instead of a lookup for each.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -407,30 +440,43 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
+    for name in HOP_BY_HOP {
         headers.remove(name);
     }
 }
 
-fn append_forwarded_for(headers: &mut HeaderMap, client: SocketAddr) {
-    let ip = client.ip().to_canonical().to_string();
-    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(existing) => format!("{existing}, {ip}"),
-        None => ip,
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
+}
+
+/// Appends the client to `X-Forwarded-For` (`client`: its address as a header value).
+fn append_forwarded_for(headers: &mut HeaderMap, client: Option<&HeaderValue>) {
+    let Some(client) = client else {
+        return;
     };
-    if let Ok(value) = HeaderValue::try_from(value) {
-        headers.insert("x-forwarded-for", value);
-    }
+    let combined = headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|existing| {
+            let ip = client.to_str().ok()?;
+            HeaderValue::try_from(format!("{existing}, {ip}")).ok()
+        });
+    headers.insert(
+        "x-forwarded-for",
+        combined.unwrap_or_else(|| client.clone()),
+    );
 }
 
 /// An answer from the agent itself (not the remote): says which part failed and why.
@@ -472,8 +518,10 @@ mod tests {
     #[test]
     fn forwarded_for_appends() {
         let mut h = HeaderMap::new();
-        append_forwarded_for(&mut h, "10.200.1.2:5000".parse().expect("addr"));
-        append_forwarded_for(&mut h, "[::ffff:10.0.0.9]:5000".parse().expect("addr"));
+        for addr in ["10.200.1.2:5000", "[::ffff:10.0.0.9]:5000"] {
+            let client = ClientConn::new(addr.parse().expect("addr"));
+            append_forwarded_for(&mut h, client.forwarded_for.as_ref());
+        }
         assert_eq!(h["x-forwarded-for"], "10.200.1.2, 10.0.0.9");
     }
 

@@ -51,6 +51,9 @@ pub struct Route {
     pub backend: RemoteBackend,
     /// `host:port` of the remote, to connect to.
     pub target: String,
+    /// The remote's scheme and authority, parsed once; `None` if the host does not parse
+    /// (requests then get a 400 naming it).
+    pub origin: Option<(::http::uri::Scheme, ::http::uri::Authority)>,
     /// Connects out with the bypass mark and the backend's connect timeout.
     pub dialer: Dialer,
     pub tokens: Option<Arc<TokenCache>>,
@@ -146,6 +149,7 @@ impl Tunnel {
                 Arc::new(Route {
                     label: service.to_string(),
                     target: backend.host_port(),
+                    origin: backend.origin(),
                     dialer,
                     backend: backend.clone(),
                     tokens,
