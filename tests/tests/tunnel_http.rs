@@ -648,25 +648,13 @@ fn an_early_answer_reaches_the_client_while_it_is_still_uploading() -> Result<()
     std::fs::File::create(&file)?.set_len(200 * 1024 * 1024)?;
     for remote in [Remote::Http, Remote::Https] {
         let agent = bed.agent_to(remote, &[])?;
-        let started = Instant::now();
         // The fake answers /status/413 at once, without reading the body.
-        let out = bed.curl(&[
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--data-binary",
-            &format!("@{}", file.display()),
-            &format!("http://{SVC}/status/413"),
-        ])?;
-        let elapsed = started.elapsed();
-        let code = String::from_utf8_lossy(&out.stdout).to_string();
+        let (code, elapsed, stderr) = upload_status(&bed, &file, "/status/413")?;
         println!("{remote:?}: early 413 after {elapsed:?}");
         assert_eq!(
             code,
             "413",
-            "{remote:?}: {}\nagent log:\n{}",
-            String::from_utf8_lossy(&out.stderr),
+            "{remote:?}: {stderr}\nagent log:\n{}",
             agent.log()
         );
         assert!(elapsed < Duration::from_secs(10), "{remote:?}: {elapsed:?}");
@@ -706,6 +694,19 @@ while True:
         &bed.routes_to(bed.fake.ca_pem(), "http", 9090),
         &["--tunnel-netns", &bed.node_netns],
     )?;
+    let (code, elapsed, stderr) = upload_status(&bed, &file, "/anything")?;
+    println!("a remote that stops reading: 413 after {elapsed:?}");
+    assert_eq!(code, "413", "{stderr}\nagent log:\n{}", agent.log());
+    assert!(elapsed < Duration::from_secs(10), "{elapsed:?}");
+    Ok(())
+}
+
+/// POSTs `file` through the Service to `path`: (status code, time taken, curl's stderr).
+fn upload_status(
+    bed: &Bed,
+    file: &std::path::Path,
+    path: &str,
+) -> Result<(String, Duration, String)> {
     let started = Instant::now();
     let out = bed.curl(&[
         "-o",
@@ -714,17 +715,11 @@ while True:
         "%{http_code}",
         "--data-binary",
         &format!("@{}", file.display()),
-        &format!("http://{SVC}/anything"),
+        &format!("http://{SVC}{path}"),
     ])?;
-    let elapsed = started.elapsed();
-    println!("a remote that stops reading: 413 after {elapsed:?}");
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "413",
-        "{}\nagent log:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        agent.log()
-    );
-    assert!(elapsed < Duration::from_secs(10), "{elapsed:?}");
-    Ok(())
+    Ok((
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        started.elapsed(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    ))
 }
