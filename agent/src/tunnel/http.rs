@@ -109,7 +109,6 @@ async fn opens_with_h2_preface(stream: &TcpStream, within: Duration) -> std::io:
 async fn handle(mut req: Request<Incoming>, client: &ClientConn, route: &Route) -> Response<Body> {
     let metrics = &route.metrics;
     let backend = &route.backend;
-    let authority = backend.authority();
     let upgrade = is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
@@ -149,20 +148,23 @@ async fn handle(mut req: Request<Incoming>, client: &ClientConn, route: &Route) 
                 StatusCode::GATEWAY_TIMEOUT,
                 "timeout",
                 &format!(
-                    "remote backend {authority} sent no response headers within {:?}",
+                    "remote backend {} sent no response headers within {:?}",
+                    backend.authority(),
                     backend.header_timeout
                 ),
             );
         }
         Ok(Err(failure)) => {
             metrics.request(&route.label, failure.kind);
-            warn!(service = %route.label, remote = %authority, "upstream failed: {}", failure.cause);
+            warn!(service = %route.label, remote = %backend.authority(), "upstream failed: {}", failure.cause);
             return error(
                 failure.status,
                 failure.kind,
                 &format!(
-                    "remote backend {authority} {}: {}",
-                    failure.what, failure.cause
+                    "remote backend {} {}: {}",
+                    backend.authority(),
+                    failure.what,
+                    failure.cause
                 ),
             );
         }
@@ -181,7 +183,10 @@ async fn handle(mut req: Request<Incoming>, client: &ClientConn, route: &Route) 
                 None => error(
                     StatusCode::BAD_GATEWAY,
                     "protocol",
-                    &format!("remote backend {authority} switched protocols unasked"),
+                    &format!(
+                        "remote backend {} switched protocols unasked",
+                        backend.authority()
+                    ),
                 ),
             };
         }
