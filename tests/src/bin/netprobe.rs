@@ -20,12 +20,15 @@ usage:
   netprobe connect --addr ADDR (--count N | --until-file PATH) [--interval-ms M]
                    [--mark MARK] [--check-peer] [--timeout-ms T] [--concurrency C] [--http]
                    [--each]
+  netprobe h2c --addr ADDR --path-prefix PATH --streams N
 
 ADDR is IP:PORT or [IPv6]:PORT. MARK is decimal or 0x-hex.
 IPv6 listeners are v6-only; pass --listen twice to serve both families.
 With --http, responses carry `X-Served-By: NAME`; the body is TEXT (default NAME).
 With --each, every attempt prints a line as it ends: `EACH <ms since start> ok <name>` or
-`EACH <ms since start> fail <error>` (the JSON report still comes last).";
+`EACH <ms since start> fail <error>` (the JSON report still comes last).
+h2c opens ONE connection with HTTP/2 prior knowledge and sends N GET requests on it at once,
+to PATH0 .. PATH<N-1>; it prints one line per stream: `STREAM <i> <status> <body>`.";
 
 const MAX_ERRORS: usize = 10;
 /// Bounds the headers of a request so a misbehaving client cannot grow memory.
@@ -42,6 +45,7 @@ fn main() {
             Ok(o) => connect_main(o),
             Err(e) => usage_error(&e),
         },
+        Some("h2c") => h2c_main(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             0
@@ -781,4 +785,98 @@ fn print_report(s: &Stats) {
         },
     });
     println!("{report}");
+}
+
+/// `netprobe h2c`: concurrent streams on one h2c connection, as gRPC clients open them.
+fn h2c_main(args: &[String]) -> i32 {
+    let (mut addr, mut prefix, mut streams) = (None, None, 4usize);
+    let mut it = ArgIter::new(args);
+    while let Some((key, inline)) = it.next_key() {
+        let parsed = match key {
+            "--addr" => it
+                .value(key, inline)
+                .and_then(|v| parse_addr(key, v))
+                .map(|a| addr = Some(a)),
+            "--path-prefix" => it.value(key, inline).map(|v| prefix = Some(v.to_string())),
+            "--streams" => it.value(key, inline).and_then(|v| {
+                v.parse()
+                    .map(|n| streams = n)
+                    .map_err(|e| format!("--streams {v}: {e}"))
+            }),
+            other => Err(format!("unknown option {other}")),
+        };
+        if let Err(e) = parsed {
+            return usage_error(&e);
+        }
+    }
+    let (Some(addr), Some(prefix)) = (addr, prefix) else {
+        return usage_error("h2c needs --addr and --path-prefix");
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("netprobe: runtime: {e}");
+            return 1;
+        }
+    };
+    match runtime.block_on(h2c_streams(addr, &prefix, streams)) {
+        Ok(lines) => {
+            for line in lines {
+                println!("{line}");
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("netprobe: h2c: {e}");
+            1
+        }
+    }
+}
+
+async fn h2c_streams(
+    addr: SocketAddr,
+    prefix: &str,
+    streams: usize,
+) -> Result<Vec<String>, String> {
+    use http_body_util::{BodyExt, Empty};
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+    let (sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake::<_, Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .map_err(|e| format!("h2c handshake: {e}"))?;
+    tokio::spawn(connection);
+    let requests = (0..streams).map(|i| {
+        let mut sender = sender.clone();
+        let uri = format!("http://{addr}{prefix}{i}");
+        async move {
+            let request = hyper::Request::get(&uri)
+                .body(Empty::new())
+                .map_err(|e| e.to_string())?;
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| e.to_string())?;
+            let status = response.status().as_u16();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            Ok::<_, String>(format!(
+                "STREAM {i} {status} {}",
+                String::from_utf8_lossy(&body).trim()
+            ))
+        }
+    });
+    futures::future::join_all(requests)
+        .await
+        .into_iter()
+        .collect()
 }
