@@ -187,6 +187,19 @@ impl ControllerProcess {
         std::fs::read_to_string(self.dir.join(format!("controller-{}.log", self.starts)))
             .unwrap_or_default()
     }
+
+    /// [`wait_status`] of the seed's `php-apache` ModelDeployment in `ns`; a failure carries
+    /// this controller's log.
+    pub fn wait_seed_status(
+        &self,
+        cluster: &TestCluster,
+        ns: &str,
+        timeout: Duration,
+        what: &str,
+        check: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<Duration> {
+        wait_status(cluster, ns, "php-apache", timeout, what, check).with_context(|| self.log())
+    }
 }
 
 pub fn status(cluster: &TestCluster, ns: &str, name: &str) -> Result<serde_json::Value> {

@@ -251,15 +251,13 @@ fn an_external_metric_from_prometheus_drives_offloading_with_a_stabilization_win
         ],
     )?;
     let wait = |what: &str, timeout: u64, check: &dyn Fn(&serde_json::Value) -> bool| {
-        wait_status(
+        controller.wait_seed_status(
             cluster,
             ns.name(),
-            "php-apache",
             Duration::from_secs(timeout),
             what,
             check,
         )
-        .with_context(|| controller.log())
     };
 
     wait("metric 5 of 10: healthy", 30, &|s| {
@@ -449,15 +447,7 @@ fn cpu_utilization_from_metrics_k8s_io_drives_offloading() -> Result<()> {
     cluster.apply(ns.name(), &md)?;
     let controller = ControllerProcess::start(cluster, ns.name())?;
     let wait = |what: &str, check: &dyn Fn(&serde_json::Value) -> bool| {
-        wait_status(
-            cluster,
-            ns.name(),
-            "php-apache",
-            Duration::from_secs(30),
-            what,
-            check,
-        )
-        .with_context(|| controller.log())
+        controller.wait_seed_status(cluster, ns.name(), Duration::from_secs(30), what, check)
     };
     wait("no sample yet: unavailable", &|s| {
         s["metrics"][0]["error"]

@@ -3,13 +3,13 @@
 //! metrics adapter the test controls. A cluster of its own: APIServices are cluster-wide.
 use std::time::Duration;
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use beamlit_testbed::{
     cluster::TestCluster,
     crds::install_model_deployment_crd,
     metrics_adapter::MetricsAdapter,
     require_privileges,
-    seed::{ControllerProcess, PHP_APACHE, php_apache_pod, seed_model_deployment, wait_status},
+    seed::{ControllerProcess, PHP_APACHE, php_apache_pod, seed_model_deployment},
 };
 
 const METRICS: &str = "      - type: Pods\n        pods:\n          metric: {name: requests_per_second}\n          \
@@ -45,15 +45,7 @@ fn pods_object_and_external_metrics_through_the_aggregated_apis() -> Result<()> 
     cluster.apply(ns.name(), &md)?;
     let controller = ControllerProcess::start(&cluster, ns.name())?;
     let wait = |what: &str, check: &dyn Fn(&serde_json::Value) -> bool| {
-        wait_status(
-            &cluster,
-            ns.name(),
-            "php-apache",
-            Duration::from_secs(30),
-            what,
-            check,
-        )
-        .with_context(|| controller.log())
+        controller.wait_seed_status(&cluster, ns.name(), Duration::from_secs(30), what, check)
     };
     wait("all three read, all below: healthy", &|s| {
         s["metrics"][0]["current"] == "5"
