@@ -112,6 +112,8 @@ pub fn cleanup_stale() -> Vec<String> {
             }
         }
     }
+    // Real nodes' cgroups, in every hierarchy, below this process's own cgroup.
+    removed.extend(crate::cluster::real_nodes::sweep_stale_cgroups());
     // Pins keep programs and maps alive after their test died; temp dirs hold
     // routes files and logs.
     for dir in [PathBuf::from("/sys/fs/bpf"), std::env::temp_dir()] {

@@ -80,21 +80,7 @@ impl Netns {
         F: FnOnce() -> R + Send + 'static,
         R: Send + 'static,
     {
-        let file = File::open(format!("/run/netns/{}", self.name))
-            .with_context(|| format!("opening netns {}", self.name))?;
-        let handle = std::thread::spawn(move || -> std::io::Result<R> {
-            // SAFETY: file is an open namespace fd; setns only affects this thread,
-            // which exits right after `f`, so no other code runs in the namespace.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            drop(file);
-            Ok(f())
-        });
-        match handle.join() {
-            Ok(r) => r.with_context(|| format!("setns into {}", self.name)),
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
+        enter_named(&self.name, f)
     }
 
     /// Deletes the namespace now; idempotent (Drop calls it again).
@@ -111,6 +97,29 @@ impl Drop for Netns {
         if let Err(e) = self.delete() {
             eprintln!("beamlit-testbed: {e:#}");
         }
+    }
+}
+
+/// [`Netns::enter`] for a namespace known by name only (one this value does not own).
+pub fn enter_named<F, R>(name: &str, f: F) -> Result<R>
+where
+    F: FnOnce() -> R + Send + 'static,
+    R: Send + 'static,
+{
+    let file = File::open(format!("/run/netns/{name}"))
+        .with_context(|| format!("opening netns {name}"))?;
+    let handle = std::thread::spawn(move || -> std::io::Result<R> {
+        // SAFETY: file is an open namespace fd; setns only affects this thread,
+        // which exits right after `f`, so no other code runs in the namespace.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        drop(file);
+        Ok(f())
+    });
+    match handle.join() {
+        Ok(r) => r.with_context(|| format!("setns into {name}")),
+        Err(panic) => std::panic::resume_unwind(panic),
     }
 }
 

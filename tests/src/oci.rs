@@ -34,8 +34,17 @@ const INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
 /// A file system entry of the image's one layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
-    Dir { mode: u32 },
-    File { mode: u32, data: Vec<u8> },
+    Dir {
+        mode: u32,
+    },
+    File {
+        mode: u32,
+        data: Vec<u8>,
+    },
+    /// A symbolic link to `target` (busybox's applets in the curl stand-in).
+    Symlink {
+        target: String,
+    },
 }
 
 /// Everything an image is made of.
@@ -45,6 +54,8 @@ pub struct ImageSpec {
     pub name: String,
     pub tag: String,
     pub entrypoint: Vec<String>,
+    /// The default arguments (`CMD`), replaced by a pod's `args`.
+    pub cmd: Vec<String>,
     pub user: String,
     pub env: Vec<String>,
     pub labels: BTreeMap<String, String>,
@@ -135,6 +146,7 @@ pub fn project_images(bin_dir: &Path, info: &BuildInfo) -> Result<Vec<ImageSpec>
             name: repository.to_string(),
             tag: info.version.clone(),
             entrypoint: vec![entrypoint],
+            cmd: Vec::new(),
             user: user.to_string(),
             env: vec![
                 "PATH=/usr/local/bin:/usr/bin:/bin".to_string(),
@@ -162,7 +174,7 @@ pub fn project_images(bin_dir: &Path, info: &BuildInfo) -> Result<Vec<ImageSpec>
 }
 
 /// /etc/passwd, /etc/group, the CA bundle and /tmp.
-fn base_files() -> Result<BTreeMap<String, Entry>> {
+pub(crate) fn base_files() -> Result<BTreeMap<String, Entry>> {
     let mut files = BTreeMap::new();
     add_file(
         &mut files,
@@ -186,13 +198,13 @@ fn base_files() -> Result<BTreeMap<String, Entry>> {
     Ok(files)
 }
 
-fn add_file(files: &mut BTreeMap<String, Entry>, path: &str, mode: u32, data: Vec<u8>) {
+pub(crate) fn add_file(files: &mut BTreeMap<String, Entry>, path: &str, mode: u32, data: Vec<u8>) {
     files.insert(path.to_string(), Entry::File { mode, data });
 }
 
 /// The binary without its symbol table (binutils' strip, present wherever cargo links): less
 /// than half the size, same code.
-fn stripped(binary: &Path) -> Result<Vec<u8>> {
+pub(crate) fn stripped(binary: &Path) -> Result<Vec<u8>> {
     let out = std::env::temp_dir().join(format!(
         "beamlit-image-{}-{}",
         std::process::id(),
@@ -256,26 +268,43 @@ pub struct ArchiveInfo {
     pub manifest_digest: String,
 }
 
-/// Writes `spec` as an OCI layout tar at `path`.
-pub fn write_archive(spec: &ImageSpec, path: &Path) -> Result<ArchiveInfo> {
+/// An image's blobs, addressed by digest: what an archive holds and a registry receives.
+pub struct ImageBlobs {
+    pub layer: Vec<u8>,
+    pub layer_digest: String,
+    pub config: Vec<u8>,
+    pub config_digest: String,
+    pub manifest: Vec<u8>,
+    pub manifest_digest: String,
+    pub unpacked_bytes: u64,
+}
+
+pub const OCI_MANIFEST_MEDIA_TYPE: &str = MANIFEST_MEDIA_TYPE;
+
+fn image_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+/// Layer, config and manifest of `spec`.
+pub fn image_blobs(spec: &ImageSpec) -> Result<ImageBlobs> {
     let layer_tar = layer_tar(&spec.files);
     let unpacked_bytes = spec
         .files
         .values()
         .map(|e| match e {
             Entry::File { data, .. } => data.len() as u64,
-            Entry::Dir { .. } => 0,
+            Entry::Dir { .. } | Entry::Symlink { .. } => 0,
         })
         .sum();
     let layer = gzip(&layer_tar);
     let diff_id = sha256(&layer_tar);
     let layer_digest = sha256(&layer);
-    let arch = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    };
-    let config = serde_json::to_vec(&json!({
+    let arch = image_arch();
+    let mut config = json!({
         "created": spec.created,
         "architecture": arch,
         "os": "linux",
@@ -288,7 +317,11 @@ pub fn write_archive(spec: &ImageSpec, path: &Path) -> Result<ArchiveInfo> {
         },
         "rootfs": {"type": "layers", "diff_ids": [diff_id]},
         "history": [{"created": spec.created, "created_by": "cargo xtask images"}],
-    }))?;
+    });
+    if !spec.cmd.is_empty() {
+        config["config"]["Cmd"] = json!(spec.cmd);
+    }
+    let config = serde_json::to_vec(&config)?;
     let config_digest = sha256(&config);
     let manifest = serde_json::to_vec(&json!({
         "schemaVersion": 2,
@@ -298,6 +331,29 @@ pub fn write_archive(spec: &ImageSpec, path: &Path) -> Result<ArchiveInfo> {
         "annotations": spec.labels,
     }))?;
     let manifest_digest = sha256(&manifest);
+    Ok(ImageBlobs {
+        layer,
+        layer_digest,
+        config,
+        config_digest,
+        manifest,
+        manifest_digest,
+        unpacked_bytes,
+    })
+}
+
+/// Writes `spec` as an OCI layout tar at `path`.
+pub fn write_archive(spec: &ImageSpec, path: &Path) -> Result<ArchiveInfo> {
+    let ImageBlobs {
+        layer,
+        layer_digest,
+        config,
+        config_digest,
+        manifest,
+        manifest_digest,
+        unpacked_bytes,
+    } = image_blobs(spec)?;
+    let arch = image_arch();
     let index = serde_json::to_vec(&json!({
         "schemaVersion": 2,
         "mediaType": INDEX_MEDIA_TYPE,
@@ -397,6 +453,12 @@ impl ImageArchive {
                     }
                     std::fs::write(&target, data)?;
                     std::fs::set_permissions(&target, std::fs::Permissions::from_mode(*mode))?;
+                }
+                Entry::Symlink { target: to } => {
+                    if let Some(parent) = target.parent() {
+                        std::fs::create_dir_all(parent)?;
+                    }
+                    std::os::unix::fs::symlink(to, &target)?;
                 }
             }
         }
@@ -503,6 +565,7 @@ fn layer_tar(files: &BTreeMap<String, Entry>) -> Vec<u8> {
         match entry {
             Entry::Dir { mode } => tar.dir(name, *mode),
             Entry::File { mode, data } => tar.file(name, *mode, data),
+            Entry::Symlink { target } => tar.symlink(name, target),
         }
     }
     tar.finish()
@@ -523,7 +586,15 @@ impl Tar {
         self.entry(name, mode, b'0', data);
     }
 
+    fn symlink(&mut self, name: &str, target: &str) {
+        self.entry_linked(name, 0o777, b'2', &[], target);
+    }
+
     fn entry(&mut self, name: &str, mode: u32, kind: u8, data: &[u8]) {
+        self.entry_linked(name, mode, kind, data, "");
+    }
+
+    fn entry_linked(&mut self, name: &str, mode: u32, kind: u8, data: &[u8], link: &str) {
         let mut h = [0u8; 512];
         // Names over 100 bytes go into the 155-byte prefix, split at a slash.
         let (prefix, short) = if name.len() <= 100 {
@@ -543,6 +614,7 @@ impl Tar {
         octal(&mut h[136..148], 0);
         h[148..156].fill(b' ');
         h[156] = kind;
+        h[157..157 + link.len().min(100)].copy_from_slice(&link.as_bytes()[..link.len().min(100)]);
         h[257..263].copy_from_slice(b"ustar\0");
         h[263..265].copy_from_slice(b"00");
         h[265..269].copy_from_slice(b"root");
@@ -629,6 +701,9 @@ pub fn read_tar(bytes: &[u8]) -> Result<BTreeMap<String, Entry>> {
         }
         let entry = match h[156] {
             b'5' => Entry::Dir { mode },
+            b'2' => Entry::Symlink {
+                target: field(157..257),
+            },
             b'0' | 0 => Entry::File {
                 mode,
                 data: bytes[start..end].to_vec(),

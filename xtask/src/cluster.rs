@@ -1,5 +1,7 @@
 //! `cargo xtask cluster <build|up|down|status>`: the pinned Kubernetes binaries
-//! and a persistent simulated cluster on loopback, for people and the demo.
+//! and a persistent cluster for people and the demo: simulated nodes (pods as
+//! network namespaces) by default, or real nodes (`--real-nodes N`: kubelet,
+//! containerd, kube-proxy, CoreDNS, metrics-server, a registry).
 //! Tests start their own clusters with `beamlit_testbed::cluster::TestCluster`;
 //! both use the same code in the testbed crate.
 
@@ -16,8 +18,10 @@ use clap::Subcommand;
 
 #[derive(Subcommand)]
 pub(crate) enum Action {
-    /// Build the pinned etcd, kube-apiserver, kube-controller-manager, kubectl and helm into
-    /// ~/.cache/beamlit/bin/<version>/ (a cold build takes minutes; a second call does nothing).
+    /// Build the pinned Kubernetes binaries (etcd, kube-apiserver, kube-controller-manager,
+    /// kube-scheduler, kubelet, kube-proxy, kubectl, helm) and the node binaries (containerd,
+    /// runc, CNI plugins, CoreDNS, metrics-server, registry, pause) into ~/.cache/beamlit/bin/
+    /// (a cold build takes about 20 minutes on 2 cores; a second call does nothing).
     Build,
     /// Start etcd, kube-apiserver and kube-controller-manager on 127.0.0.1 and simulated nodes
     /// (pods as network namespaces, Service routing); prints the kubeconfig path.
@@ -26,8 +30,13 @@ pub(crate) enum Action {
         #[arg(long, default_value_t = 1)]
         nodes: usize,
         /// Control plane only: no nodes, pods stay Pending.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "real_nodes")]
         no_nodes: bool,
+        /// Real nodes instead of simulated ones: each node a network, mount and PID namespace
+        /// running containerd, kubelet and kube-proxy (nftables), with CoreDNS, metrics-server
+        /// and a registry holding the project's images (built with `cargo xtask images`).
+        #[arg(long, value_name = "N", conflicts_with = "nodes")]
+        real_nodes: Option<usize>,
     },
     /// Stop everything `up` started and remove its state directory.
     Down,
@@ -36,6 +45,14 @@ pub(crate) enum Action {
     /// Internal: the node simulator process that `up` starts in the background.
     #[command(hide = true)]
     Nodes {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        nodes: usize,
+    },
+    /// Internal: the process that owns a real-node cluster until `down` (SIGTERM).
+    #[command(hide = true)]
+    RealNodesDaemon {
         #[arg(long)]
         dir: PathBuf,
         #[arg(long)]
@@ -54,8 +71,20 @@ fn state_dir() -> PathBuf {
 
 pub(crate) fn run(action: Action) -> Result<()> {
     match action {
-        Action::Build => ensure_binaries().map(|dir| println!("{}", dir.display())),
-        Action::Up { nodes, no_nodes } => up(if no_nodes { 0 } else { nodes }),
+        Action::Build => {
+            let dir = ensure_binaries()?;
+            let nodes = beamlit_testbed::cluster::node_tools::NodeBinaries::ensure()?;
+            println!("{}\n{}", dir.display(), nodes.dir().display());
+            Ok(())
+        }
+        Action::Up {
+            real_nodes: Some(n),
+            ..
+        } => crate::cluster_real::up(&state_dir(), n),
+        Action::Up {
+            nodes, no_nodes, ..
+        } => up(if no_nodes { 0 } else { nodes }),
+        Action::RealNodesDaemon { dir, nodes } => crate::cluster_real::daemon(&dir, nodes),
         Action::Down => down(),
         Action::Status => status(),
         Action::Nodes { dir, nodes } => {
@@ -79,6 +108,12 @@ pub fn ensure_binaries() -> Result<PathBuf> {
 
 fn up(nodes: usize) -> Result<()> {
     let dir = state_dir();
+    if crate::cluster_real::is_real(&dir) {
+        bail!(
+            "a real-node cluster is running from {}; `cargo xtask cluster down` first",
+            dir.display()
+        );
+    }
     if let Some(state) = control_plane::read_state(&dir)? {
         let alive = state
             .processes
@@ -120,6 +155,7 @@ fn up(nodes: usize) -> Result<()> {
         ControlPlaneOptions {
             dir: dir.clone(),
             detached: true,
+            real_nodes: None,
         },
     ) {
         Ok(cp) => cp,
@@ -219,6 +255,9 @@ fn nodes_pid(dir: &Path) -> Option<i32> {
 
 fn down() -> Result<()> {
     let dir = state_dir();
+    if crate::cluster_real::is_real(&dir) {
+        return crate::cluster_real::down(&dir);
+    }
     if !dir.exists() {
         println!(
             "[cluster] nothing to stop ({} does not exist)",
@@ -258,6 +297,9 @@ fn down() -> Result<()> {
 
 fn status() -> Result<()> {
     let dir = state_dir();
+    if crate::cluster_real::is_real(&dir) {
+        return crate::cluster_real::status(&dir);
+    }
     let Some(state) = control_plane::read_state(&dir)? else {
         println!("[cluster] not running (no state in {})", dir.display());
         return Ok(());

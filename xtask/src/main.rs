@@ -4,6 +4,7 @@ mod bench_controller;
 mod bench_failover;
 mod bench_tunnel;
 mod cluster;
+mod cluster_real;
 mod demo;
 mod images;
 mod setup;

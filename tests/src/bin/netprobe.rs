@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 const USAGE: &str = "\
 usage:
-  netprobe serve --listen ADDR [--listen ADDR ...] --name NAME [--http [--body TEXT]]
+  netprobe serve --listen ADDR [--listen ADDR ...] (--name NAME | --name-env VAR)
+                 [--http [--body TEXT] [--burn N]]
   netprobe connect --addr ADDR (--count N | --until-file PATH) [--interval-ms M]
                    [--mark MARK] [--check-peer] [--timeout-ms T] [--concurrency C] [--http]
                    [--each]
@@ -25,6 +26,9 @@ usage:
 ADDR is IP:PORT or [IPv6]:PORT. MARK is decimal or 0x-hex.
 IPv6 listeners are v6-only; pass --listen twice to serve both families.
 With --http, responses carry `X-Served-By: NAME`; the body is TEXT (default NAME).
+--name-env takes NAME from an environment variable (HOSTNAME: the pod's name).
+--burn N computes N square roots before each HTTP answer, as php-apache's index.php does
+(the image that stands in for registry.k8s.io/hpa-example: CPU metrics move under load).
 With --each, every attempt prints a line as it ends: `EACH <ms since start> ok <name>` or
 `EACH <ms since start> fail <error>` (the JSON report still comes last).
 h2c opens ONE connection with HTTP/2 prior knowledge and sends N GET requests on it at once,
@@ -136,6 +140,20 @@ impl ServeOpts {
             match key {
                 "--listen" => listen.push(parse_addr(key, it.value(key, inline)?)?),
                 "--name" => name = Some(it.value(key, inline)?.to_string()),
+                "--name-env" => {
+                    let var = it.value(key, inline)?;
+                    name = Some(
+                        std::env::var(var)
+                            .map_err(|_| format!("serve: --name-env: ${var} is not set"))?,
+                    );
+                }
+                "--burn" => {
+                    let v = it.value(key, inline)?;
+                    let n: u64 = v
+                        .parse()
+                        .map_err(|_| format!("--burn: {v:?} is not a count"))?;
+                    BURN.store(n, Ordering::Relaxed);
+                }
                 "--http" => {
                     no_value(key, inline)?;
                     http = true;
@@ -361,6 +379,7 @@ fn serve_http(stream: TcpStream, name: &str, body: &str) -> io::Result<()> {
             }
         }
         io::copy(&mut (&mut reader).take(content_length), &mut io::sink())?;
+        burn_cpu();
         let response = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Served-By: {name}\r\nConnection: {}\r\n\r\n{body}",
             body.len(),
@@ -371,6 +390,19 @@ fn serve_http(stream: TcpStream, name: &str, body: &str) -> io::Result<()> {
             return writer.shutdown(Shutdown::Write);
         }
     }
+}
+
+/// Square roots computed per HTTP answer (`serve --burn`).
+static BURN: AtomicU64 = AtomicU64::new(0);
+
+/// php-apache's index.php: `$x = 0.0001; for ($i = 0; $i <= 1000000; $i++) { $x += sqrt($x); }`.
+fn burn_cpu() {
+    let n = BURN.load(Ordering::Relaxed);
+    let mut x = 0.0001_f64;
+    for _ in 0..n {
+        x += std::hint::black_box(x).sqrt();
+    }
+    std::hint::black_box(x);
 }
 
 fn read_line_bounded<R: BufRead>(reader: &mut R, line: &mut String) -> io::Result<usize> {

@@ -35,6 +35,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// deleting a test namespace removes what it held.
 const CONTROLLERS: &str =
     "deployment,replicaset,endpointslice,serviceaccount,namespace,garbagecollector";
+/// Real nodes also run DaemonSets (the agent), StatefulSets and Jobs, and need pods of deleted
+/// nodes collected.
+const REAL_NODE_CONTROLLERS: &str = "daemonset,statefulset,job,podgc,ttl-after-finished";
 
 /// Where and how to start.
 #[derive(Debug, Clone)]
@@ -45,6 +48,10 @@ pub struct ControlPlaneOptions {
     /// Start processes in their own session, not tied to this process (for
     /// `cargo xtask cluster up`). Call [`ControlPlane::detach`] afterwards.
     pub detached: bool,
+    /// For real nodes: the API server advertises the cluster network's address (the
+    /// `kubernetes` Service gets endpoints), reaches kubelets and aggregated API servers through
+    /// the egress proxy, and authorizes nodes (Node authorizer, NodeRestriction).
+    pub real_nodes: Option<super::real_nodes::ApiserverNetwork>,
 }
 
 /// What `cargo xtask cluster up` records for `down`/`status`.
@@ -88,7 +95,11 @@ impl ControlPlane {
         let api_port = free_port()?;
         let server = format!("https://127.0.0.1:{api_port}");
 
-        let (pki, admin, kcm) = pki::generate(&dir)?;
+        let (pki, admin, kcm) = match &opts.real_nodes {
+            // The cluster network signed its identities with this CA already.
+            Some(_) => pki::load(&dir)?,
+            None => pki::generate(&dir)?,
+        };
         let ca_pem = std::fs::read_to_string(&pki.ca_cert)?;
         let kubeconfig = dir.join("kubeconfig");
         std::fs::write(
@@ -150,12 +161,57 @@ impl ControlPlane {
             .arg(format!("--service-account-issuer={issuer}"))
             .arg(format!("--api-audiences={issuer}"))
             .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
-            .arg("--authorization-mode=RBAC")
-            // The `kubernetes` Service would point at 127.0.0.1, which
-            // EndpointSlices reject; nothing in the simulated cluster needs it.
-            .arg("--endpoint-reconciler-type=none")
             .arg("--allow-privileged=true")
             .arg("--profiling=false");
+        match &opts.real_nodes {
+            None => {
+                api.arg("--authorization-mode=RBAC")
+                    // The `kubernetes` Service would point at 127.0.0.1, which
+                    // EndpointSlices reject; nothing in the simulated cluster needs it.
+                    .arg("--endpoint-reconciler-type=none");
+            }
+            Some(net) => {
+                let addr = super::real_nodes::APISERVER_ADDR;
+                api.arg("--authorization-mode=Node,RBAC")
+                    .arg("--enable-admission-plugins=NodeRestriction")
+                    // Pods reach it as `kubernetes.default` through kube-proxy: the endpoint
+                    // is the relay in the cluster network.
+                    .arg(format!("--advertise-address={addr}"))
+                    .arg(format!(
+                        "--egress-selector-config-file={}",
+                        net.egress_config.display()
+                    ))
+                    // By address, never by name: a name would be resolved through the
+                    // machine's resolver.
+                    .arg("--kubelet-preferred-address-types=InternalIP")
+                    .arg(format!(
+                        "--kubelet-client-certificate={}",
+                        net.kubelet_client.0.display()
+                    ))
+                    .arg(format!(
+                        "--kubelet-client-key={}",
+                        net.kubelet_client.1.display()
+                    ))
+                    // Aggregated API servers (metrics-server) are dialled at their pods.
+                    .arg("--enable-aggregator-routing=true")
+                    .arg(format!(
+                        "--requestheader-client-ca-file={}",
+                        pki.ca_cert.display()
+                    ))
+                    .arg("--requestheader-allowed-names=front-proxy-client")
+                    .arg("--requestheader-username-headers=X-Remote-User")
+                    .arg("--requestheader-group-headers=X-Remote-Group")
+                    .arg("--requestheader-extra-headers-prefix=X-Remote-Extra-")
+                    .arg(format!(
+                        "--proxy-client-cert-file={}",
+                        net.proxy_client.0.display()
+                    ))
+                    .arg(format!(
+                        "--proxy-client-key-file={}",
+                        net.proxy_client.1.display()
+                    ));
+            }
+        }
         cp.apiserver_args = api.get_args().map(ToOwned::to_owned).collect();
         cp.launch("kube-apiserver", api, &logs)?;
         cp.wait_ready("kube-apiserver", READY_TIMEOUT)?;
@@ -165,7 +221,14 @@ impl ControlPlane {
             .arg(format!("--kubeconfig={}", kcm_kubeconfig.display()))
             .arg("--bind-address=127.0.0.1")
             .arg("--secure-port=0")
-            .arg(format!("--controllers={CONTROLLERS}"))
+            .arg(format!(
+                "--controllers={}",
+                if opts.real_nodes.is_some() {
+                    format!("{CONTROLLERS},{REAL_NODE_CONTROLLERS}")
+                } else {
+                    CONTROLLERS.to_string()
+                }
+            ))
             .arg("--use-service-account-credentials=true")
             .arg(format!(
                 "--service-account-private-key-file={}",

@@ -25,7 +25,11 @@
 //! ```
 
 pub mod control_plane;
+pub mod node_images;
 mod node_sim;
+pub mod node_tools;
+pub mod real_cluster;
+pub mod real_nodes;
 pub use node_sim::NETNS_ANNOTATION;
 pub mod pki;
 pub mod proxy;
@@ -49,6 +53,8 @@ use kube::{Api, Client, Config};
 use serde_json::json;
 
 pub use control_plane::{ClusterState, ControlPlane, ControlPlaneOptions, SERVICE_CIDR};
+pub use real_cluster::{RealCluster, RealNamespace};
+pub use real_nodes::RealNodesOptions;
 pub use tools::{HELM_VERSION, KUBERNETES_VERSION, KubeBinaries};
 
 use crate::probe::{ProbeOptions, ProbeReport, run_probe};
@@ -263,6 +269,7 @@ impl TestCluster {
             ControlPlaneOptions {
                 dir: dir.path().to_path_buf(),
                 detached: false,
+                real_nodes: None,
             },
         )?;
         let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -40,18 +40,12 @@ pub fn generate(dir: &Path) -> Result<(Pki, ClientIdentity, ClientIdentity)> {
     std::fs::create_dir_all(&pki_dir)?;
 
     let ca_key = KeyPair::generate().context("generating the CA key")?;
-    let mut ca_params = CertificateParams::default();
-    ca_params.distinguished_name = dn("beamlit-test-ca", None);
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    let ca_params = ca_params();
     let ca_cert = ca_params
         .self_signed(&ca_key)
         .context("self-signing the CA")?;
     let ca_pem = ca_cert.pem();
+    let ca_key_pem = ca_key.serialize_pem();
     let issuer = Issuer::new(ca_params, ca_key);
 
     let leaf = |cn: &str, org: Option<&str>, server: bool| -> Result<(String, String)> {
@@ -68,6 +62,8 @@ pub fn generate(dir: &Path) -> Result<(Pki, ClientIdentity, ClientIdentity)> {
                 SanType::IpAddress([127, 0, 0, 1].into()),
                 // The first address of the Service CIDR: `kubernetes.default`.
                 SanType::IpAddress([10, 96, 0, 1].into()),
+                // Where real nodes and pods reach it (`real_nodes::APISERVER_ADDR`).
+                SanType::IpAddress(super::real_nodes::APISERVER_ADDR.into()),
                 SanType::DnsName("localhost".try_into()?),
                 SanType::DnsName("kubernetes".try_into()?),
                 SanType::DnsName("kubernetes.default".try_into()?),
@@ -100,6 +96,8 @@ pub fn generate(dir: &Path) -> Result<(Pki, ClientIdentity, ClientIdentity)> {
         service_account_pub: pki_dir.join("sa.pub"),
     };
     write(&pki.ca_cert, &ca_pem, false)?;
+    // Kept so that identities for real nodes can be signed after the control plane starts.
+    write(&pki_dir.join("ca.key"), &ca_key_pem, true)?;
     write(&pki.apiserver_cert, &api_cert, false)?;
     write(&pki.apiserver_key, &api_key, true)?;
     write(&pki.admin_cert, &admin_cert, false)?;
@@ -119,6 +117,97 @@ pub fn generate(dir: &Path) -> Result<(Pki, ClientIdentity, ClientIdentity)> {
             key_pem: kcm_key,
         },
     ))
+}
+
+/// What [`generate`] wrote into `dir/pki`, read back (the control plane of a real-node cluster
+/// starts after the cluster network has signed its identities with the same CA).
+pub fn load(dir: &Path) -> Result<(Pki, ClientIdentity, ClientIdentity)> {
+    let pki_dir = dir.join("pki");
+    let pki = Pki {
+        ca_cert: pki_dir.join("ca.crt"),
+        apiserver_cert: pki_dir.join("apiserver.crt"),
+        apiserver_key: pki_dir.join("apiserver.key"),
+        admin_cert: pki_dir.join("admin.crt"),
+        admin_key: pki_dir.join("admin.key"),
+        controller_manager_cert: pki_dir.join("controller-manager.crt"),
+        controller_manager_key: pki_dir.join("controller-manager.key"),
+        service_account_key: pki_dir.join("sa.key"),
+        service_account_pub: pki_dir.join("sa.pub"),
+    };
+    let read =
+        |p: &Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+    let admin = ClientIdentity {
+        cert_pem: read(&pki.admin_cert)?,
+        key_pem: read(&pki.admin_key)?,
+    };
+    let kcm = ClientIdentity {
+        cert_pem: read(&pki.controller_manager_cert)?,
+        key_pem: read(&pki.controller_manager_key)?,
+    };
+    Ok((pki, admin, kcm))
+}
+
+fn ca_params() -> CertificateParams {
+    let mut ca_params = CertificateParams::default();
+    ca_params.distinguished_name = dn("beamlit-test-ca", None);
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    ca_params
+}
+
+/// What a certificate signed by [`sign`] is for.
+pub enum Usage<'a> {
+    Client,
+    /// A serving certificate for these IP addresses.
+    Server(&'a [std::net::Ipv4Addr]),
+}
+
+/// A certificate for `cn` (and organisation, i.e. group, `org`) signed by the CA that
+/// [`generate`] wrote into `dir/pki`.
+pub fn sign(dir: &Path, cn: &str, org: Option<&str>, usage: Usage<'_>) -> Result<ClientIdentity> {
+    let pki_dir = dir.join("pki");
+    let ca_key = KeyPair::from_pem(&std::fs::read_to_string(pki_dir.join("ca.key"))?)
+        .context("reading the CA key")?;
+    // The same parameters and key give the same issuer name and key identifier as the CA
+    // certificate carries (rcgen derives the identifier from the public key).
+    let issuer = Issuer::new(ca_params(), ca_key);
+    let key = KeyPair::generate()?;
+    let mut p = CertificateParams::default();
+    p.distinguished_name = dn(cn, org);
+    p.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    match usage {
+        Usage::Client => p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth],
+        Usage::Server(ips) => {
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            p.subject_alt_names = ips
+                .iter()
+                .map(|ip| SanType::IpAddress((*ip).into()))
+                .collect();
+        }
+    }
+    let cert = p.signed_by(&key, &issuer)?;
+    Ok(ClientIdentity {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+/// Writes an identity as `<name>.crt` and `<name>.key` (0600) into `dir`; returns both paths.
+pub fn write_identity(dir: &Path, name: &str, id: &ClientIdentity) -> Result<(PathBuf, PathBuf)> {
+    let (cert, key) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    write(&cert, &id.cert_pem, false)?;
+    write(&key, &id.key_pem, true)?;
+    Ok((cert, key))
 }
 
 fn dn(cn: &str, org: Option<&str>) -> DistinguishedName {

@@ -18,6 +18,7 @@ use anyhow::{Context as _, Result};
 use crate::Netns;
 
 pub struct ApiRelay {
+    ip: std::net::IpAddr,
     port: u16,
     stop: Arc<AtomicBool>,
 }
@@ -25,12 +26,18 @@ pub struct ApiRelay {
 impl ApiRelay {
     /// Listens on 127.0.0.1 (a free port) inside `netns` and forwards to `upstream`.
     pub fn start(netns: &Netns, upstream: SocketAddr) -> Result<Self> {
+        Self::start_on(netns, SocketAddr::from(([127, 0, 0, 1], 0)), upstream)
+    }
+
+    /// Listens on `listen` inside `netns` (an address of that namespace) and forwards to
+    /// `upstream`.
+    pub fn start_on(netns: &Netns, listen: SocketAddr, upstream: SocketAddr) -> Result<Self> {
         netns.ip(&["link", "set", "lo", "up"])?;
         let listener = netns
-            .enter(|| TcpListener::bind("127.0.0.1:0"))?
-            .context("listening inside the namespace")?;
+            .enter(move || TcpListener::bind(listen))?
+            .with_context(|| format!("listening on {listen} inside the namespace"))?;
         listener.set_nonblocking(true)?;
-        let port = listener.local_addr()?.port();
+        let (ip, port) = (listener.local_addr()?.ip(), listener.local_addr()?.port());
         let stop = Arc::new(AtomicBool::new(false));
         let done = stop.clone();
         std::thread::spawn(move || {
@@ -48,12 +55,12 @@ impl ApiRelay {
                 }
             }
         });
-        Ok(Self { port, stop })
+        Ok(Self { ip, port, stop })
     }
 
     /// The address to use inside the namespace.
     pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
+        SocketAddr::new(self.ip, self.port)
     }
 
     /// A copy of `kubeconfig` whose server is this relay (same CA and credentials: the API

@@ -1,10 +1,11 @@
 //! Pinned Kubernetes binaries, built from their Go modules into a cache outside
-//! the repository.
+//! the repository (the node components other than Kubernetes' own are in
+//! [`super::node_tools`]).
 //!
 //! The versions below are the only pins. `xtask/kube-tools/go.mod` (generated from
 //! them, committed together with its `go.sum`) requires `k8s.io/kubernetes` and
 //! pins every `k8s.io/*` staging module to the matching `v0.X.Y`; kube-apiserver,
-//! kube-controller-manager, kubectl and etcd (the `go.etcd.io/etcd/server/v3`
+//! kube-controller-manager, kubectl, kube-scheduler, kubelet, kube-proxy and etcd (the `go.etcd.io/etcd/server/v3`
 //! version Kubernetes itself requires) are built from that one module graph.
 //! helm is built with `go install helm.sh/helm/v3/cmd/helm@<version>`, i.e. from
 //! helm's own go.mod/go.sum, exactly as upstream resolves it.
@@ -44,7 +45,7 @@ struct Target {
     package: &'static str,
 }
 
-const MODULE_TARGETS: [Target; 4] = [
+const MODULE_TARGETS: [Target; 7] = [
     Target {
         name: "etcd",
         package: "go.etcd.io/etcd/server/v3",
@@ -61,19 +62,25 @@ const MODULE_TARGETS: [Target; 4] = [
         name: "kubectl",
         package: "k8s.io/kubernetes/cmd/kubectl",
     },
+    // Real nodes (`cluster::real_nodes`): the same Kubernetes version as the control plane.
+    Target {
+        name: "kube-scheduler",
+        package: "k8s.io/kubernetes/cmd/kube-scheduler",
+    },
+    Target {
+        name: "kubelet",
+        package: "k8s.io/kubernetes/cmd/kubelet",
+    },
+    Target {
+        name: "kube-proxy",
+        package: "k8s.io/kubernetes/cmd/kube-proxy",
+    },
 ];
 
 impl KubeBinaries {
     /// The cache directory for the pinned versions (whether or not it is built).
     pub fn cache_dir() -> Result<PathBuf> {
-        let root = match std::env::var_os("BEAMLIT_CACHE_DIR") {
-            Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-            _ => {
-                let home = std::env::var_os("HOME").context("HOME is not set")?;
-                PathBuf::from(home).join(".cache/beamlit")
-            }
-        };
-        Ok(root
+        Ok(cache_root()?
             .join("bin")
             .join(format!("k8s-{KUBERNETES_VERSION}-helm-{HELM_VERSION}")))
     }
@@ -123,6 +130,18 @@ impl KubeBinaries {
         self.dir.join("kubectl")
     }
 
+    pub fn kube_scheduler(&self) -> PathBuf {
+        self.dir.join("kube-scheduler")
+    }
+
+    pub fn kubelet(&self) -> PathBuf {
+        self.dir.join("kubelet")
+    }
+
+    pub fn kube_proxy(&self) -> PathBuf {
+        self.dir.join("kube-proxy")
+    }
+
     pub fn helm(&self) -> PathBuf {
         self.dir.join("helm")
     }
@@ -138,8 +157,10 @@ impl KubeBinaries {
 
     fn build(&self) -> Result<()> {
         let started = Instant::now();
-        // A stamp from another recipe: nothing in the directory can be trusted.
-        if self.dir.join(STAMP).exists() {
+        // A stamp from another recipe: nothing in the directory can be trusted. (The same
+        // recipe with targets added keeps what it built and builds the rest.)
+        let stamp = std::fs::read_to_string(self.dir.join(STAMP)).unwrap_or_default();
+        if !stamp.is_empty() && !stamp.starts_with(&stamp_head()) {
             for n in Self::names().chain([STAMP]) {
                 let _ = std::fs::remove_file(self.dir.join(n));
             }
@@ -223,6 +244,17 @@ impl KubeBinaries {
     }
 }
 
+/// `BEAMLIT_CACHE_DIR`, default `~/.cache/beamlit`: every built binary lives below it.
+pub fn cache_root() -> Result<PathBuf> {
+    Ok(match std::env::var_os("BEAMLIT_CACHE_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => {
+            let home = std::env::var_os("HOME").context("HOME is not set")?;
+            PathBuf::from(home).join(".cache/beamlit")
+        }
+    })
+}
+
 /// `xtask/kube-tools` in this repository.
 pub fn go_module_dir() -> PathBuf {
     crate::cluster::workspace_root().join("xtask/kube-tools")
@@ -273,7 +305,7 @@ fn kube_ldflags() -> String {
 }
 
 /// `nice -n 19 go ...`: the build must not disturb timing-sensitive tests.
-fn go_command() -> Command {
+pub(crate) fn go_command() -> Command {
     let mut cmd = Command::new("nice");
     cmd.args(["-n", "19", "go"])
         .env("CGO_ENABLED", "0")
@@ -284,7 +316,7 @@ fn go_command() -> Command {
     cmd
 }
 
-fn run_build(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run_build(cmd: &mut Command) -> Result<()> {
     let status = cmd
         .status()
         .with_context(|| format!("running {cmd:?} (is Go installed?)"))?;
@@ -404,12 +436,12 @@ fn render_go_mod(staging: &[String]) -> String {
 }
 
 /// An exclusive `flock` held until drop.
-struct FileLock {
+pub(crate) struct FileLock {
     _file: File,
 }
 
 impl FileLock {
-    fn acquire(path: &Path) -> Result<Self> {
+    pub(crate) fn acquire(path: &Path) -> Result<Self> {
         let file = File::options()
             .create(true)
             .truncate(false)

@@ -1,0 +1,378 @@
+//! A control plane with real nodes ([`super::real_nodes`]), for tests and `cargo xtask cluster
+//! up --real-nodes`: pods run in containerd, Services go through kube-proxy, names through
+//! CoreDNS, images come from the cluster's registry.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use super::real_nodes::{ClusterNetwork, ControlPlaneView, RealNode, RealNodes, RealNodesOptions};
+use super::{ControlPlane, ControlPlaneOptions, DEFAULT_WAIT, KubeBinaries, pki, run_with_stdin};
+use crate::oci::ImageSpec;
+use crate::tempdir::TestDir;
+
+/// Control plane + real nodes, torn down on drop (and at exit for [`RealCluster::shared`]).
+pub struct RealCluster {
+    kubeconfig: PathBuf,
+    binaries: KubeBinaries,
+    server: String,
+    parts: Mutex<Option<(RealNodes, ControlPlane, TestDir)>>,
+    node_names: Vec<String>,
+}
+
+impl std::fmt::Debug for RealCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RealCluster")
+            .field("server", &self.server)
+            .field("nodes", &self.node_names)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RealCluster {
+    /// Builds what the cache lacks (printed), then starts the control plane and
+    /// `opts.nodes` real nodes; returns when every node is Ready and CoreDNS (and
+    /// metrics-server) serve. `images` are pushed to the registry besides the node images.
+    pub fn start(opts: &RealNodesOptions, images: &[ImageSpec]) -> Result<Self> {
+        Self::start_in(TestDir::new("rcluster")?, opts, images)
+    }
+
+    /// Like [`Self::start`] in a directory of the caller's (`cargo xtask cluster up`).
+    pub fn start_in(dir: TestDir, opts: &RealNodesOptions, images: &[ImageSpec]) -> Result<Self> {
+        let started = Instant::now();
+        let binaries = KubeBinaries::ensure()?;
+        super::node_tools::NodeBinaries::ensure()?;
+        pki::generate(dir.path())?;
+        let (net, apiserver_net) = ClusterNetwork::create(dir.path())?;
+        let control_plane = ControlPlane::start(
+            binaries.clone(),
+            ControlPlaneOptions {
+                dir: dir.path().to_path_buf(),
+                detached: false,
+                real_nodes: Some(apiserver_net),
+            },
+        )?;
+        let nodes = RealNodes::start(
+            net,
+            ControlPlaneView {
+                dir: dir.path(),
+                server: control_plane.server(),
+                kube: &binaries,
+                kubeconfig: control_plane.kubeconfig(),
+            },
+            opts,
+            images,
+        )?;
+        let this = Self {
+            kubeconfig: control_plane.kubeconfig().to_path_buf(),
+            server: control_plane.server().to_string(),
+            node_names: nodes.nodes().iter().map(|n| n.name.clone()).collect(),
+            binaries,
+            parts: Mutex::new(Some((nodes, control_plane, dir))),
+        };
+        eprintln!(
+            "beamlit-testbed: real-node cluster up in {:.1?} ({} nodes)",
+            started.elapsed(),
+            this.node_names.len()
+        );
+        Ok(this)
+    }
+
+    /// The real-node cluster of this test binary (two nodes, metrics-server), started on
+    /// first use and torn down when the process exits.
+    pub fn shared() -> Result<&'static RealCluster> {
+        static SHARED: OnceLock<std::result::Result<RealCluster, String>> = OnceLock::new();
+        let r = SHARED.get_or_init(|| {
+            let opts = RealNodesOptions {
+                nodes: 2,
+                metrics_server: true,
+            };
+            let r = Self::start(&opts, &[]).map_err(|e| format!("{e:#}"));
+            if r.is_ok() {
+                extern "C" fn teardown() {
+                    if let Some(Ok(c)) = SHARED.get() {
+                        let _ =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.shutdown()));
+                    }
+                }
+                // SAFETY: registers a plain extern "C" fn with no arguments.
+                unsafe { libc::atexit(teardown) };
+            }
+            r
+        });
+        r.as_ref()
+            .map_err(|e| anyhow!("the shared real-node cluster failed to start: {e}"))
+    }
+
+    /// Stops nodes, registry, scheduler, control plane; removes every namespace, cgroup and
+    /// directory. Idempotent; Drop calls it.
+    pub fn shutdown(&self) {
+        let parts = self.parts.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some((nodes, mut cp, dir)) = parts {
+            drop(nodes);
+            cp.stop();
+            drop(dir);
+        }
+    }
+
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    pub fn binaries(&self) -> &KubeBinaries {
+        &self.binaries
+    }
+
+    pub fn node_names(&self) -> &[String] {
+        &self.node_names
+    }
+
+    /// Runs `f` with the nodes (network namespaces, directories, logs, cgroups).
+    pub fn with_nodes<R>(&self, f: impl FnOnce(&RealNodes) -> R) -> Result<R> {
+        let guard = self.parts.lock().unwrap_or_else(|p| p.into_inner());
+        let (nodes, ..) = guard.as_ref().context("the cluster was shut down")?;
+        Ok(f(nodes))
+    }
+
+    /// What the API server's egress proxy refused (targets outside the cluster network).
+    pub fn refused_egress(&self) -> Result<Vec<String>> {
+        self.with_nodes(|n| n.network().refused())
+    }
+
+    /// The node named `name`'s details, through `f`.
+    pub fn with_node<R>(&self, name: &str, f: impl FnOnce(&RealNode) -> R) -> Result<R> {
+        self.with_nodes(|n| n.nodes().iter().find(|x| x.name == name).map(f))?
+            .with_context(|| format!("no node {name}"))
+    }
+
+    /// `kubectl --kubeconfig <ours>` with `args`; stdout, or an error with stderr.
+    pub fn kubectl(&self, args: &[&str]) -> Result<String> {
+        self.kubectl_with_stdin(args, None)
+    }
+
+    pub fn kubectl_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> Result<String> {
+        let mut cmd = Command::new(self.binaries.kubectl());
+        cmd.arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .args(args);
+        run_with_stdin(cmd, stdin)
+    }
+
+    /// `kubectl` with `args`, whatever its exit status (for commands expected to fail).
+    pub fn kubectl_output(&self, args: &[&str]) -> Result<Output> {
+        Command::new(self.binaries.kubectl())
+            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("running kubectl")
+    }
+
+    /// `kubectl apply -n <namespace> -f -` with `yaml`.
+    pub fn apply(&self, namespace: &str, yaml: &str) -> Result<String> {
+        self.kubectl_with_stdin(&["apply", "-n", namespace, "-f", "-"], Some(yaml))
+    }
+
+    /// `helm` from the pinned cache, with our kubeconfig.
+    pub fn helm(&self) -> Command {
+        let mut cmd = Command::new(self.binaries.helm());
+        cmd.env("KUBECONFIG", &self.kubeconfig);
+        cmd
+    }
+
+    /// A fresh namespace `t-<hint>-<pid>-<n>`, deleted on drop; waits for its default service
+    /// account.
+    pub fn namespace(&self, hint: &str) -> Result<RealNamespace<'_>> {
+        let name = format!(
+            "t-{}-{}-{}",
+            crate::naming::sanitize_hint(hint),
+            std::process::id(),
+            crate::naming::next_id()
+        );
+        self.kubectl(&["create", "namespace", &name])?;
+        let ns = RealNamespace {
+            cluster: self,
+            name,
+        };
+        self.wait_for(
+            &format!("service account {}/default", ns.name),
+            DEFAULT_WAIT,
+            || {
+                Ok(self
+                    .kubectl_output(&["get", "serviceaccount", "default", "-n", &ns.name])?
+                    .status
+                    .success())
+            },
+        )?;
+        Ok(ns)
+    }
+
+    /// Polls `check` every 200 ms until true; fails after `timeout` with the last error.
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut() -> Result<bool>,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut last_err = None;
+        loop {
+            match check() {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => last_err = Some(e),
+            }
+            if Instant::now() >= deadline {
+                return Err(match last_err {
+                    Some(e) => e.context(format!("waiting for {what} ({timeout:?})")),
+                    None => anyhow!("timed out after {timeout:?} waiting for {what}"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits until every pod matching `selector` in `namespace` is Ready and there are `count`.
+    pub fn wait_pods_ready(
+        &self,
+        namespace: &str,
+        selector: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Vec<String>> {
+        let mut names = Vec::new();
+        let r = self.wait_for(
+            &format!("{count} Ready pod(s) {selector} in {namespace}"),
+            timeout,
+            || {
+                let out = self.kubectl(&[
+                    "get", "pods", "-n", namespace, "-l", selector, "-o",
+                    "jsonpath={range .items[?(@.metadata.deletionTimestamp)]}-{end}{range .items[*]}{.metadata.name}={.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
+                ])?;
+                // A terminating pod (leading '-') is not counted as settled.
+                if out.starts_with('-') {
+                    return Ok(false);
+                }
+                let pods: Vec<(&str, &str)> =
+                    out.lines().filter_map(|l| l.split_once('=')).collect();
+                names = pods.iter().map(|(n, _)| n.to_string()).collect();
+                Ok(pods.len() == count && pods.iter().all(|(_, r)| *r == "True"))
+            },
+        );
+        r.map_err(|e| {
+            let describe = self
+                .kubectl(&["describe", "pods", "-n", namespace, "-l", selector])
+                .unwrap_or_default();
+            e.context(format!("pods:\n{describe}"))
+        })?;
+        Ok(names)
+    }
+
+    /// The node a pod runs on.
+    pub fn pod_node(&self, namespace: &str, pod: &str) -> Result<String> {
+        self.kubectl(&[
+            "get",
+            "pod",
+            pod,
+            "-n",
+            namespace,
+            "-o",
+            "jsonpath={.spec.nodeName}",
+        ])
+    }
+
+    /// `kubectl logs`.
+    pub fn logs(&self, namespace: &str, pod: &str) -> Result<String> {
+        self.kubectl(&["logs", "-n", namespace, pod])
+    }
+
+    /// `kubectl exec <pod> -- args`: stdout, or an error with stderr.
+    pub fn exec(&self, namespace: &str, pod: &str, args: &[&str]) -> Result<String> {
+        let mut all = vec!["exec", "-n", namespace, pod, "--"];
+        all.extend_from_slice(args);
+        self.kubectl(&all)
+    }
+
+    /// `kubectl run <name> --rm -i --restart=Never --image=<image> [overrides] -- args`:
+    /// the pod's output once it exited, and whether it succeeded.
+    pub fn run_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        image: &str,
+        extra: &[&str],
+        args: &[&str],
+    ) -> Result<Output> {
+        let mut all = vec![
+            "run",
+            name,
+            "-n",
+            namespace,
+            "--rm",
+            "-i",
+            "--restart=Never",
+            "--quiet",
+            "--pod-running-timeout=90s",
+        ];
+        let image_arg = format!("--image={image}");
+        all.push(&image_arg);
+        all.extend_from_slice(extra);
+        all.push("--");
+        all.extend_from_slice(args);
+        let out = Command::new(self.binaries.kubectl())
+            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .args(&all)
+            .stdin(Stdio::piped())
+            .output()
+            .context("kubectl run")?;
+        Ok(out)
+    }
+}
+
+impl Drop for RealCluster {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// A namespace of one test in a [`RealCluster`]; deleted (without waiting) on drop.
+pub struct RealNamespace<'a> {
+    cluster: &'a RealCluster,
+    name: String,
+}
+
+impl RealNamespace<'_> {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for RealNamespace<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self
+            .cluster
+            .kubectl(&["delete", "namespace", &self.name, "--wait=false"])
+        {
+            eprintln!("beamlit-testbed: deleting namespace {}: {e:#}", self.name);
+        }
+    }
+}
+
+/// Fails with `what` and the command's output unless it succeeded.
+pub fn check_output(what: &str, out: &Output) -> Result<String> {
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
