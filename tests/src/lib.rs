@@ -65,3 +65,22 @@ pub use process::{ChildGuard, run_in, spawn};
 pub use tempdir::TestDir;
 pub use tls::TestCa;
 pub use topology::{Pod, Topology};
+
+/// `result.or_panic()` in tests: panics with the whole error chain (`{:#}`), which `expect`'s
+/// Debug output of an anyhow error only partly shows.
+pub trait OrPanic<T> {
+    fn or_panic(self) -> T;
+}
+
+impl<T, E: Into<anyhow::Error>> OrPanic<T> for std::result::Result<T, E> {
+    #[track_caller]
+    fn or_panic(self) -> T {
+        match self {
+            Ok(v) => v,
+            Err(e) => {
+                let e: anyhow::Error = e.into();
+                panic!("{e:#}")
+            }
+        }
+    }
+}

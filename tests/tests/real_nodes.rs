@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use beamlit_testbed::cluster::real_cluster::check_output;
 use beamlit_testbed::cluster::{RealCluster, RealNamespace};
-use beamlit_testbed::require_privileges;
 use beamlit_testbed::seed::PHP_APACHE;
+use beamlit_testbed::{OrPanic as _, require_privileges};
 
 const POD_WAIT: Duration = Duration::from_secs(120);
 /// The seed's client image, as its README names it.
@@ -57,7 +57,7 @@ fn seed_php_apache_runs_under_containerd_and_is_reached_through_coredns_and_kube
             "-o",
             "jsonpath={.status.containerStatuses[0].image} {.status.containerStatuses[0].imageID}",
         ])
-        .unwrap();
+        .or_panic();
     assert!(
         image.starts_with("registry.k8s.io/hpa-example:latest"),
         "{image}"
@@ -80,7 +80,7 @@ fn seed_php_apache_runs_under_containerd_and_is_reached_through_coredns_and_kube
         "-n",
         ns.name(),
     ])
-    .unwrap();
+    .or_panic();
     c.wait_for("php-apache gone", POD_WAIT, || {
         Ok(c.kubectl(&[
             "get",
@@ -95,7 +95,7 @@ fn seed_php_apache_runs_under_containerd_and_is_reached_through_coredns_and_kube
         .trim()
         .is_empty())
     })
-    .unwrap();
+    .or_panic();
     let started = Instant::now();
     let (ok, out) = curl_pod(
         c,
@@ -119,9 +119,9 @@ fn seed_php_apache_runs_under_containerd_and_is_reached_through_coredns_and_kube
         "-n",
         ns.name(),
     ])
-    .unwrap();
+    .or_panic();
     c.wait_pods_ready(ns.name(), "run=php-apache", 1, POD_WAIT)
-        .unwrap();
+        .or_panic();
     // The endpoint is programmed a moment after Ready; retry briefly inside the pod.
     let retry =
         "for i in $(seq 20); do curl -sS -m 2 http://php-apache && exit 0; sleep 0.5; done; exit 1";
@@ -137,7 +137,7 @@ fn a_pod_on_node_two_reaches_a_pod_on_node_one_through_the_service() {
     let Some(c) = cluster() else { return };
     let ns = c.namespace("xnode").expect("namespace");
     let (first, second) = (&c.node_names()[0], &c.node_names()[1]);
-    c.apply(ns.name(), PHP_APACHE).unwrap();
+    c.apply(ns.name(), PHP_APACHE).or_panic();
     // Pin the server to node 1 (a patch of the seed's Deployment, not a copy of it).
     c.kubectl(&[
         "patch",
@@ -149,11 +149,11 @@ fn a_pod_on_node_two_reaches_a_pod_on_node_one_through_the_service() {
         "-p",
         &format!(r#"{{"spec":{{"template":{{"spec":{{"nodeName":"{first}"}}}}}}}}"#),
     ])
-    .unwrap();
+    .or_panic();
     let pods = c
         .wait_pods_ready(ns.name(), "run=php-apache", 1, POD_WAIT)
-        .unwrap();
-    assert_eq!(&c.pod_node(ns.name(), &pods[0]).unwrap(), first);
+        .or_panic();
+    assert_eq!(&c.pod_node(ns.name(), &pods[0]).or_panic(), first);
 
     let overrides = format!(r#"--overrides={{"spec":{{"nodeName":"{second}"}}}}"#);
     let (ok, out) = curl_pod(
@@ -195,8 +195,8 @@ fn kubectl_top_shows_php_apache_cpu_rising_under_load() {
             Ok(idle.is_some())
         },
     )
-    .unwrap();
-    let idle = idle.unwrap();
+    .or_panic();
+    let idle = idle.expect("a sample was seen");
     // 60 s of back-to-back requests from a client pod (bounded: it stops by itself).
     let load = "end=$(( $(date +%s) + 60 )); while [ $(date +%s) -lt $end ]; do curl -s -o /dev/null http://php-apache; done";
     c.kubectl(&[
@@ -211,7 +211,7 @@ fn kubectl_top_shows_php_apache_cpu_rising_under_load() {
         "-c",
         load,
     ])
-    .unwrap();
+    .or_panic();
     let mut busy = 0;
     c.wait_for("php-apache CPU to rise", Duration::from_secs(75), || {
         busy = cpu().unwrap_or(0);
@@ -228,10 +228,10 @@ fn kubectl_logs_and_exec_reach_the_kubelet_by_address_only() {
     let pods = php_apache(c, &ns);
     let out = c
         .exec(ns.name(), &pods[0], &["/usr/local/bin/netprobe", "--help"])
-        .unwrap();
+        .or_panic();
     assert!(out.contains("usage"), "{out}");
     // The pod's log: netprobe prints where it listens.
-    let logs = c.logs(ns.name(), &pods[0]).unwrap();
+    let logs = c.logs(ns.name(), &pods[0]).or_panic();
     assert!(logs.contains("listening on 0.0.0.0:80"), "{logs}");
     let out = c
         .run_pod(
@@ -241,11 +241,11 @@ fn kubectl_logs_and_exec_reach_the_kubelet_by_address_only() {
             &[],
             &["sh", "-c", "echo hello-from-$HOSTNAME"],
         )
-        .unwrap();
-    let text = check_output("kubectl run --rm -i", &out).unwrap();
+        .or_panic();
+    let text = check_output("kubectl run --rm -i", &out).or_panic();
     assert!(text.contains("hello-from-echo"), "{text}");
     // Everything went to kubelets by IP address inside the cluster network.
-    assert_eq!(c.refused_egress().unwrap(), Vec::<String>::new());
+    assert_eq!(c.refused_egress().or_panic(), Vec::<String>::new());
 }
 
 #[test]
@@ -271,7 +271,10 @@ fn nothing_leaves_the_cluster_network() {
     // From every node namespace: no route off the machine.
     c.with_nodes(|nodes| {
         for n in nodes.nodes() {
-            let err = n.netns().ip(&["route", "get", "192.0.2.1"]).unwrap_err();
+            let err = n
+                .netns()
+                .ip(&["route", "get", "192.0.2.1"])
+                .expect_err("a node namespace has a route off the machine");
             assert!(
                 format!("{err:#}").contains("unreachable"),
                 "{}: {err:#}",
@@ -279,6 +282,6 @@ fn nothing_leaves_the_cluster_network() {
             );
         }
     })
-    .unwrap();
-    assert_eq!(c.refused_egress().unwrap(), Vec::<String>::new());
+    .or_panic();
+    assert_eq!(c.refused_egress().or_panic(), Vec::<String>::new());
 }

@@ -28,6 +28,13 @@ const APT_PACKAGES: &[&str] = &[
     // `cargo xtask images`: the CA bundle the images carry, and strip for their binaries.
     "ca-certificates",
     "binutils",
+    // Real nodes: runc's seccomp support (cgo), the static pause binary, busybox for the
+    // curl image's shell, unshare/nsenter for the node namespaces.
+    "libseccomp-dev",
+    "gcc",
+    "libc6-dev",
+    "busybox-static",
+    "util-linux",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -40,6 +47,11 @@ pub fn setup() -> anyhow::Result<()> {
     // The real control plane for the cluster tests (about 10 minutes cold, then cached).
     step("kubernetes binaries", || {
         crate::cluster::ensure_binaries().map(|dir| format!("in {}", dir.display()))
+    })?;
+    // containerd, runc, CNI plugins, CoreDNS, metrics-server, registry, pause (real nodes).
+    step("node binaries", || {
+        beamlit_testbed::cluster::node_tools::NodeBinaries::ensure()
+            .map(|b| format!("in {}", b.dir().display()))
     })?;
     println!("[setup] done");
     Ok(())
