@@ -35,9 +35,11 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// deleting a test namespace removes what it held.
 const CONTROLLERS: &str =
     "deployment,replicaset,endpointslice,serviceaccount,namespace,garbagecollector";
-/// Real nodes also run DaemonSets (the agent), StatefulSets and Jobs, and need pods of deleted
-/// nodes collected.
-const REAL_NODE_CONTROLLERS: &str = "daemonset,statefulset,job,podgc,ttl-after-finished";
+/// Real nodes also run DaemonSets (the agent), StatefulSets and Jobs; kubelets need the
+/// not-ready taint lifted once a node is Ready (node lifecycle), `kube-root-ca.crt` in every
+/// namespace (service-account volumes), and pods of deleted nodes collected.
+const REAL_NODE_CONTROLLERS: &str =
+    "daemonset,statefulset,job,podgc,ttl-after-finished,nodelifecycle,root-ca-cert-publisher";
 
 /// Where and how to start.
 #[derive(Debug, Clone)]

@@ -23,7 +23,7 @@ use super::node_tools::{COREDNS_VERSION, METRICS_SERVER_VERSION, NodeBinaries, P
 use crate::Netns;
 use crate::oci::{
     self, BuildInfo, Entry, ImageSpec, NONROOT, OCI_MANIFEST_MEDIA_TYPE, ROOT, add_file,
-    base_files, shared_libraries,
+    base_files, shared_libraries, stripped,
 };
 
 pub const HPA_EXAMPLE_IMAGE: &str = "registry.k8s.io/hpa-example";
@@ -156,7 +156,7 @@ fn read(path: &Path) -> Result<Vec<u8>> {
 
 /// `binary` at `at`, and every shared library it loads at its own path.
 fn with_libraries(files: &mut BTreeMap<String, Entry>, binary: &Path, at: &str) -> Result<()> {
-    add_file(files, at, 0o755, read(binary)?);
+    add_file(files, at, 0o755, stripped(binary)?);
     for lib in shared_libraries(binary)? {
         add_file(files, &lib.display().to_string(), 0o755, read(&lib)?);
     }

@@ -806,10 +806,21 @@ impl RealNodes {
                 .stdin(Stdio::null())
                 .output()?;
             if !out.status.success() {
+                let describe = Command::new(kube.kubectl())
+                    .arg(format!("--kubeconfig={}", kubeconfig.display()))
+                    .args(["-n", "kube-system", "describe", "pods"])
+                    .stdin(Stdio::null())
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default();
+                let n = &self.nodes[0];
                 bail!(
-                    "{d} did not become ready: {}{}",
+                    "{d} did not become ready: {}{}\n{describe}\n{} kubelet:\n{}\ncontainerd:\n{}",
                     String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
+                    String::from_utf8_lossy(&out.stderr),
+                    n.name,
+                    n.log_tail("kubelet", 25),
+                    n.log_tail("containerd", 15)
                 );
             }
         }
