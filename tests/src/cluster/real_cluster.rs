@@ -299,8 +299,10 @@ impl RealCluster {
         self.kubectl(&all)
     }
 
-    /// `kubectl run <name> --rm -i --restart=Never --image=<image> [overrides] -- args`:
-    /// the pod's output once it exited, and whether it succeeded.
+    /// `kubectl run <name> --restart=Never --image=<image> [extra] -- args`, then waits until
+    /// the pod has ended, returns whether it succeeded and its log, and deletes it. (Reading
+    /// the log afterwards instead of attaching: `run -i` loses the output of a container that
+    /// ends before the attach.)
     pub fn run_pod(
         &self,
         namespace: &str,
@@ -308,7 +310,46 @@ impl RealCluster {
         image: &str,
         extra: &[&str],
         args: &[&str],
+    ) -> Result<(bool, String)> {
+        let image_arg = format!("--image={image}");
+        let mut all = vec!["run", name, "-n", namespace, "--restart=Never", &image_arg];
+        all.extend_from_slice(extra);
+        all.push("--");
+        all.extend_from_slice(args);
+        self.kubectl(&all)?;
+        let mut phase = String::new();
+        self.wait_for(
+            &format!("pod {namespace}/{name} to end"),
+            POD_RUN_TIMEOUT,
+            || {
+                phase = self.kubectl(&[
+                    "get",
+                    "pod",
+                    name,
+                    "-n",
+                    namespace,
+                    "-o",
+                    "jsonpath={.status.phase}",
+                ])?;
+                Ok(phase == "Succeeded" || phase == "Failed")
+            },
+        )?;
+        let logs = self.logs(namespace, name)?;
+        self.kubectl(&["delete", "pod", name, "-n", namespace, "--wait=false"])?;
+        Ok((phase == "Succeeded", logs))
+    }
+
+    /// `kubectl run <name> --rm -i --restart=Never --image=<image> -- args`, as a user types
+    /// it: attached, the pod removed at the end. The command must outlive the attach (a
+    /// container that ends first loses its output).
+    pub fn run_pod_attached(
+        &self,
+        namespace: &str,
+        name: &str,
+        image: &str,
+        args: &[&str],
     ) -> Result<Output> {
+        let image_arg = format!("--image={image}");
         let mut all = vec![
             "run",
             name,
@@ -319,21 +360,21 @@ impl RealCluster {
             "--restart=Never",
             "--quiet",
             "--pod-running-timeout=90s",
+            &image_arg,
+            "--",
         ];
-        let image_arg = format!("--image={image}");
-        all.push(&image_arg);
-        all.extend_from_slice(extra);
-        all.push("--");
         all.extend_from_slice(args);
-        let out = Command::new(self.binaries.kubectl())
+        Command::new(self.binaries.kubectl())
             .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
             .args(&all)
             .stdin(Stdio::piped())
             .output()
-            .context("kubectl run")?;
-        Ok(out)
+            .context("kubectl run")
     }
 }
+
+/// How long a pod of [`RealCluster::run_pod`] may take, image pull included.
+const POD_RUN_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl Drop for RealCluster {
     fn drop(&mut self) {

@@ -813,9 +813,16 @@ impl RealNodes {
                     .output()
                     .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
                     .unwrap_or_default();
+                let logs = Command::new(kube.kubectl())
+                    .arg(format!("--kubeconfig={}", kubeconfig.display()))
+                    .args(["-n", "kube-system", "logs", d, "--tail=20"])
+                    .stdin(Stdio::null())
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default();
                 let n = &self.nodes[0];
                 bail!(
-                    "{d} did not become ready: {}{}\n{describe}\n{} kubelet:\n{}\ncontainerd:\n{}",
+                    "{d} did not become ready: {}{}\n{describe}\nits log:\n{logs}\n{} kubelet:\n{}\ncontainerd:\n{}",
                     String::from_utf8_lossy(&out.stdout),
                     String::from_utf8_lossy(&out.stderr),
                     n.name,
@@ -1397,7 +1404,7 @@ spec:
         - --kubelet-preferred-address-types=InternalIP
         - --kubelet-use-node-status-port
         - --kubelet-insecure-tls
-        - --metric-resolution=10s
+        - --metric-resolution=15s
         ports: [{{containerPort: 10250, name: https, protocol: TCP}}]
         readinessProbe:
           httpGet: {{path: /readyz, port: https, scheme: HTTPS}}
