@@ -9,7 +9,8 @@
 //! uneven, at and around the tolerance boundary, a pod without a sample, young pods whose sample
 //! predates a full window of readiness, unready pods), at every step "the HPA would scale up"
 //! (its unclamped proposal, from its log, is above 3) must equal "the controller says
-//! MetricAboveTarget", and the utilization in both statuses must be equal. The same for a `Pods`
+//! MetricAboveTarget", and the utilization in both statuses must be equal. The same for a
+//! `ContainerResource` metric of one container beside a busy sidecar, and for a `Pods`
 //! metric (`AverageValue` 10) through custom.metrics.k8s.io, served by the test's metrics adapter
 //! on a cluster of its own (APIServices are cluster-wide): even, at the boundary, a pod without a
 //! value, a pending pod, a value for a pod that is not the workload's.
@@ -38,6 +39,8 @@ const SCHEDULER: &str = "beamlit-test-unscheduled";
 
 /// The CPU metric of both, in the HPA's spec.
 const CPU_METRIC: &str = "- type: Resource\n    resource: {name: cpu, target: {type: Utilization, averageUtilization: 90}}";
+/// The `ContainerResource` metric of both: the `model` container only.
+const CONTAINER_METRIC: &str = "- type: ContainerResource\n    containerResource: {name: cpu, container: model, target: {type: Utilization, averageUtilization: 90}}";
 /// The `Pods` metric of both.
 const PODS_METRIC: &str = "- type: Pods\n    pods: {metric: {name: requests_per_second}, target: {type: AverageValue, averageValue: \"10\"}}";
 
@@ -54,11 +57,18 @@ fn workload(metric: &str) -> String {
     )
 }
 
-fn pod_yaml(name: &str) -> String {
+/// A pod of the workload: the `model` container requests 200m; with `sidecar`, a `proxy`
+/// container requests 100m more.
+fn pod_yaml(name: &str, sidecar: bool) -> String {
+    let proxy = if sidecar {
+        ", {name: proxy, image: example.invalid/proxy:1, resources: {requests: {cpu: 100m}}}"
+    } else {
+        ""
+    };
     format!(
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{app: hpa-oracle}}}}\nspec:\n  \
          schedulerName: {SCHEDULER}\n  containers: [{{name: model, image: example.invalid/model:1, \
-         resources: {{requests: {{cpu: 200m}}}}}}]\n"
+         resources: {{requests: {{cpu: 200m}}}}}}{proxy}]\n"
     )
 }
 
@@ -236,6 +246,61 @@ fn cpu_steps() -> Vec<Step> {
     ]
 }
 
+/// `ContainerResource` of the `model` container (200m), beside a `proxy` sidecar at 500m of its
+/// 100m: a `Resource` metric over both containers would be far above throughout.
+fn container_steps() -> Vec<Step> {
+    let young = |usage, sample_age| PodAt {
+        usage: Some(usage),
+        sample_age,
+        started: 60,
+        ready: true,
+        ready_since: 40,
+        ..settled("0")
+    };
+    let step = |what: &'static str,
+                pods: [PodAt; 3],
+                hpa_up: bool,
+                message: &'static [&'static str]| Step {
+        what,
+        pods,
+        stranger: None,
+        hpa_up,
+        message,
+    };
+    vec![
+        step(
+            "the container below: 50%, the sidecar aside",
+            [settled("100m"), settled("100m"), settled("100m")],
+            false,
+            &[],
+        ),
+        step(
+            "the container above: 150%",
+            [settled("300m"), settled("300m"), settled("300m")],
+            true,
+            &[],
+        ),
+        step(
+            "a pod whose PodMetrics lack the container: 125% over two, 83% with it at 0: hold",
+            [settled("250m"), settled("250m"), no_sample()],
+            false,
+            &["oracle-c", "no sample", "within the tolerance: hold"],
+        ),
+        step(
+            "a young pod's container sample from before one window of readiness is set aside",
+            [settled("100m"), settled("100m"), young("600m", 20)],
+            false,
+            &["oracle-c", "sample older than one window"],
+        ),
+        step(
+            "back to even, below",
+            [settled("100m"), settled("100m"), settled("100m")],
+            false,
+            &[],
+        ),
+    ]
+}
+
 fn pods_steps() -> Vec<Step> {
     let pending = |usage: &'static str| PodAt {
         phase: "Pending",
@@ -325,7 +390,11 @@ fn seconds_before(now: Timestamp, seconds: i64) -> Result<String> {
 
 /// Where a step's values go: PodMetrics objects, or the metrics adapter.
 enum Values<'a> {
+    /// PodMetrics with the `model` container's usage; none for a pod without a sample.
     PodMetrics,
+    /// PodMetrics with the `model` container's usage and the `proxy` sidecar at 500m; a pod
+    /// without a sample has PodMetrics with the sidecar only.
+    WithSidecar,
     Adapter(&'a MetricsAdapter),
 }
 
@@ -347,18 +416,28 @@ fn write_step(cluster: &TestCluster, ns: &str, step: &Step, values: &Values<'_>)
         cluster
             .block_on(api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)))
             .with_context(|| format!("status of {name}"))?;
+        let pod_metrics = |containers: &str| -> Result<()> {
+            cluster.apply(
+                ns,
+                &format!(
+                    "apiVersion: metrics.k8s.io/v1beta1\nkind: PodMetrics\nmetadata:\n  name: {name}\n  \
+                     labels: {{app: hpa-oracle}}\ntimestamp: \"{}\"\nwindow: 30s\ncontainers:\n{containers}",
+                    seconds_before(now, at.sample_age)?
+                ),
+            )?;
+            Ok(())
+        };
+        let container = |c: &str, cpu: &str| {
+            format!("  - name: {c}\n    usage: {{cpu: \"{cpu}\", memory: 10Mi}}\n")
+        };
         match (values, at.usage) {
-            (Values::PodMetrics, Some(cpu)) => {
-                cluster.apply(
-                    ns,
-                    &format!(
-                        "apiVersion: metrics.k8s.io/v1beta1\nkind: PodMetrics\nmetadata:\n  name: {name}\n  \
-                         labels: {{app: hpa-oracle}}\ntimestamp: \"{}\"\nwindow: 30s\ncontainers:\n  \
-                         - name: model\n    usage: {{cpu: \"{cpu}\", memory: 10Mi}}\n",
-                        seconds_before(now, at.sample_age)?
-                    ),
-                )?;
-            }
+            (Values::PodMetrics, Some(cpu)) => pod_metrics(&container("model", cpu))?,
+            (Values::WithSidecar, Some(cpu)) => pod_metrics(&format!(
+                "{}{}",
+                container("model", cpu),
+                container("proxy", "500m")
+            ))?,
+            (Values::WithSidecar, None) => pod_metrics(&container("proxy", "500m"))?,
             (Values::PodMetrics, None) => {
                 cluster.kubectl(&[
                     "delete",
@@ -385,11 +464,17 @@ fn write_step(cluster: &TestCluster, ns: &str, step: &Step, values: &Values<'_>)
 /// The three pods (their status is the test's), the Service with one ready endpoint (so
 /// readiness never decides), the pinned StatefulSet and its HPA with `metric`, and the
 /// ModelDeployment on the same pods with the same metric (`md_metric`, the seed's block replaced).
-fn set_up(cluster: &TestCluster, ns: &str, metric: &str, md_metric: Option<&str>) -> Result<()> {
+fn set_up(
+    cluster: &TestCluster,
+    ns: &str,
+    metric: &str,
+    md_metric: Option<&str>,
+    sidecar: bool,
+) -> Result<()> {
     cluster.apply(ns, PHP_APACHE)?;
     cluster.wait_deployment_ready(ns, "php-apache", 1, Duration::from_secs(60))?;
     for pod in PODS {
-        cluster.apply(ns, &pod_yaml(pod))?;
+        cluster.apply(ns, &pod_yaml(pod, sidecar))?;
     }
     cluster.apply(ns, &workload(metric))?;
     let mut md = seed_model_deployment(ns).replace(
@@ -417,6 +502,7 @@ fn set_up(cluster: &TestCluster, ns: &str, metric: &str, md_metric: Option<&str>
 /// its status, in milli-units or percent) with the controller's.
 fn compare(
     cluster: &TestCluster,
+    oracle: &HpaOracle,
     ns: &str,
     steps: &[Step],
     values: &Values<'_>,
@@ -424,7 +510,6 @@ fn compare(
     controller_current: &dyn Fn(&str) -> Option<i128>,
 ) -> Result<()> {
     write_step(cluster, ns, &steps[0], values)?;
-    let oracle = HpaOracle::start(cluster)?;
     let controller = ControllerProcess::start(cluster, ns)?;
     let target = format!("StatefulSet/{ns}/oracle");
     let mut table = Vec::new();
@@ -518,19 +603,44 @@ fn the_cpu_decision_agrees_with_the_real_hpa_controller() -> Result<()> {
     let cluster = TestCluster::shared()?;
     install_model_deployment_crd(cluster)?;
     install_pod_metrics_crd(cluster)?;
+    // One HPA controller for the cluster (two would both write every HPA's status); each
+    // metric in a namespace of its own (two HPAs on the same pods are refused as ambiguous).
+    let oracle = HpaOracle::start(cluster)?;
+    let utilization =
+        |m: &serde_json::Value| m["current"]["averageUtilization"].as_i64().map(i128::from);
+    let percent = |c: &str| c.strip_suffix('%')?.parse().ok();
+
     let ns = cluster.namespace("hpaoracle")?;
-    set_up(cluster, ns.name(), CPU_METRIC, None)?;
+    set_up(cluster, ns.name(), CPU_METRIC, None, false)?;
     compare(
         cluster,
+        &oracle,
         ns.name(),
         &cpu_steps(),
         &Values::PodMetrics,
-        &|m| {
-            m["resource"]["current"]["averageUtilization"]
-                .as_i64()
-                .map(i128::from)
-        },
-        &|c| c.strip_suffix('%')?.parse().ok(),
+        &|m| utilization(&m["resource"]),
+        &percent,
+    )?;
+
+    let ns = cluster.namespace("hpaoraclectr")?;
+    set_up(
+        cluster,
+        ns.name(),
+        CONTAINER_METRIC,
+        Some(
+            "      - type: ContainerResource\n        containerResource:\n          name: cpu\n          \
+             container: model\n          target: {type: Utilization, averageUtilization: 90}\n",
+        ),
+        true,
+    )?;
+    compare(
+        cluster,
+        &oracle,
+        ns.name(),
+        &container_steps(),
+        &Values::WithSidecar,
+        &|m| utilization(&m["containerResource"]),
+        &percent,
     )
 }
 
@@ -552,9 +662,12 @@ fn the_pods_metric_decision_agrees_with_the_real_hpa_controller() -> Result<()> 
             "      - type: Pods\n        pods:\n          metric: {name: requests_per_second}\n          \
              target: {type: AverageValue, averageValue: \"10\"}\n",
         ),
+        false,
     )?;
+    let oracle = HpaOracle::start(&cluster)?;
     compare(
         &cluster,
+        &oracle,
         ns.name(),
         &pods_steps(),
         &Values::Adapter(&adapter),
