@@ -374,6 +374,11 @@ pub struct MetricValue {
     pub above: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Why the value is what it is when the HPA's rules set pods aside: which pods, the rule
+    /// applied and what it led to (`as the HPA: php-c missing (no sample); with missing pods at
+    /// 0 (a scale-up): 83%, within the tolerance: hold`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]

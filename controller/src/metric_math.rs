@@ -1,23 +1,31 @@
-//! The Horizontal Pod Autoscaler's arithmetic, done right.
+//! The Horizontal Pod Autoscaler's arithmetic and rules, as Kubernetes' own HPA controller has
+//! them (v1.37, `pkg/controller/podautoscaler`).
 //!
 //! The controller fetches raw numbers (metrics.k8s.io, the custom and external metrics APIs,
 //! Prometheus) and hands them to the pure functions here, which turn them into "is this metric
-//! above its target?". Nothing in this module performs I/O, so every rule is pinned by
-//! table-driven unit tests, including the defects of the earlier product:
+//! above its target?", which is "would the HPA scale up?". Nothing in this module performs I/O,
+//! so every rule is pinned by table-driven unit tests, several of them the HPA's own test cases:
 //!
-//! - CPU utilization was divided by the replica count a second time ([`resource_utilization`]
-//!   does not);
-//! - `Value`/`AverageValue` targets were compared inverted and off by 1000x (everything here is
-//!   in the same milli-units, and [`is_above`] computes `current / target`);
-//! - pods without requests caused a division by zero ([`resource_utilization`] reports them and
-//!   errors out only when no pod has a request);
-//! - Prometheus queries with several labels were malformed and scalar results failed
+//! - which pods' samples count ([`pod_rule`]: deleted, failed, pending, missing, and for CPU the
+//!   readiness of young pods against the samples' timestamps and windows), and what the HPA does
+//!   with missing and unready pods ([`pod_metric_verdict`]: counted at 0 on a scale-up, at the
+//!   request or target on a scale-down, hold if that lands within the tolerance or reverses);
+//! - the tolerance in the HPA's floating point ([`within_tolerance`], [`is_above`]);
+//! - requests as the HPA sums them ([`pod_request_milli`]: pod-level, sidecars, one container);
+//! - the defects of the earlier product: CPU utilization divided by the replica count a second
+//!   time, `Value`/`AverageValue` compared inverted and off by 1000x (everything here is in the
+//!   same milli-units, and the ratio is `current / target`), division by zero without requests,
+//!   malformed Prometheus queries with several labels and failing scalar results
 //!   ([`promql_for_metric`], [`parse_prometheus_instant`]).
 //!
 //! Units: quantities are integers in milli-units (`"250m"` is 250, `"1"` is 1000, `"1Ki"` is
-//! 1_024_000). Utilization is in whole percent, as the HPA computes it.
+//! 1_024_000). Utilization is in whole percent, truncated, as the HPA computes it.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
 
 use k8s_openapi::api::autoscaling::v2::MetricTarget;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -60,17 +68,18 @@ pub enum MetricError {
     /// No pods at all: nothing to average over.
     #[error("no pods to compute the metric over")]
     NoPods,
-    /// No pod declares a request for the resource, so utilization is undefined (the HPA
-    /// refuses too). The pods are named so the user knows which ones to fix.
-    #[error("no pod has a resource request, utilization is undefined; pods without a request: {}", .pods.join(", "))]
+    /// The counted pods' requests add up to zero, so utilization is undefined (the HPA
+    /// refuses too: "no metrics returned matched known pods"). The pods are named.
+    #[error("the requests of the counted pods add up to 0, utilization is undefined; pods: {}", .pods.join(", "))]
     NoRequests {
-        /// The pods without a (positive) request.
+        /// The counted pods.
         pods: Vec<String>,
     },
-    /// Pods have requests but none of them has a usage sample yet.
-    #[error("no usage sample for any pod with a request; pods without usage: {}", .pods.join(", "))]
-    NoUsage {
-        /// The pods with a request but without usage.
+    /// No sample counts: every pod is missing one or was set aside (the HPA: "did not receive
+    /// metrics for targeted pods (pods might be unready)"). Each pod is named with its rule.
+    #[error("no usage sample counts, as the HPA's rules go; pods: {}", .pods.join(", "))]
+    NoCountedPods {
+        /// `pod (rule)` for each pod.
         pods: Vec<String>,
     },
     /// An arithmetic overflow (absurdly large sums).
@@ -277,107 +286,6 @@ pub fn f64_to_milli(value: f64) -> Result<i128, MetricError> {
     Ok(milli as i128)
 }
 
-/// One pod's (or, for `ContainerResource`, one container's) resource usage and request, in
-/// milli-units (millicores for CPU, milli-bytes for memory, as Kubernetes quantities are).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PodSample {
-    /// The pod's name, used in reports and errors.
-    pub name: String,
-    /// Current usage from metrics.k8s.io, `None` when the pod has no sample yet.
-    pub usage_milli: Option<i128>,
-    /// The sum of the containers' requests for the resource, `None` when any container lacks
-    /// one (a partial request would inflate utilization).
-    pub request_milli: Option<i128>,
-}
-
-/// The result of [`resource_utilization`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UtilizationResult {
-    /// `Σ usage * 100 / Σ requests` over the counted pods, truncated to whole percent as the
-    /// HPA does (saturating at `i32::MAX`). Compare with [`Target::Utilization`].
-    pub percent: i32,
-    /// `Σ usage / counted pods` in milli-units (the HPA's "raw" value), for status.
-    pub average_usage_milli: i128,
-    /// Σ usage over the counted pods.
-    pub usage_milli: i128,
-    /// Σ requests over the counted pods.
-    pub request_milli: i128,
-    /// How many pods had both a usage sample and a request.
-    pub pods_counted: usize,
-    /// Pods left out because they have no (or a non-positive) request, in input order.
-    pub missing_request: Vec<String>,
-    /// Pods left out because they have a request but no (valid) usage sample, in input order.
-    pub missing_usage: Vec<String>,
-}
-
-/// The HPA's formula for `Resource` and `ContainerResource` metrics with a `Utilization`
-/// target: `Σ usage / Σ requests × 100`, both sums over the *same* pods, those that have a
-/// usage sample and a positive request.
-///
-/// This is already an average over the pods: it is not divided by the replica count again
-/// (the earlier product did, reporting 4 pods at 80% as 20%). Pods without a request are left
-/// out and listed; if no pod has one the result is an error naming them, never a division by
-/// zero. Pods without usage (or with a negative one) are left out and listed; their request is
-/// not counted either, or missing samples would pull utilization down.
-pub fn resource_utilization(pods: &[PodSample]) -> Result<UtilizationResult, MetricError> {
-    if pods.is_empty() {
-        return Err(MetricError::NoPods);
-    }
-    let mut missing_request = Vec::new();
-    let mut missing_usage = Vec::new();
-    let (mut usage_total, mut request_total, mut counted) = (0i128, 0i128, 0usize);
-    for pod in pods {
-        let request = match pod.request_milli {
-            Some(r) if r > 0 => r,
-            _ => {
-                missing_request.push(pod.name.clone());
-                continue;
-            }
-        };
-        let usage = match pod.usage_milli {
-            Some(u) if u >= 0 => u,
-            _ => {
-                missing_usage.push(pod.name.clone());
-                continue;
-            }
-        };
-        usage_total = usage_total
-            .checked_add(usage)
-            .ok_or(MetricError::Overflow {
-                what: "the sum of usage",
-            })?;
-        request_total = request_total
-            .checked_add(request)
-            .ok_or(MetricError::Overflow {
-                what: "the sum of requests",
-            })?;
-        counted += 1;
-    }
-    if counted == 0 {
-        return Err(if missing_usage.is_empty() {
-            MetricError::NoRequests {
-                pods: missing_request,
-            }
-        } else {
-            MetricError::NoUsage {
-                pods: missing_usage,
-            }
-        });
-    }
-    let percent = usage_total.checked_mul(100).ok_or(MetricError::Overflow {
-        what: "utilization",
-    })? / request_total;
-    Ok(UtilizationResult {
-        percent: i32::try_from(percent).unwrap_or(i32::MAX),
-        average_usage_milli: average_value(usage_total, counted)?,
-        usage_milli: usage_total,
-        request_milli: request_total,
-        pods_counted: counted,
-        missing_request,
-        missing_usage,
-    })
-}
-
 /// The per-pod average of a total, in milli-units (truncated toward zero, as the HPA's integer
 /// division). Used for `Pods` metrics and `AverageValue` targets. Zero pods is an error, not a
 /// division by zero.
@@ -389,6 +297,703 @@ pub fn average_value(total_milli: i128, pods: usize) -> Result<i128, MetricError
         return Err(MetricError::NoPods);
     }
     Ok(total_milli / pods)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Which pods count, and how: the HPA's rules for pod metrics.
+//
+// Everything below follows Kubernetes' own HPA controller, v1.37
+// (k8s.io/kubernetes pkg/controller/podautoscaler/replica_calculator.go, `groupPods`,
+// `GetResourceReplicas`, `calcPlainMetricReplicas`, `calculateRequests`; and metrics/utilization.go
+// `GetResourceUtilizationRatio`, `GetMetricUsageRatio`). The HPA turns these rules into a replica
+// count; the controller keeps the HPA's verdict (scale up, scale down, or hold) and turns "the HPA
+// would scale up" into "the metric is above its target".
+
+/// The kube-controller-manager settings the HPA's pod rules depend on; [`Default`] is its defaults.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HpaSettings {
+    /// `--horizontal-pod-autoscaler-tolerance` (0.1), in both directions.
+    pub tolerance: f64,
+    /// `--horizontal-pod-autoscaler-cpu-initialization-period` (5 min): how long after its start
+    /// a pod's CPU samples are looked at closely.
+    pub cpu_initialization_period: Duration,
+    /// `--horizontal-pod-autoscaler-initial-readiness-delay` (30 s): an unready pod whose `Ready`
+    /// condition last changed within this delay of its start has never been ready.
+    pub initial_readiness_delay: Duration,
+}
+
+impl Default for HpaSettings {
+    fn default() -> Self {
+        Self {
+            tolerance: DEFAULT_TOLERANCE,
+            cpu_initialization_period: Duration::from_secs(5 * 60),
+            initial_readiness_delay: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A condition's `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConditionStatus {
+    True,
+    False,
+    Unknown,
+}
+
+impl ConditionStatus {
+    /// `"True"`, `"False"`; anything else is `Unknown`, as the HPA only tests for `False`.
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "True" => Self::True,
+            "False" => Self::False,
+            _ => Self::Unknown,
+        }
+    }
+}
+
+/// What the HPA reads of a pod to decide whether its sample counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodState {
+    pub name: String,
+    /// `status.phase` as written (`Running`, `Pending`, `Failed`, ...; empty when unset).
+    pub phase: String,
+    /// `metadata.deletionTimestamp` is set.
+    pub deleting: bool,
+    /// The `Ready` condition: its status and `lastTransitionTime` (`None`: unset, which the HPA
+    /// reads as Go's zero time, long ago).
+    pub ready: Option<(ConditionStatus, Option<Timestamp>)>,
+    /// `status.startTime`.
+    pub start_time: Option<Timestamp>,
+}
+
+/// One pod's sample: the value (milli-units), when it was taken and over which window (what
+/// metrics-server's PodMetrics carry as `timestamp` and `window`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodValue {
+    pub value_milli: i128,
+    pub timestamp: Timestamp,
+    pub window: Duration,
+}
+
+/// Why a pod's sample was not taken as it is: the HPA's rule that applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PodRule {
+    /// Being deleted: left out entirely (the HPA's "ignored" pods).
+    Deleting,
+    /// Phase `Failed`: left out entirely.
+    Failed,
+    /// Phase `Pending`: unready.
+    Pending,
+    /// No sample for the pod: missing.
+    NoSample,
+    /// CPU: the pod has no `Ready` condition or no `startTime`: unready.
+    NoReadiness,
+    /// CPU, within the initialization period: `Ready` is `False`: unready.
+    NotReadyStarting,
+    /// CPU, within the initialization period: the sample does not cover a full window since the
+    /// pod became ready (`timestamp < lastTransitionTime + window`): unready.
+    SampleBeforeReady,
+    /// CPU, after the initialization period: `Ready` is `False` and has been since the pod
+    /// started (last transition within the initial readiness delay of the start): unready.
+    NeverReady,
+}
+
+/// How the HPA treats the pods of one [`PodRule`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodGroup {
+    /// Left out of every computation.
+    Ignored,
+    /// Its sample is set aside; counted at 0 when the others say "scale up".
+    Unready,
+    /// No sample; counted at 0 on a scale-up and at the target on a scale-down.
+    Missing,
+}
+
+impl PodRule {
+    pub const fn group(self) -> PodGroup {
+        match self {
+            Self::Deleting | Self::Failed => PodGroup::Ignored,
+            Self::NoSample => PodGroup::Missing,
+            Self::Pending
+            | Self::NoReadiness
+            | Self::NotReadyStarting
+            | Self::SampleBeforeReady
+            | Self::NeverReady => PodGroup::Unready,
+        }
+    }
+
+    /// Short, for status.
+    pub const fn describe(self) -> &'static str {
+        match self {
+            Self::Deleting => "being deleted",
+            Self::Failed => "failed",
+            Self::Pending => "pending",
+            Self::NoSample => "no sample",
+            Self::NoReadiness => "no Ready condition or start time",
+            Self::NotReadyStarting => "not ready, within the CPU initialization period",
+            Self::SampleBeforeReady => {
+                "sample older than one window after it became ready, within the CPU initialization period"
+            }
+            Self::NeverReady => "not ready since it started",
+        }
+    }
+}
+
+/// `t + d`, saturating.
+fn plus(t: Timestamp, d: Duration) -> Timestamp {
+    t.checked_add(d).unwrap_or(Timestamp::MAX)
+}
+
+/// The HPA's `groupPods` for one pod: `None` when its sample counts as it is.
+///
+/// In order: a pod being deleted or `Failed` is ignored; a `Pending` pod is unready; a pod without
+/// a sample is missing. For CPU only (`cpu`), a pod with a sample is also unready when it has no
+/// `Ready` condition or no start time; within `cpu_initialization_period` of its start, when it
+/// is not ready or its sample was taken less than one window after it became ready (the sample
+/// may include its start-up burst); after that period, when it is not ready and never was (its
+/// `Ready` condition last changed within `initial_readiness_delay` of its start). A pod that was
+/// ready and became unready later keeps its CPU sample, as in the HPA.
+pub fn pod_rule(
+    pod: &PodState,
+    sample: Option<&PodValue>,
+    cpu: bool,
+    settings: &HpaSettings,
+    now: Timestamp,
+) -> Option<PodRule> {
+    if pod.deleting {
+        return Some(PodRule::Deleting);
+    }
+    match pod.phase.as_str() {
+        "Failed" => return Some(PodRule::Failed),
+        "Pending" => return Some(PodRule::Pending),
+        _ => {}
+    }
+    let Some(sample) = sample else {
+        return Some(PodRule::NoSample);
+    };
+    if !cpu {
+        return None;
+    }
+    let (Some((status, transition)), Some(start)) = (pod.ready, pod.start_time) else {
+        return Some(PodRule::NoReadiness);
+    };
+    // Go's zero time for an unset lastTransitionTime: before any start or sample.
+    let transition = transition.unwrap_or(Timestamp::MIN);
+    if plus(start, settings.cpu_initialization_period) > now {
+        if status == ConditionStatus::False {
+            return Some(PodRule::NotReadyStarting);
+        }
+        if sample.timestamp < plus(transition, sample.window) {
+            return Some(PodRule::SampleBeforeReady);
+        }
+    } else if status == ConditionStatus::False
+        && plus(start, settings.initial_readiness_delay) > transition
+    {
+        return Some(PodRule::NeverReady);
+    }
+    None
+}
+
+/// Whether `ratio` (current / target) is within the tolerance: the HPA's `Tolerances.isWithin`,
+/// `1 - tolerance <= ratio <= 1 + tolerance`, in the same floating point as the HPA, so a value
+/// exactly at the boundary (110% against 100%) is within on both sides. A negative or NaN
+/// tolerance counts as 0.
+pub fn within_tolerance(ratio: f64, tolerance: f64) -> bool {
+    let tolerance = if tolerance.is_finite() && tolerance > 0.0 {
+        tolerance
+    } else {
+        0.0
+    };
+    (1.0 - tolerance) <= ratio && ratio <= (1.0 + tolerance)
+}
+
+/// What the HPA would do for one metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Scale up: the metric is above its target.
+    Up,
+    /// Scale down.
+    Down,
+    /// Keep the replicas.
+    Hold(HoldReason),
+}
+
+/// Why the HPA would keep the replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldReason {
+    /// The ratio is within the tolerance.
+    WithinTolerance,
+    /// Counting the missing or unready pods reverses the direction (a scale-up that falls below
+    /// the target, or a scale-down that rises above it).
+    Reversed,
+    /// The proposed replica count is the current one.
+    Unchanged,
+}
+
+/// A pod metric's target, as the HPA uses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodTarget<'a> {
+    /// `averageUtilization` of a `Resource` or `ContainerResource` metric, in percent of the
+    /// pods' requests (milli-units, by pod name: the HPA's `calculateRequests`).
+    Utilization {
+        percent: i32,
+        requests: &'a BTreeMap<String, i128>,
+    },
+    /// `averageValue` per pod, in milli-units (a `Pods` metric, or a `Resource` metric with an
+    /// `AverageValue` target).
+    AverageValue(i128),
+}
+
+/// What missing pods were counted at, when the HPA counted them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MissingAs {
+    /// 0, on a scale-up.
+    Zero,
+    /// On a scale-down: `percent`% of their request (100, or the target when it is above 100).
+    PercentOfRequest(i64),
+    /// On a scale-down: the target value.
+    Target,
+}
+
+/// The second computation the HPA makes when pods are missing or unready.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Recount {
+    /// What missing pods were counted at (`None`: there were none, or the ratio was exactly 1).
+    pub missing_as: Option<MissingAs>,
+    /// Unready pods were counted at 0 (the first ratio said "scale up").
+    pub unready_at_zero: bool,
+    /// The recomputed value (percent or milli-units) and ratio.
+    pub current: i128,
+    pub ratio: f64,
+}
+
+/// The HPA's reading of a pod metric.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodMetricVerdict {
+    /// What the HPA reports as the metric's current value (its status): whole percent for
+    /// [`PodTarget::Utilization`], the per-pod average in milli-units for
+    /// [`PodTarget::AverageValue`]; over the pods whose sample counts.
+    pub current: i128,
+    /// Utilization only: Σ usage / pods counted, milli-units (the HPA's `averageValue`).
+    pub average_milli: Option<i128>,
+    /// `current / target`.
+    pub ratio: f64,
+    /// How many samples counted as they are.
+    pub counted: usize,
+    /// The pods whose sample was not taken as it is, and why; by name.
+    pub set_aside: Vec<(String, PodRule)>,
+    /// Present when missing or unready pods made the HPA compute again.
+    pub recount: Option<Recount>,
+    pub verdict: Verdict,
+}
+
+impl PodMetricVerdict {
+    /// Whether the HPA would scale up, which is "above the target" for the controller.
+    pub fn above(&self) -> bool {
+        self.verdict == Verdict::Up
+    }
+
+    /// For status: the pods set aside, the rule applied and what it led to, as one sentence;
+    /// `None` when every sample counted. `unit` formats a value of [`Self::current`].
+    pub fn explain(&self, unit: impl Fn(i128) -> String) -> Option<String> {
+        if self.set_aside.is_empty() {
+            return None;
+        }
+        let mut out = String::from("as the HPA: ");
+        let mut by_rule: Vec<(PodRule, Vec<&str>)> = Vec::new();
+        for (pod, rule) in &self.set_aside {
+            match by_rule.iter_mut().find(|(r, _)| r == rule) {
+                Some((_, pods)) => pods.push(pod.as_str()),
+                None => by_rule.push((*rule, vec![pod.as_str()])),
+            }
+        }
+        by_rule.sort_by_key(|(rule, _)| *rule);
+        for (i, (rule, pods)) in by_rule.iter().enumerate() {
+            if i > 0 {
+                out.push_str("; ");
+            }
+            let what = match rule.group() {
+                PodGroup::Ignored => "left out",
+                PodGroup::Unready => "sample set aside",
+                PodGroup::Missing => "missing",
+            };
+            let _ = write!(out, "{} {what} ({})", pods.join(", "), rule.describe());
+        }
+        match &self.recount {
+            None => {
+                let _ = write!(out, "; {} over the other pods", unit(self.current));
+            }
+            Some(r) => {
+                let mut counted_as = Vec::new();
+                match r.missing_as {
+                    Some(MissingAs::Zero) => counted_as.push("missing pods at 0".to_owned()),
+                    Some(MissingAs::PercentOfRequest(p)) => {
+                        counted_as.push(format!("missing pods at {p}% of their request"));
+                    }
+                    Some(MissingAs::Target) => {
+                        counted_as.push("missing pods at the target".to_owned());
+                    }
+                    None => {}
+                }
+                if r.unready_at_zero {
+                    counted_as.push("unready pods at 0".to_owned());
+                }
+                if counted_as.is_empty() {
+                    let _ = write!(out, "; {} over the other pods", unit(self.current));
+                } else {
+                    let _ = write!(
+                        out,
+                        "; with {} (a scale-{}): {}",
+                        counted_as.join(" and "),
+                        if self.ratio > 1.0 { "up" } else { "down" },
+                        unit(r.current)
+                    );
+                }
+            }
+        }
+        out.push_str(match self.verdict {
+            Verdict::Up => ", above the target",
+            Verdict::Down => ", below the target",
+            Verdict::Hold(HoldReason::WithinTolerance) => ", within the tolerance: hold",
+            Verdict::Hold(HoldReason::Reversed) => ", which reverses the direction: hold",
+            Verdict::Hold(HoldReason::Unchanged) => ", the same replica count: hold",
+        });
+        Some(out)
+    }
+}
+
+/// `(current, ratio, average)` over `values` for `target`: `GetResourceUtilizationRatio` (values
+/// without a request are extraneous and skipped; Σ requests of 0 is an error) or
+/// `GetMetricUsageRatio` (the integer per-pod average).
+fn pod_ratio(
+    values: &BTreeMap<&str, i128>,
+    target: &PodTarget<'_>,
+) -> Result<(i128, f64, Option<i128>), MetricError> {
+    let overflow = |what| MetricError::Overflow { what };
+    match *target {
+        PodTarget::Utilization { percent, requests } => {
+            let (mut usage, mut request, mut entries) = (0i128, 0i128, 0usize);
+            for (pod, value) in values {
+                let Some(r) = requests.get(*pod) else {
+                    continue;
+                };
+                usage = usage
+                    .checked_add(*value)
+                    .ok_or(overflow("the sum of usage"))?;
+                request = request
+                    .checked_add(*r)
+                    .ok_or(overflow("the sum of requests"))?;
+                entries += 1;
+            }
+            if request == 0 {
+                return Err(MetricError::NoRequests {
+                    pods: values.keys().map(|p| (*p).to_owned()).collect(),
+                });
+            }
+            let current = usage.checked_mul(100).ok_or(overflow("utilization"))? / request;
+            let current = current.clamp(i128::from(i32::MIN), i128::from(i32::MAX));
+            #[allow(clippy::cast_precision_loss)]
+            let ratio = current as f64 / f64::from(percent);
+            Ok((current, ratio, Some(average_value(usage, entries)?)))
+        }
+        PodTarget::AverageValue(target) => {
+            let mut total = 0i128;
+            for value in values.values() {
+                total = total
+                    .checked_add(*value)
+                    .ok_or(overflow("the sum of values"))?;
+            }
+            let current = average_value(total, values.len())?;
+            #[allow(clippy::cast_precision_loss)]
+            let ratio = current as f64 / target as f64;
+            Ok((current, ratio, None))
+        }
+    }
+}
+
+/// The HPA's reading of a pod metric (`Resource`, `ContainerResource`, `Pods`): which samples
+/// count ([`pod_rule`]), the ratio to the target, and, when pods are missing or unready, the
+/// second computation and its verdict.
+///
+/// - Samples of ignored and unready pods are dropped; samples of pods not in `pods` stay (the
+///   HPA counts such "superfluous" samples). No sample left is an error
+///   ([`MetricError::NoCountedPods`], naming the pods and rules).
+/// - Without missing pods, and unless unready pods are there while the ratio is above 1, the
+///   verdict is the ratio's: within the tolerance → hold, else up or down.
+/// - Otherwise the HPA computes again: on a scale-up (ratio > 1) missing pods count at 0; on a
+///   scale-down (ratio < 1) at 100% of their request (or the target utilization if above 100%),
+///   or at the target value for `AverageValue`; unready pods count at 0 on a scale-up. If the new
+///   ratio is within the tolerance or on the other side of 1, the HPA holds.
+///
+/// The verdict is the HPA's proposal, `ceil(ratio × pods)`, against the replica count, which
+/// here is the number of pods not ignored: what it is when the workload is at its replica count
+/// (mid-rollout the HPA's count differs; the README names the difference). Above 1 plus the
+/// tolerance, the proposal is always more than the pods, so "up" does not depend on it.
+pub fn pod_metric_verdict(
+    pods: &[PodState],
+    samples: &BTreeMap<String, PodValue>,
+    cpu: bool,
+    target: PodTarget<'_>,
+    settings: &HpaSettings,
+    now: Timestamp,
+) -> Result<PodMetricVerdict, MetricError> {
+    if pods.is_empty() {
+        return Err(MetricError::NoPods);
+    }
+    let mut set_aside = Vec::new();
+    let mut values: BTreeMap<&str, i128> = samples
+        .iter()
+        .map(|(pod, v)| (pod.as_str(), v.value_milli))
+        .collect();
+    for pod in pods {
+        if let Some(rule) = pod_rule(pod, samples.get(&pod.name), cpu, settings, now) {
+            set_aside.push((pod.name.clone(), rule));
+            values.remove(pod.name.as_str());
+        }
+    }
+    set_aside.sort();
+    if values.is_empty() {
+        return Err(MetricError::NoCountedPods {
+            pods: set_aside
+                .iter()
+                .map(|(pod, rule)| format!("{pod} ({})", rule.describe()))
+                .collect(),
+        });
+    }
+    let counted = values.len();
+    let (current, ratio, average_milli) = pod_ratio(&values, &target)?;
+    let in_group = |group: PodGroup| {
+        set_aside
+            .iter()
+            .filter(move |(_, rule)| rule.group() == group)
+            .map(|(pod, _)| pod.as_str())
+    };
+    let missing: Vec<&str> = in_group(PodGroup::Missing).collect();
+    let unready_at_zero = ratio > 1.0 && in_group(PodGroup::Unready).next().is_some();
+    // The HPA compares its proposal, ceil(ratio × pods), with the workload's replica count; here
+    // that count is the pods it does not ignore (what it is once a workload is at its replicas).
+    let ignored = set_aside
+        .iter()
+        .filter(|(_, rule)| rule.group() == PodGroup::Ignored)
+        .count();
+    #[allow(clippy::cast_precision_loss)]
+    let (replicas, ready) = (
+        (pods.len() - ignored) as f64,
+        (pods.len() - set_aside.len()) as f64,
+    );
+    let against_replicas = |proposal: f64| {
+        if proposal > replicas {
+            Verdict::Up
+        } else if proposal < replicas {
+            Verdict::Down
+        } else {
+            Verdict::Hold(HoldReason::Unchanged)
+        }
+    };
+    if missing.is_empty() && !unready_at_zero {
+        let verdict = if within_tolerance(ratio, settings.tolerance) {
+            Verdict::Hold(HoldReason::WithinTolerance)
+        } else {
+            against_replicas((ratio * ready).ceil())
+        };
+        return Ok(PodMetricVerdict {
+            current,
+            average_milli,
+            ratio,
+            counted,
+            set_aside,
+            recount: None,
+            verdict,
+        });
+    }
+    let mut missing_as = None;
+    if !missing.is_empty() {
+        let fill = if ratio < 1.0 {
+            Some(match target {
+                PodTarget::Utilization { percent, .. } => {
+                    MissingAs::PercentOfRequest(i64::from(percent.max(100)))
+                }
+                PodTarget::AverageValue(_) => MissingAs::Target,
+            })
+        } else if ratio > 1.0 {
+            Some(MissingAs::Zero)
+        } else {
+            None
+        };
+        for pod in missing.iter().copied() {
+            let value = match (fill, target) {
+                (Some(MissingAs::Zero), _) => 0,
+                (Some(MissingAs::PercentOfRequest(p)), PodTarget::Utilization { requests, .. }) => {
+                    requests.get(pod).copied().unwrap_or(0) * i128::from(p) / 100
+                }
+                (Some(MissingAs::Target), PodTarget::AverageValue(t)) => t,
+                _ => continue,
+            };
+            values.insert(pod, value);
+        }
+        missing_as = fill;
+    }
+    if unready_at_zero {
+        for pod in in_group(PodGroup::Unready) {
+            values.insert(pod, 0);
+        }
+    }
+    let (recounted, new_ratio, _) = pod_ratio(&values, &target)?;
+    #[allow(clippy::cast_precision_loss)]
+    let proposal = (new_ratio * values.len() as f64).ceil();
+    let reversed = (ratio < 1.0 && new_ratio > 1.0)
+        || (ratio > 1.0 && new_ratio < 1.0)
+        || (new_ratio < 1.0 && proposal > replicas)
+        || (new_ratio > 1.0 && proposal < replicas);
+    let verdict = if within_tolerance(new_ratio, settings.tolerance) {
+        Verdict::Hold(HoldReason::WithinTolerance)
+    } else if reversed {
+        Verdict::Hold(HoldReason::Reversed)
+    } else {
+        against_replicas(proposal)
+    };
+    Ok(PodMetricVerdict {
+        current,
+        average_milli,
+        ratio,
+        counted,
+        set_aside,
+        recount: Some(Recount {
+            missing_as,
+            unready_at_zero,
+            current: recounted,
+            ratio: new_ratio,
+        }),
+        verdict,
+    })
+}
+
+/// The HPA's `calculateRequests` for one pod: the request for `resource` in milli-units, from
+/// the pod-level `spec.resources.requests` when set (and no `container` is named: pod-level
+/// requests of cpu, memory or hugepages-*, plus the pod's overhead), else the sum over the
+/// containers and restartable init containers (sidecars), or only over `container`. A container
+/// without the request, or a named container that is not there, is an error naming both: the
+/// HPA refuses the whole metric then, and so does the controller.
+pub fn pod_request_milli(
+    pod: &k8s_openapi::api::core::v1::Pod,
+    resource: &str,
+    container: Option<&str>,
+) -> Result<i128, String> {
+    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    let Some(spec) = &pod.spec else {
+        return Err(format!("pod {name} has no spec"));
+    };
+    let quantity = |q: &Quantity| {
+        quantity_milli(q).map_err(|e| format!("request for {resource} of pod {name}: {e}"))
+    };
+    let pod_level = spec
+        .resources
+        .as_ref()
+        .and_then(|r| r.requests.as_ref())
+        .filter(|r| {
+            r.keys()
+                .any(|k| k == "cpu" || k == "memory" || k.starts_with("hugepages-"))
+        });
+    if let (Some(requests), None) = (pod_level, container) {
+        let q = requests
+            .get(resource)
+            .ok_or_else(|| format!("missing pod-level request for {resource} in pod {name}"))?;
+        let overhead = match spec.overhead.as_ref().and_then(|o| o.get(resource)) {
+            Some(o) => quantity(o)?,
+            None => 0,
+        };
+        return Ok(quantity(q)? + overhead);
+    }
+    let sidecars = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .filter(|c| c.restart_policy.as_deref() == Some("Always"));
+    let mut total = 0i128;
+    for c in spec.containers.iter().chain(sidecars) {
+        if container.is_some_and(|wanted| wanted != c.name) {
+            continue;
+        }
+        let q = c
+            .resources
+            .as_ref()
+            .and_then(|r| r.requests.as_ref())
+            .and_then(|r| r.get(resource))
+            .ok_or_else(|| {
+                format!(
+                    "missing request for {resource} in container {} of pod {name}",
+                    c.name
+                )
+            })?;
+        total += quantity(q)?;
+        if container.is_some() {
+            return Ok(total);
+        }
+    }
+    match container {
+        Some(c) => Err(format!("container {c} not found in pod {name}")),
+        None => Ok(total),
+    }
+}
+
+/// What [`pod_rule`] reads of a pod from the API.
+pub fn pod_state(pod: &k8s_openapi::api::core::v1::Pod) -> PodState {
+    let status = pod.status.as_ref();
+    PodState {
+        name: pod.metadata.name.clone().unwrap_or_default(),
+        phase: status.and_then(|s| s.phase.clone()).unwrap_or_default(),
+        deleting: pod.metadata.deletion_timestamp.is_some(),
+        ready: status
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+            .map(|c| {
+                (
+                    ConditionStatus::parse(&c.status),
+                    c.last_transition_time.as_ref().map(|t| t.0),
+                )
+            }),
+        start_time: status.and_then(|s| s.start_time.as_ref()).map(|t| t.0),
+    }
+}
+
+/// A Go duration as metav1.Duration serializes it (`"15s"`, `"1m0s"`, `"1.5s"`, `"250ms"`), for
+/// a PodMetrics' `window`.
+pub fn parse_go_duration(s: &str) -> Option<Duration> {
+    if s == "0" {
+        return Some(Duration::ZERO);
+    }
+    let mut rest = s;
+    let mut total = 0f64;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let number_len = rest
+            .bytes()
+            .take_while(|b| b.is_ascii_digit() || *b == b'.')
+            .count();
+        if number_len == 0 {
+            return None;
+        }
+        let number: f64 = rest[..number_len].parse().ok()?;
+        rest = &rest[number_len..];
+        let unit_len = rest
+            .char_indices()
+            .find(|(_, c)| c.is_ascii_digit() || *c == '.')
+            .map_or(rest.len(), |(i, _)| i);
+        let seconds = match &rest[..unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" | "μs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        rest = &rest[unit_len..];
+        total += number * seconds;
+    }
+    Duration::try_from_secs_f64(total).ok()
 }
 
 /// A metric target, in the units [`is_above`] compares in.
@@ -440,37 +1045,25 @@ impl Target {
     }
 }
 
-/// Whether `current` is above `target` beyond the tolerance: `current / target > 1 + tolerance`
-/// (the HPA's rule; [`DEFAULT_TOLERANCE`] is 0.1, so 100 against a target of 90 is above,
-/// 99 is not).
+/// Whether `current` is above `target` beyond the tolerance, which is when the HPA would scale up
+/// for it: the ratio `current / target` is above 1 and not [`within_tolerance`]
+/// ([`DEFAULT_TOLERANCE`] is 0.1, so 100 against a target of 90 is above, 99 is not, and 110
+/// against 100 is not: the HPA compares `ratio <= 1.0 + 0.1` in floating point, which is true
+/// there).
 ///
 /// `current` is in the target's units: whole percent for [`Target::Utilization`], milli-units
 /// for [`Target::AverageValue`] (per-pod average) and [`Target::Value`] (total). The ratio is
-/// `current / target`, never the inverse (an earlier defect).
-///
-/// The comparison is exact at the boundary: the tolerance is taken in parts per million and
-/// compared in integers, so 110 against 100 with tolerance 0.1 is *not* above (floating point
-/// says `1.1 - 1.0 > 0.1`). A negative or NaN tolerance counts as 0. A target of zero or less
-/// cannot be used as a ratio (the API rejects it); it degenerates to `current > target`.
+/// `current / target`, never the inverse (an earlier defect). A negative or NaN tolerance counts
+/// as 0. A target of zero or less cannot be used as a ratio (the API rejects it); it degenerates
+/// to `current > target`.
 pub fn is_above(current: i128, target: &Target, tolerance: f64) -> bool {
     let target = target.amount();
     if target <= 0 {
         return current > target;
     }
-    let tolerance = if tolerance.is_finite() && tolerance > 0.0 {
-        tolerance.min(1e12)
-    } else {
-        0.0
-    };
-    #[allow(clippy::cast_possible_truncation)]
-    let tolerance_ppm = (tolerance * 1e6).round() as i128;
-    let exact = current.checked_mul(1_000_000).and_then(|lhs| {
-        target
-            .checked_mul(1_000_000 + tolerance_ppm)
-            .map(|rhs| lhs > rhs)
-    });
     #[allow(clippy::cast_precision_loss)]
-    exact.unwrap_or_else(|| current as f64 / target as f64 > 1.0 + tolerance)
+    let ratio = current as f64 / target as f64;
+    ratio > 1.0 && !within_tolerance(ratio, tolerance)
 }
 
 /// Renders a PromQL instant vector selector for a metric and a Kubernetes label selector:
@@ -794,145 +1387,693 @@ mod tests {
         }
     }
 
-    fn pod(name: &str, usage: Option<i128>, request: Option<i128>) -> PodSample {
-        PodSample {
+    // ---- The HPA's rules (cases named after the HPA's own tests in replica_calculator_test.go,
+    // v1.37, where they are ports of them).
+
+    fn at(seconds_before_now: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 - seconds_before_now).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn now() -> Timestamp {
+        at(0)
+    }
+
+    /// A pod started `started` seconds ago, `Ready` with `status` since `transition` seconds ago.
+    fn pod_at(
+        name: &str,
+        phase: &str,
+        ready: Option<(ConditionStatus, i64)>,
+        started: Option<i64>,
+    ) -> PodState {
+        PodState {
             name: name.into(),
-            usage_milli: usage,
-            request_milli: request,
+            phase: phase.into(),
+            deleting: false,
+            ready: ready.map(|(s, t)| (s, Some(at(t)))),
+            start_time: started.map(at),
+        }
+    }
+
+    /// Running, ready for ten minutes: every rule lets its sample count.
+    fn settled(name: &str) -> PodState {
+        pod_at(
+            name,
+            "Running",
+            Some((ConditionStatus::True, 600)),
+            Some(610),
+        )
+    }
+
+    fn sample(value: i128, taken: i64, window: u64) -> PodValue {
+        PodValue {
+            value_milli: value,
+            timestamp: at(taken),
+            window: Duration::from_secs(window),
         }
     }
 
     #[test]
-    fn utilization() {
-        struct Case {
-            what: &'static str,
-            pods: Vec<PodSample>,
-            percent: i32,
-            counted: usize,
-            missing_request: &'static [&'static str],
-            missing_usage: &'static [&'static str],
+    fn which_samples_count() {
+        use ConditionStatus::{False, True, Unknown};
+        let s = HpaSettings::default();
+        let fresh = sample(100, 0, 30);
+        // (what, pod, its sample, CPU?, the rule that applies)
+        type Case = (
+            &'static str,
+            PodState,
+            Option<PodValue>,
+            bool,
+            Option<PodRule>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "count in a ready pod - memory",
+                settled("p"),
+                Some(fresh),
+                false,
+                None,
+            ),
+            (
+                "count in a ready pod - CPU",
+                settled("p"),
+                Some(fresh),
+                true,
+                None,
+            ),
+            (
+                "unready a pod without ready condition - CPU",
+                pod_at("p", "Running", None, Some(600)),
+                Some(fresh),
+                true,
+                Some(PodRule::NoReadiness),
+            ),
+            (
+                "no start time - CPU",
+                pod_at("p", "Running", Some((True, 600)), None),
+                Some(fresh),
+                true,
+                Some(PodRule::NoReadiness),
+            ),
+            (
+                "no ready condition is no reason for memory",
+                pod_at("p", "Running", None, None),
+                Some(fresh),
+                false,
+                None,
+            ),
+            (
+                "count in a ready pod with fresh metrics during initialization period - CPU",
+                pod_at("p", "Running", Some((True, 50)), Some(60)),
+                Some(sample(100, 0, 30)),
+                true,
+                None,
+            ),
+            (
+                "unready a ready pod without fresh metrics during initialization period - CPU",
+                pod_at("p", "Running", Some((True, 50)), Some(60)),
+                Some(sample(100, 0, 60)),
+                true,
+                Some(PodRule::SampleBeforeReady),
+            ),
+            (
+                "a sample exactly one window after becoming ready counts",
+                pod_at("p", "Running", Some((True, 30)), Some(60)),
+                Some(sample(100, 0, 30)),
+                true,
+                None,
+            ),
+            (
+                "unready an unready pod during initialization period - CPU",
+                pod_at("p", "Running", Some((False, 50)), Some(60)),
+                Some(fresh),
+                true,
+                Some(PodRule::NotReadyStarting),
+            ),
+            (
+                "Unknown is not False: within the period, only the window rule applies",
+                pod_at("p", "Running", Some((Unknown, 100)), Some(120)),
+                Some(fresh),
+                true,
+                None,
+            ),
+            (
+                "count in a ready pod without fresh metrics after initialization period - CPU",
+                pod_at("p", "Running", Some((True, 10)), Some(600)),
+                Some(sample(100, 0, 60)),
+                true,
+                None,
+            ),
+            (
+                "count in an unready pod that was ready after initialization period - CPU",
+                pod_at("p", "Running", Some((False, 60)), Some(600)),
+                Some(fresh),
+                true,
+                None,
+            ),
+            (
+                "unready pod that has never been ready after initialization period - CPU",
+                pod_at("p", "Running", Some((False, 590)), Some(600)),
+                Some(fresh),
+                true,
+                Some(PodRule::NeverReady),
+            ),
+            (
+                "a missing pod",
+                settled("p"),
+                None,
+                true,
+                Some(PodRule::NoSample),
+            ),
+            (
+                "pending pods are unreadied",
+                pod_at("p", "Pending", None, None),
+                None,
+                false,
+                Some(PodRule::Pending),
+            ),
+            (
+                "ignore pods in a failed state",
+                pod_at("p", "Failed", Some((False, 10)), Some(600)),
+                Some(fresh),
+                false,
+                Some(PodRule::Failed),
+            ),
+            (
+                "ignore pods with deletion timestamps",
+                PodState {
+                    deleting: true,
+                    ..settled("p")
+                },
+                Some(fresh),
+                false,
+                Some(PodRule::Deleting),
+            ),
+        ];
+        for (what, pod, sample, cpu, want) in cases {
+            assert_eq!(
+                pod_rule(&pod, sample.as_ref(), cpu, &s, now()),
+                want,
+                "{what}"
+            );
         }
-        let cases = [
-            Case {
-                // Earlier defect: 4 pods at 80% each were reported as 80 / 4 = 20%.
-                what: "not divided by the replica count again",
-                pods: (0..4)
-                    .map(|i| pod(&format!("p{i}"), Some(400), Some(500)))
-                    .collect(),
-                percent: 80,
-                counted: 4,
-                missing_request: &[],
-                missing_usage: &[],
+        // An unset lastTransitionTime is Go's zero time: long before the start.
+        let zero = PodState {
+            ready: Some((False, None)),
+            ..pod_at("p", "Running", None, Some(600))
+        };
+        assert_eq!(
+            pod_rule(&zero, Some(&fresh), true, &s, now()),
+            Some(PodRule::NeverReady)
+        );
+        let starting = PodState {
+            ready: Some((True, None)),
+            ..pod_at("p", "Running", None, Some(60))
+        };
+        assert_eq!(pod_rule(&starting, Some(&fresh), true, &s, now()), None);
+    }
+
+    #[test]
+    fn the_tolerance_is_the_hpas_floating_point() {
+        // isWithin: (1 - t) <= ratio <= (1 + t), in float64.
+        assert!(within_tolerance(110.0 / 100.0, 0.1));
+        assert!(within_tolerance(88.0 / 80.0, 0.1));
+        assert!(within_tolerance(99.0 / 90.0, 0.1));
+        assert!(within_tolerance(90.0 / 100.0, 0.1));
+        assert!(!within_tolerance(111.0 / 100.0, 0.1));
+        assert!(!within_tolerance(100.0 / 90.0, 0.1));
+        assert!(!within_tolerance(89.0 / 100.0, 0.1));
+        assert!(within_tolerance(1.0, 0.0));
+        assert!(!within_tolerance(1.01, f64::NAN));
+        assert!(!within_tolerance(f64::NAN, 0.1));
+    }
+
+    /// Requests of 1 CPU (1000m) for each pod.
+    fn requests(pods: &[&str], milli: i128) -> BTreeMap<String, i128> {
+        pods.iter().map(|p| ((*p).to_owned(), milli)).collect()
+    }
+
+    fn samples(values: &[(&str, i128)]) -> BTreeMap<String, PodValue> {
+        values
+            .iter()
+            .map(|(p, v)| ((*p).to_owned(), sample(*v, 0, 30)))
+            .collect()
+    }
+
+    /// A pod that started 60 s ago and is not ready yet (a CPU sample from it is set aside).
+    fn starting_unready(name: &str) -> PodState {
+        pod_at(
+            name,
+            "Running",
+            Some((ConditionStatus::False, 50)),
+            Some(60),
+        )
+    }
+
+    struct VerdictCase {
+        what: &'static str,
+        pods: Vec<PodState>,
+        samples: BTreeMap<String, PodValue>,
+        /// Utilization (percent) with these requests, or an average value.
+        target: (Option<BTreeMap<String, i128>>, i128),
+        current: i128,
+        recounted: Option<i128>,
+        verdict: Verdict,
+    }
+
+    #[test]
+    fn verdicts_as_the_hpa() {
+        use HoldReason::{Reversed, Unchanged, WithinTolerance};
+        use Verdict::{Down, Hold, Up};
+        let abc = ["a", "b", "c"];
+        let abcd = ["a", "b", "c", "d"];
+        let settled_all = |names: &[&str]| names.iter().map(|n| settled(n)).collect::<Vec<_>>();
+        let with_unready = |names: &[&str]| {
+            let mut pods = settled_all(names);
+            pods[0] = starting_unready(names[0]);
+            pods
+        };
+        let cases = vec![
+            VerdictCase {
+                what: "the issue's case: two pods at 125% and one without a sample hold (83% with it at 0)",
+                pods: settled_all(&abc),
+                samples: samples(&[("a", 250), ("b", 250)]),
+                target: (Some(requests(&abc, 200)), 90),
+                current: 125,
+                recounted: Some(83),
+                verdict: Hold(WithinTolerance),
             },
-            Case {
-                what: "sum over sum, not mean of ratios",
-                pods: vec![
-                    pod("a", Some(100), Some(100)),
-                    pod("b", Some(100), Some(300)),
-                ],
-                percent: 50, // 200 / 400, the mean of ratios would be 66
-                counted: 2,
-                missing_request: &[],
-                missing_usage: &[],
+            VerdictCase {
+                what: "scale up",
+                pods: settled_all(&abc),
+                samples: samples(&[("a", 300), ("b", 500), ("c", 700)]),
+                target: (Some(requests(&abc, 1000)), 30),
+                current: 50,
+                recounted: None,
+                verdict: Up,
             },
-            Case {
-                what: "above 100%",
-                pods: vec![pod("a", Some(750), Some(250))],
-                percent: 300,
-                counted: 1,
-                missing_request: &[],
-                missing_usage: &[],
+            VerdictCase {
+                what: "scale up: unready pod scales less (counted at 0)",
+                pods: with_unready(&abc),
+                samples: samples(&[("a", 300), ("b", 500), ("c", 700)]),
+                target: (Some(requests(&abc, 1000)), 30),
+                current: 60,
+                recounted: Some(40),
+                verdict: Up,
             },
-            Case {
-                what: "truncated like the HPA",
-                pods: vec![pod("a", Some(999), Some(1000))],
-                percent: 99,
-                counted: 1,
-                missing_request: &[],
-                missing_usage: &[],
+            VerdictCase {
+                what: "unready pod counted at 0 lands within the tolerance: hold",
+                pods: with_unready(&abc),
+                samples: samples(&[("a", 900), ("b", 600), ("c", 600)]),
+                target: (Some(requests(&abc, 1000)), 40),
+                current: 60,
+                recounted: Some(40),
+                verdict: Hold(WithinTolerance),
             },
-            Case {
-                what: "pod without request left out of both sums and reported",
-                pods: vec![pod("a", Some(500), Some(1000)), pod("b", Some(900), None)],
-                percent: 50,
-                counted: 1,
-                missing_request: &["b"],
-                missing_usage: &[],
+            VerdictCase {
+                what: "scale down: exclude unready pods",
+                pods: with_unready(&abc),
+                samples: samples(&[("a", 100), ("b", 300), ("c", 300)]),
+                target: (Some(requests(&abc, 1000)), 50),
+                current: 30,
+                recounted: None,
+                verdict: Down,
             },
-            Case {
-                what: "zero request counts as missing (no division by zero)",
-                pods: vec![
-                    pod("a", Some(500), Some(1000)),
-                    pod("b", Some(900), Some(0)),
-                ],
-                percent: 50,
-                counted: 1,
-                missing_request: &["b"],
-                missing_usage: &[],
+            VerdictCase {
+                what: "scale up: failed pods ignored",
+                pods: {
+                    let mut p = settled_all(&["a", "b", "c", "f"]);
+                    p[3].phase = "Failed".into();
+                    p
+                },
+                samples: samples(&[("a", 600), ("b", 600), ("c", 600), ("f", 0)]),
+                target: (Some(requests(&["a", "b", "c", "f"], 1000)), 30),
+                current: 60,
+                recounted: None,
+                verdict: Up,
             },
-            Case {
-                what: "pod without usage: its request is not counted either",
-                pods: vec![
-                    pod("a", Some(800), Some(1000)),
-                    pod("b", None, Some(1000)),
-                    pod("c", Some(-5), Some(1000)),
-                ],
-                percent: 80, // not 800 / 3000 = 26
-                counted: 1,
-                missing_request: &[],
-                missing_usage: &["b", "c"],
+            VerdictCase {
+                what: "no change: unready pod metric missing (the missing pod at 100% reverses)",
+                pods: with_unready(&abc),
+                samples: samples(&[("a", 100), ("b", 450)]),
+                target: (Some(requests(&abc, 1000)), 50),
+                current: 45,
+                recounted: Some(72),
+                verdict: Hold(Reversed),
             },
-            Case {
-                what: "pod missing both is reported once, as missing its request",
-                pods: vec![pod("a", Some(10), Some(100)), pod("b", None, None)],
-                percent: 10,
-                counted: 1,
-                missing_request: &["b"],
-                missing_usage: &[],
+            VerdictCase {
+                what: "scale up: unready pod metric missing",
+                pods: with_unready(&abc),
+                samples: samples(&[("a", 100), ("b", 2000)]),
+                target: (Some(requests(&abc, 1000)), 50),
+                current: 200,
+                recounted: Some(66),
+                verdict: Up,
+            },
+            VerdictCase {
+                what: "scale down: unready pod metric missing",
+                pods: with_unready(&abcd),
+                samples: samples(&[("a", 100), ("b", 100), ("c", 100)]),
+                target: (Some(requests(&abcd, 1000)), 50),
+                current: 10,
+                recounted: Some(40),
+                verdict: Down,
+            },
+            VerdictCase {
+                what: "scale down: target over 100 (missing pods at the target's percent)",
+                pods: with_unready(&abcd),
+                samples: samples(&[("a", 200), ("b", 100), ("c", 100)]),
+                target: (
+                    Some(
+                        [("a", 1000), ("b", 1000), ("c", 2000), ("d", 2000)]
+                            .iter()
+                            .map(|(p, r)| ((*p).to_owned(), *r))
+                            .collect(),
+                    ),
+                    300,
+                ),
+                current: 6,
+                recounted: Some(124),
+                verdict: Down,
+            },
+            VerdictCase {
+                what: "superfluous metrics counted",
+                pods: settled_all(&abcd),
+                samples: samples(&[
+                    ("a", 4000),
+                    ("b", 9500),
+                    ("c", 3000),
+                    ("d", 7000),
+                    ("e", 3200),
+                    ("f", 2000),
+                ]),
+                target: (Some(requests(&abcd, 1000)), 100),
+                current: 587,
+                recounted: None,
+                verdict: Up,
+            },
+            VerdictCase {
+                what: "some pods missing metrics scales down",
+                pods: settled_all(&abcd),
+                samples: samples(&[("a", 400), ("b", 95)]),
+                target: (Some(requests(&abcd, 1000)), 100),
+                current: 24,
+                recounted: Some(62),
+                verdict: Down,
+            },
+            VerdictCase {
+                what: "no change: metric equal to target",
+                pods: settled_all(&["a", "b"]),
+                samples: samples(&[("a", 1000)]),
+                target: (Some(requests(&["a", "b"], 1000)), 100),
+                current: 100,
+                recounted: Some(100),
+                verdict: Hold(WithinTolerance),
+            },
+            VerdictCase {
+                what: "no change: metric above target (the missing pod at 0 lands within)",
+                pods: settled_all(&["a", "b"]),
+                samples: samples(&[("a", 1900)]),
+                target: (Some(requests(&["a", "b"], 1000)), 100),
+                current: 190,
+                recounted: Some(95),
+                verdict: Hold(WithinTolerance),
+            },
+            VerdictCase {
+                what: "no change: metric below target (ceil(0.8 x 2) is 2)",
+                pods: settled_all(&["a", "b"]),
+                samples: samples(&[("a", 600)]),
+                target: (Some(requests(&["a", "b"], 1000)), 100),
+                current: 60,
+                recounted: Some(80),
+                verdict: Hold(Unchanged),
+            },
+            VerdictCase {
+                what: "a missing pod at 0 that leaves the rest above: still up",
+                pods: settled_all(&abc),
+                samples: samples(&[("a", 1000), ("b", 1000)]),
+                target: (Some(requests(&abc, 1000)), 50),
+                current: 100,
+                recounted: Some(66),
+                verdict: Up,
+            },
+            VerdictCase {
+                what: "at the tolerance boundary: 110% of a 100% target is within",
+                pods: settled_all(&["a"]),
+                samples: samples(&[("a", 1100)]),
+                target: (Some(requests(&["a"], 1000)), 100),
+                current: 110,
+                recounted: None,
+                verdict: Hold(WithinTolerance),
+            },
+            VerdictCase {
+                what: "just past the boundary: 111%",
+                pods: settled_all(&["a"]),
+                samples: samples(&[("a", 1110)]),
+                target: (Some(requests(&["a"], 1000)), 100),
+                current: 111,
+                recounted: None,
+                verdict: Up,
+            },
+            VerdictCase {
+                what: "utilization truncates: 1109m of 1000m is 110%, within",
+                pods: settled_all(&["a"]),
+                samples: samples(&[("a", 1109)]),
+                target: (Some(requests(&["a"], 1000)), 100),
+                current: 110,
+                recounted: None,
+                verdict: Hold(WithinTolerance),
+            },
+            // Pods metrics (calcPlainMetricReplicas): no CPU readiness rule; missing pods at the
+            // target on a scale-down.
+            VerdictCase {
+                what: "pods metric: scale up",
+                pods: settled_all(&abc),
+                samples: samples(&[("a", 20_000), ("b", 30_000), ("c", 40_000)]),
+                target: (None, 15_000),
+                current: 30_000,
+                recounted: None,
+                verdict: Up,
+            },
+            VerdictCase {
+                what: "pods metric: a missing pod at the target on a scale-down: ceil(0.78 x 3) is 3",
+                pods: settled_all(&abc),
+                samples: samples(&[("a", 4000), ("b", 9500)]),
+                target: (None, 10_000),
+                current: 6750,
+                recounted: Some(7833),
+                verdict: Hold(Unchanged),
+            },
+            VerdictCase {
+                what: "pods metric: a missing pod at 0 brings 120 over 100 back within",
+                pods: settled_all(&["a", "b", "c", "d", "e", "f"]),
+                samples: samples(&[("a", 120), ("b", 120), ("c", 120), ("d", 120), ("e", 120)]),
+                target: (None, 100),
+                current: 120,
+                recounted: Some(100),
+                verdict: Hold(WithinTolerance),
+            },
+            VerdictCase {
+                what: "pods metric: a pending pod at 0 on a scale-up",
+                pods: {
+                    let mut p = settled_all(&abc);
+                    p[2] = pod_at("c", "Pending", None, None);
+                    p
+                },
+                samples: samples(&[("a", 300), ("b", 300)]),
+                target: (None, 200),
+                current: 300,
+                recounted: Some(200),
+                verdict: Hold(WithinTolerance),
             },
         ];
+        let s = HpaSettings::default();
         for c in cases {
-            let r = resource_utilization(&c.pods).unwrap_or_else(|e| panic!("{}: {e}", c.what));
-            assert_eq!(r.percent, c.percent, "{}", c.what);
-            assert_eq!(r.pods_counted, c.counted, "{}", c.what);
-            assert_eq!(r.missing_request, c.missing_request, "{}", c.what);
-            assert_eq!(r.missing_usage, c.missing_usage, "{}", c.what);
+            let target = match &c.target {
+                (Some(requests), percent) => PodTarget::Utilization {
+                    percent: i32::try_from(*percent).unwrap_or(i32::MAX),
+                    requests,
+                },
+                (None, value) => PodTarget::AverageValue(*value),
+            };
+            let cpu = c.target.0.is_some();
+            let v = pod_metric_verdict(&c.pods, &c.samples, cpu, target, &s, now())
+                .unwrap_or_else(|e| panic!("{}: {e}", c.what));
+            assert_eq!(v.current, c.current, "{}: {v:?}", c.what);
+            assert_eq!(
+                v.recount.map(|r| r.current),
+                c.recounted,
+                "{}: {v:?}",
+                c.what
+            );
+            assert_eq!(v.verdict, c.verdict, "{}: {v:?}", c.what);
+            assert_eq!(v.above(), c.verdict == Up, "{}", c.what);
         }
-        let r = resource_utilization(&[
-            pod("a", Some(300), Some(400)),
-            pod("b", Some(100), Some(400)),
-        ]);
+    }
+
+    #[test]
+    fn verdict_errors_name_the_pods() {
+        let s = HpaSettings::default();
+        let reqs = requests(&["a", "b"], 1000);
+        let target = PodTarget::Utilization {
+            percent: 50,
+            requests: &reqs,
+        };
         assert_eq!(
-            r.map(|r| (r.usage_milli, r.request_milli, r.average_usage_milli)),
-            Ok((400, 800, 200))
+            pod_metric_verdict(&[], &samples(&[]), true, target, &s, now()),
+            Err(MetricError::NoPods)
+        );
+        let err = pod_metric_verdict(
+            &[starting_unready("a"), settled("b")],
+            &samples(&[("a", 100)]),
+            true,
+            target,
+            &s,
+            now(),
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(
+            err.contains("a (not ready, within the CPU initialization period)")
+                && err.contains("b (no sample)"),
+            "{err}"
+        );
+        // "disjoint pod and metric names": no request matches a sample.
+        let err = pod_metric_verdict(
+            &[settled("a")],
+            &samples(&[("a", 100), ("an-older-pod-name", 100)]),
+            true,
+            PodTarget::Utilization {
+                percent: 50,
+                requests: &requests(&["a"], 0),
+            },
+            &s,
+            now(),
+        );
+        assert!(
+            matches!(err, Err(MetricError::NoRequests { .. })),
+            "{err:?}"
         );
     }
 
     #[test]
-    fn utilization_errors() {
-        let cases: Vec<(Vec<PodSample>, MetricError)> = vec![
-            (vec![], MetricError::NoPods),
-            (
-                vec![pod("a", Some(1), None), pod("b", Some(1), Some(0))],
-                MetricError::NoRequests {
-                    pods: vec!["a".into(), "b".into()],
-                },
-            ),
-            (
-                vec![pod("a", None, Some(100)), pod("b", Some(1), None)],
-                MetricError::NoUsage {
-                    pods: vec!["a".into()],
-                },
-            ),
+    fn status_names_the_pods_and_the_rule() {
+        let abc = ["php-a", "php-b", "php-c"];
+        let reqs = requests(&abc, 200);
+        let v = pod_metric_verdict(
+            &abc.iter().map(|n| settled(n)).collect::<Vec<_>>(),
+            &samples(&[("php-a", 250), ("php-b", 250)]),
+            true,
+            PodTarget::Utilization {
+                percent: 90,
+                requests: &reqs,
+            },
+            &HpaSettings::default(),
+            now(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            v.explain(|p| format!("{p}%")).as_deref(),
+            Some(
+                "as the HPA: php-c missing (no sample); with missing pods at 0 (a scale-up): 83%, \
+                 within the tolerance: hold"
+            )
+        );
+        let v = pod_metric_verdict(
+            &[
+                starting_unready("php-a"),
+                settled("php-b"),
+                settled("php-c"),
+            ],
+            &samples(&[("php-a", 100), ("php-b", 300)]),
+            true,
+            PodTarget::Utilization {
+                percent: 90,
+                requests: &reqs,
+            },
+            &HpaSettings::default(),
+            now(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            v.explain(|p| format!("{p}%")).as_deref(),
+            Some(
+                "as the HPA: php-c missing (no sample); php-a sample set aside (not ready, within \
+                 the CPU initialization period); with missing pods at 0 and unready pods at 0 (a \
+                 scale-up): 50%, which reverses the direction: hold"
+            )
+        );
+        let all = pod_metric_verdict(
+            &[settled("a")],
+            &samples(&[("a", 100)]),
+            true,
+            PodTarget::AverageValue(100),
+            &HpaSettings::default(),
+            now(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(all.explain(|p| p.to_string()), None);
+    }
+
+    #[test]
+    fn requests_as_the_hpa_sums_them() {
+        let pod = |yaml: &str| -> k8s_openapi::api::core::v1::Pod {
+            serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("{e}"))
+        };
+        let two = pod(
+            "metadata: {name: p}\nspec:\n  containers:\n  - {name: a, resources: {requests: {cpu: 100m}}}\n  \
+             - {name: b, resources: {requests: {cpu: 200m, memory: 1Mi}}}\n  initContainers:\n  \
+             - {name: side, restartPolicy: Always, resources: {requests: {cpu: 50m}}}\n  \
+             - {name: init, resources: {requests: {cpu: '2'}}}\n",
+        );
+        assert_eq!(pod_request_milli(&two, "cpu", None), Ok(350));
+        assert_eq!(pod_request_milli(&two, "cpu", Some("b")), Ok(200));
+        assert_eq!(pod_request_milli(&two, "cpu", Some("side")), Ok(50));
+        assert_eq!(
+            pod_request_milli(&two, "memory", None),
+            Err("missing request for memory in container a of pod p".into())
+        );
+        assert_eq!(
+            pod_request_milli(&two, "memory", Some("b")),
+            Ok(1_048_576_000)
+        );
+        assert_eq!(
+            pod_request_milli(&two, "cpu", Some("nope")),
+            Err("container nope not found in pod p".into())
+        );
+        let pod_level = pod(
+            "metadata: {name: q}\nspec:\n  resources: {requests: {cpu: '1'}}\n  overhead: {cpu: 10m}\n  \
+             containers:\n  - {name: a}\n  - {name: b, resources: {requests: {cpu: 100m}}}\n",
+        );
+        assert_eq!(pod_request_milli(&pod_level, "cpu", None), Ok(1010));
+        assert_eq!(pod_request_milli(&pod_level, "cpu", Some("b")), Ok(100));
+        assert_eq!(
+            pod_request_milli(&pod_level, "memory", None),
+            Err("missing pod-level request for memory in pod q".into())
+        );
+    }
+
+    #[test]
+    fn go_durations() {
+        let cases: &[(&str, Option<f64>)] = &[
+            ("15s", Some(15.0)),
+            ("1m0s", Some(60.0)),
+            ("1.5s", Some(1.5)),
+            ("250ms", Some(0.25)),
+            ("1h2m3s", Some(3723.0)),
+            ("0", Some(0.0)),
+            ("", None),
+            ("5", None),
+            ("1x", None),
+            ("s", None),
         ];
-        for (pods, want) in cases {
-            assert_eq!(resource_utilization(&pods), Err(want));
+        for (input, want) in cases {
+            assert_eq!(
+                parse_go_duration(input).map(|d| d.as_secs_f64()),
+                *want,
+                "{input:?}"
+            );
         }
-        let msg = MetricError::NoRequests {
-            pods: vec!["web-1".into(), "web-2".into()],
-        }
-        .to_string();
-        assert!(msg.contains("web-1, web-2"), "{msg}");
     }
 
     #[test]

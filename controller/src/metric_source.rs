@@ -5,9 +5,11 @@
 //! - `External`: Prometheus instant queries when `prometheusUrl` is set (the metric name plus its
 //!   label selector, rendered as PromQL), else external.metrics.k8s.io.
 //!
-//! As the HPA: `AverageValue` of an `Object` or `External` metric is its value divided by the
-//! workload's current (ready) replicas; a `Pods` metric is averaged over the pods that report it.
-use std::time::Duration;
+//! As the HPA: `Resource`, `ContainerResource` and `Pods` metrics go through the HPA's rules for
+//! which pods count ([`metric_math::pod_metric_verdict`]: missing, unready and young pods), and
+//! the metric is above its target when the HPA would scale up; `AverageValue` of an `Object` or
+//! `External` metric is its value divided by the workload's current (ready) replicas.
+use std::{collections::BTreeMap, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty};
@@ -19,6 +21,7 @@ use k8s_openapi::api::{
     autoscaling::v2::{MetricSpec, MetricTarget},
     core::v1::Pod,
 };
+use k8s_openapi::jiff::Timestamp;
 use kube::{
     Api,
     api::{ApiResource, DynamicObject, GroupVersionKind, ListParams},
@@ -163,8 +166,93 @@ fn pod_metrics_resource() -> ApiResource {
     )
 }
 
-/// `Resource` / `ContainerResource`: the workload's running pods, their requests for `resource`
-/// (from the pod specs) and their usage (from metrics.k8s.io), compared as the HPA does.
+/// The workload's pods, all of them (the HPA's pod lister by the scale's selector): the HPA's
+/// rules decide which count, not the list.
+async fn workload_pods(
+    scope: &WorkloadPods<'_>,
+    client: &kube::Client,
+) -> Result<Vec<Pod>, String> {
+    let lp = ListParams::default().labels(scope.selector);
+    // Bounded: an APIService that answers 503 (metrics-server still starting) would otherwise
+    // be retried for minutes inside the client, holding this model's reconcile, and so its
+    // failover, hostage.
+    let pods = tokio::time::timeout(
+        METRICS_API_TIMEOUT,
+        Api::<Pod>::namespaced(client.clone(), scope.namespace).list(&lp),
+    )
+    .await
+    .map_err(|_| format!("listing the workload's pods took over {METRICS_API_TIMEOUT:?}"))?
+    .map_err(|e| format!("listing the workload's pods: {e}"))?;
+    if pods.items.is_empty() {
+        return Err("the workload has no pods (as the HPA, nothing to compute)".into());
+    }
+    Ok(pods.items)
+}
+
+/// One PodMetrics' usage of `resource` as the HPA reads it (`getPodMetrics`,
+/// `getContainerMetrics`): the sum over its containers, missing (`None`) if it lists none or any
+/// lacks the resource; for a `ContainerResource`, that container's usage, missing if absent.
+fn pod_metrics_usage(
+    m: &DynamicObject,
+    resource: &str,
+    container: Option<&str>,
+) -> Result<Option<metric_math::PodValue>, String> {
+    let pod = m.metadata.name.as_deref().unwrap_or_default();
+    let containers = m.data["containers"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let usage = |c: &serde_json::Value| -> Result<Option<i128>, String> {
+        c["usage"][resource]
+            .as_str()
+            .map(|q| {
+                metric_math::parse_quantity_milli(q)
+                    .map_err(|e| format!("PodMetrics {pod}: usage of {resource}: {e}"))
+            })
+            .transpose()
+    };
+    let value = match container {
+        Some(wanted) => match containers.iter().find(|c| c["name"] == wanted) {
+            Some(c) => usage(c)?,
+            None => None,
+        },
+        None if containers.is_empty() => None,
+        None => {
+            let mut total = Some(0i128);
+            for c in containers {
+                total = match (total, usage(c)?) {
+                    (Some(sum), Some(u)) => Some(sum + u),
+                    _ => None,
+                };
+            }
+            total
+        }
+    };
+    let Some(value_milli) = value else {
+        return Ok(None);
+    };
+    // Absent, they are Go's zero values to the HPA (a sample from long ago, over no window);
+    // unreadable, the HPA cannot decode the list at all.
+    let timestamp = match m.data["timestamp"].as_str() {
+        None => Timestamp::MIN,
+        Some(t) => t
+            .parse::<Timestamp>()
+            .map_err(|e| format!("PodMetrics {pod}: timestamp {t:?}: {e}"))?,
+    };
+    let window = match m.data["window"].as_str() {
+        None => Duration::ZERO,
+        Some(w) => metric_math::parse_go_duration(w)
+            .ok_or_else(|| format!("PodMetrics {pod}: window {w:?} is not a duration"))?,
+    };
+    Ok(Some(metric_math::PodValue {
+        value_milli,
+        timestamp,
+        window,
+    }))
+}
+
+/// `Resource` / `ContainerResource`: the workload's pods, their requests for `resource` (from
+/// the pod specs) and their usage (from metrics.k8s.io), through the HPA's rules.
 async fn resource(
     sources: &Sources<'_>,
     resource: &str,
@@ -182,23 +270,13 @@ async fn resource(
         .pods
         .as_ref()
         .ok_or("the workload was not found, so its pods are unknown")?;
-    let lp = ListParams::default().labels(scope.selector);
-    // Bounded: an APIService that answers 503 (metrics-server still starting) would otherwise
-    // be retried for minutes inside the client, holding this model's reconcile, and so its
-    // failover, hostage.
-    let pods = tokio::time::timeout(
-        METRICS_API_TIMEOUT,
-        Api::<Pod>::namespaced(sources.client.clone(), scope.namespace).list(&lp),
-    )
-    .await
-    .map_err(|_| format!("listing the workload's pods took over {METRICS_API_TIMEOUT:?}"))?
-    .map_err(|e| format!("listing the workload's pods: {e}"))?;
     let unavailable = |why: String| {
         format!(
             "metrics.k8s.io is unavailable ({why}); install metrics-server (Helm: \
              --set installMetricServer=true)"
         )
     };
+    let lp = ListParams::default().labels(scope.selector);
     let metrics = tokio::time::timeout(
         METRICS_API_TIMEOUT,
         Api::<DynamicObject>::namespaced_with(
@@ -211,98 +289,71 @@ async fn resource(
     .await
     .map_err(|_| unavailable(format!("no answer within {METRICS_API_TIMEOUT:?}")))?
     .map_err(|e| unavailable(e.to_string()))?;
-    let wanted = |name: &str| container.is_none_or(|c| c == name);
-    let mut usage = std::collections::HashMap::new();
+    if metrics.items.is_empty() {
+        return Err(
+            "no usage sample for any of the workload's pods yet (metrics.k8s.io has no PodMetrics \
+             for them)"
+                .into(),
+        );
+    }
+    let pods = workload_pods(scope, sources.client).await?;
+    let mut samples = BTreeMap::new();
     for m in &metrics.items {
-        let Some(pod) = m.metadata.name.clone() else {
-            continue;
-        };
-        let mut total: Option<i128> = None;
-        for c in m.data["containers"].as_array().into_iter().flatten() {
-            if !wanted(c["name"].as_str().unwrap_or_default()) {
-                continue;
-            }
-            if let Some(q) = c["usage"][resource].as_str() {
-                let milli = metric_math::parse_quantity_milli(q)
-                    .map_err(|e| format!("pod {pod} usage of {resource}: {e}"))?;
-                total = Some(total.unwrap_or(0) + milli);
-            }
+        if let (Some(name), Some(sample)) = (
+            m.metadata.name.clone(),
+            pod_metrics_usage(m, resource, container)?,
+        ) {
+            samples.insert(name, sample);
         }
-        usage.insert(pod, total);
     }
-    let mut samples = Vec::new();
-    for pod in &pods.items {
-        let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
-        if !running || pod.metadata.deletion_timestamp.is_some() {
-            continue;
-        }
-        let name = pod.metadata.name.clone().unwrap_or_default();
-        let containers: Vec<_> = pod
-            .spec
-            .iter()
-            .flat_map(|s| s.containers.iter())
-            .filter(|c| wanted(&c.name))
-            .collect();
-        if let Some(c) = container
-            && containers.is_empty()
-        {
-            return Err(format!("pod {name} has no container named {c}"));
-        }
-        // A partial request would inflate utilization: any container without one voids it.
-        let mut request: Option<i128> = Some(0);
-        for c in &containers {
-            let q = c
-                .resources
-                .as_ref()
-                .and_then(|r| r.requests.as_ref())
-                .and_then(|r| r.get(resource));
-            request = match (request, q) {
-                (Some(sum), Some(q)) => {
-                    Some(sum + metric_math::quantity_milli(q).map_err(|e| e.to_string())?)
-                }
-                _ => None,
-            };
-        }
-        samples.push(metric_math::PodSample {
-            usage_milli: usage.get(&name).copied().flatten(),
-            request_milli: request,
-            name,
-        });
-    }
-    match target {
+    let states: Vec<_> = pods.iter().map(metric_math::pod_state).collect();
+    let settings = metric_math::HpaSettings::default();
+    let now = Timestamp::now();
+    let cpu = resource == "cpu";
+    let verdict = match target {
         Target::Utilization(percent) => {
-            let r = metric_math::resource_utilization(&samples).map_err(|e| e.to_string())?;
-            value.current = Some(format!("{}%", r.percent));
+            // As the HPA: every pod needs the request, or the metric is refused.
+            let mut requests = BTreeMap::new();
+            for pod in &pods {
+                requests.insert(
+                    pod.metadata.name.clone().unwrap_or_default(),
+                    metric_math::pod_request_milli(pod, resource, container)?,
+                );
+            }
+            let verdict = metric_math::pod_metric_verdict(
+                &states,
+                &samples,
+                cpu,
+                metric_math::PodTarget::Utilization {
+                    percent,
+                    requests: &requests,
+                },
+                &settings,
+                now,
+            )
+            .map_err(|e| e.to_string())?;
+            value.current = Some(format!("{}%", verdict.current));
             value.target = Some(format!("{percent}%"));
-            let mut left_out = Vec::new();
-            if !r.missing_request.is_empty() {
-                left_out.push(format!(
-                    "pods without a {resource} request: {}",
-                    r.missing_request.join(", ")
-                ));
-            }
-            if !r.missing_usage.is_empty() {
-                left_out.push(format!(
-                    "pods without usage yet: {}",
-                    r.missing_usage.join(", ")
-                ));
-            }
-            if !left_out.is_empty() {
-                value.error = Some(format!("left out: {}", left_out.join("; ")));
-            }
-            Ok(metric_math::is_above(
-                i128::from(r.percent),
-                &target,
-                metric_math::DEFAULT_TOLERANCE,
-            ))
+            value.message = verdict.explain(|p| format!("{p}%"));
+            verdict
         }
         _ => {
-            let measured: Vec<i128> = samples.iter().filter_map(|s| s.usage_milli).collect();
-            let average = metric_math::average_value(measured.iter().sum(), measured.len())
-                .map_err(|e| e.to_string())?;
-            Ok(compare(value, average, &target))
+            let verdict = metric_math::pod_metric_verdict(
+                &states,
+                &samples,
+                cpu,
+                metric_math::PodTarget::AverageValue(target.amount()),
+                &settings,
+                now,
+            )
+            .map_err(|e| e.to_string())?;
+            value.current = Some(format_milli(verdict.current));
+            value.target = Some(format_milli(target.amount()));
+            value.message = verdict.explain(format_milli);
+            verdict
         }
-    }
+    };
+    Ok(verdict.above())
 }
 
 async fn external_from_prometheus(
@@ -446,7 +497,9 @@ fn unavailable_api(api: &str, why: String) -> String {
     )
 }
 
-/// `Pods`: the metric of each of the workload's pods, averaged over those that report it.
+/// `Pods`: the metric of each of the workload's pods (custom.metrics.k8s.io), through the HPA's
+/// rules for pod metrics (`calcPlainMetricReplicas`): failed and deleted pods left out, pending
+/// pods and pods without a value counted at 0 on a scale-up, and at the target on a scale-down.
 async fn custom_pods(
     sources: &Sources<'_>,
     pods: &k8s_openapi::api::autoscaling::v2::PodsMetricSource,
@@ -473,10 +526,55 @@ async fn custom_pods(
             ),
         ],
     );
-    let values = read_values(sources.client, "custom.metrics.k8s.io", &path).await?;
-    let average = metric_math::average_value(values.iter().sum(), values.len())
-        .map_err(|e| format!("{e}: no pod reports {}", pods.metric.name))?;
-    Ok(compare(value, average, &target))
+    let list = metrics_api_get(sources.client, &path)
+        .await
+        .map_err(|e| unavailable_api("custom.metrics.k8s.io", e))?;
+    let now = Timestamp::now();
+    let mut samples = BTreeMap::new();
+    for item in list["items"].as_array().into_iter().flatten() {
+        let pod = item["describedObject"]["name"]
+            .as_str()
+            .ok_or("an item without describedObject.name")?;
+        let q = item["value"].as_str().ok_or("an item without a value")?;
+        let value_milli = metric_math::parse_quantity_milli(q).map_err(|e| e.to_string())?;
+        // Timestamps matter only for CPU samples; the HPA's default window is one minute.
+        let timestamp = item["timestamp"]
+            .as_str()
+            .and_then(|t| t.parse::<Timestamp>().ok())
+            .unwrap_or(now);
+        samples.insert(
+            pod.to_owned(),
+            metric_math::PodValue {
+                value_milli,
+                timestamp,
+                window: Duration::from_secs(60),
+            },
+        );
+    }
+    if samples.is_empty() {
+        return Err(format!(
+            "no pod reports {} (custom.metrics.k8s.io returned no items)",
+            pods.metric.name
+        ));
+    }
+    let states: Vec<_> = workload_pods(scope, sources.client)
+        .await?
+        .iter()
+        .map(metric_math::pod_state)
+        .collect();
+    let verdict = metric_math::pod_metric_verdict(
+        &states,
+        &samples,
+        false,
+        metric_math::PodTarget::AverageValue(target.amount()),
+        &metric_math::HpaSettings::default(),
+        now,
+    )
+    .map_err(|e| e.to_string())?;
+    value.current = Some(format_milli(verdict.current));
+    value.target = Some(format_milli(target.amount()));
+    value.message = verdict.explain(format_milli);
+    Ok(verdict.above())
 }
 
 /// The custom metrics API's name for a kind: `deployments.apps`, `services`, `ingresses...`.

@@ -38,6 +38,7 @@ pub mod chart;
 pub mod cluster;
 pub mod crds;
 pub mod fake_beamlit;
+pub mod hpa_oracle;
 pub mod metrics_adapter;
 mod naming;
 mod netns;

@@ -410,11 +410,15 @@ fn the_binary_refuses_a_bad_configuration_naming_the_key() -> Result<()> {
 }
 
 /// One PodMetrics object (what metrics-server serves) for `pod`, with `cpu` usage in its only
-/// container, labelled like the pod (metrics-server copies the pod's labels).
+/// container, labelled like the pod (metrics-server copies the pod's labels), taken now over the
+/// last second: as the HPA, the controller sets aside the CPU sample of a pod that started within
+/// five minutes when it was taken less than one window after the pod became ready.
 fn pod_metrics(pod: &str, cpu: &str) -> String {
+    let now = k8s_openapi::jiff::Timestamp::now().as_second();
+    let now = k8s_openapi::jiff::Timestamp::from_second(now).unwrap_or_default();
     format!(
         "apiVersion: metrics.k8s.io/v1beta1\nkind: PodMetrics\nmetadata:\n  name: {pod}\n  \
-         labels: {{run: php-apache}}\ntimestamp: \"2026-11-24T00:00:00Z\"\nwindow: 15s\n\
+         labels: {{run: php-apache}}\ntimestamp: \"{now}\"\nwindow: 1s\n\
          containers:\n  - name: php-apache\n    usage: {{cpu: \"{cpu}\", memory: 10Mi}}\n"
     )
 }
@@ -495,10 +499,11 @@ fn cpu_utilization_from_metrics_k8s_io_drives_offloading() -> Result<()> {
         r#"[{"op":"remove","path":"/spec/template/spec/containers/0/resources"}]"#,
     ])?;
     cluster.wait_deployment_ready(ns.name(), "php-apache", 1, Duration::from_secs(60))?;
+    // As the HPA: one pod without the request refuses the metric, naming the pod and container.
     wait("no request: unavailable, naming the pod", &|s| {
-        s["metrics"][0]["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("no pod has a resource request"))
+        s["metrics"][0]["error"].as_str().is_some_and(|e| {
+            e.contains("missing request for cpu in container php-apache of pod php-apache-")
+        }) && s["offloadPercent"] == 0
     })?;
     Ok(())
 }
