@@ -492,20 +492,6 @@ async fn apply(md: Arc<ModelDeployment>, running: &Running) -> Result<Action, Er
     let next = decision::decide(&inputs);
 
     let mut conditions = vec![ConditionState {
-        type_: "Accepted",
-        ok: Some(true),
-        reason: "Accepted".into(),
-        message: "the references, the remote backend and every field are allowed".into(),
-    }];
-    for w in &warnings {
-        conditions.push(ConditionState {
-            type_: "Deprecated",
-            ok: Some(true),
-            reason: w.reason().into(),
-            message: w.message().into(),
-        });
-    }
-    conditions.push(ConditionState {
         type_: "Ready",
         ok: Some(service_error.is_none()),
         reason: service_error
@@ -514,7 +500,7 @@ async fn apply(md: Arc<ModelDeployment>, running: &Running) -> Result<Action, Er
         message: service_error
             .as_ref()
             .map_or_else(|| "the Service resolved".to_string(), ToString::to_string),
-    });
+    }];
     conditions.push(ConditionState {
         type_: "WorkloadFound",
         ok: Some(workload_error.is_none()),
@@ -571,6 +557,20 @@ async fn apply(md: Arc<ModelDeployment>, running: &Running) -> Result<Action, Er
             message: e.to_string(),
         },
     });
+    conditions.push(ConditionState {
+        type_: "Accepted",
+        ok: Some(true),
+        reason: "Accepted".into(),
+        message: "the references, the remote backend and every field are allowed".into(),
+    });
+    for w in &warnings {
+        conditions.push(ConditionState {
+            type_: "Deprecated",
+            ok: Some(true),
+            reason: w.reason().into(),
+            message: w.message().into(),
+        });
+    }
     let backend_error = match &backend {
         Some(Err(e)) => Some(e.clone()),
         _ => None,
