@@ -449,6 +449,47 @@ fn hostile_model_deployments_are_refused_and_never_reach_an_agent() -> Result<()
         "RefNotPermitted"
     );
 
+    // An inline client secret is accepted, but marked deprecated (condition and Event).
+    cluster.apply(
+        bed.ns(),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: inline}\nspec:\n  ports: [{port: 80}]\n",
+    )?;
+    cluster.apply(
+        bed.ns(),
+        &md(
+            "inline",
+            "{name: inline}",
+            &format!(
+                "    remoteBackend:\n      host: '{remote}'\n      authConfig:\n        type: oauth\n        \
+                 oauthConfig: {{clientId: c, clientSecret: inline-s3cret, tokenUrl: 'https://{remote}/oauth/token'}}\n"
+            ),
+        ),
+    )?;
+    beamlit_testbed::seed::wait_status(cluster, bed.ns(), "inline", WAIT, "deprecated", |s| {
+        let d = condition(s, "Deprecated");
+        condition(s, "Accepted")["status"] == "True"
+            && d["reason"] == "InlineClientSecret"
+            && d["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("clientSecretRef"))
+    })
+    .with_context(|| controller.log())?;
+    let s = status(cluster, bed.ns(), "inline")?;
+    assert!(
+        !s.to_string().contains("inline-s3cret"),
+        "the secret in status: {s}"
+    );
+    assert!(events(cluster, bed.ns())?.contains("InlineClientSecret"));
+    cluster.kubectl(&["delete", "md", "inline", "-n", bed.ns()])?;
+    let inline = format!("{}/inline", bed.ns());
+    let started = Instant::now();
+    while inspect_models(&agent)?.contains(&inline) {
+        if started.elapsed() > WAIT {
+            bail!("the deleted model stayed in the maps:\n{}", agent.log());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
     // Both processes kept working: the good model still fails over on the node.
     let svc = bed.service_address()?;
     scale(cluster, bed.ns(), 0)?;
