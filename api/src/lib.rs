@@ -6,9 +6,23 @@
 //!   decides (status), which the agents apply;
 //! - [`endpoints`]: ready endpoints of a Service, as both count them;
 //! - [`acknowledgement`]: what each agent reports back on its node's Lease: which decision of
-//!   each ModelDeployment it has applied.
+//!   each ModelDeployment it has applied;
+//! - [`grant`]: the `ModelDeploymentGrant` a namespace writes to let ModelDeployments of other
+//!   namespaces name its Services and workloads;
+//! - [`validate`]: the field rules, shared by the CRD's CEL rules, the controller and the agents.
 pub mod acknowledgement;
 pub mod endpoints;
+pub mod grant;
 pub mod model_deployment;
+pub mod validate;
 
 pub use model_deployment::*;
+
+/// Every CRD of the project: (file under the repository root, YAML), as `cargo xtask crds`
+/// writes them into `crds/` and the chart's `crds/`.
+pub fn all_crds() -> anyhow::Result<Vec<(&'static str, String)>> {
+    Ok(vec![
+        (model_deployment::CRD_FILE, model_deployment::crd_yaml()?),
+        (grant::GRANT_CRD_FILE, grant::grant_crd_yaml()?),
+    ])
+}

@@ -35,14 +35,14 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "camelCase")]
 pub struct ModelDeploymentSpec {
     /// Beamlit model name; `$model` in remote path prefixes.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1), transform = rules::name)]
     pub model: String,
     /// `false` disables offloading (and keeps it disabled across updates).
     #[serde(default = "default_true")]
     pub enabled: bool,
     /// Beamlit environment.
     #[serde(default = "default_environment")]
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1), transform = rules::name)]
     pub environment: String,
     /// The workload serving the model.
     pub model_source_ref: WorkloadRef,
@@ -70,10 +70,13 @@ pub struct WorkloadRef {
     #[serde(default = "default_apps_v1")]
     pub api_version: String,
     pub kind: WorkloadKind,
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1), transform = rules::dns_subdomain)]
     pub name: String,
-    /// Defaults to the ModelDeployment's namespace.
+    /// Must be the ModelDeployment's own namespace (the default), unless the target namespace
+    /// grants the reference (a `ModelDeploymentGrant` there) and the cluster admin allows
+    /// cross-namespace references.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = rules::dns_label)]
     pub namespace: Option<String>,
 }
 
@@ -88,10 +91,13 @@ pub enum WorkloadKind {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceRef {
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1), transform = rules::dns_label)]
     pub name: String,
-    /// Defaults to the ModelDeployment's namespace.
+    /// Must be the ModelDeployment's own namespace (the default), unless the target namespace
+    /// grants the reference (a `ModelDeploymentGrant` there) and the cluster admin allows
+    /// cross-namespace references.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = rules::dns_label)]
     pub namespace: Option<String>,
     /// The Service **port** (number or name) whose traffic is offloaded, as the earlier product
     /// used it; defaults to the Service's only port.
@@ -147,6 +153,7 @@ pub struct OffloadingConfig {
     pub remote_backend: Option<RemoteBackend>,
     /// autoscaling/v2 metrics; any one above its target (10% tolerance) triggers offloading.
     #[serde(default)]
+    #[schemars(transform = rules::metrics)]
     pub metrics: Vec<MetricSpec>,
     #[serde(default)]
     pub behavior: Behavior,
@@ -172,15 +179,20 @@ impl Default for Behavior {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RemoteBackend {
-    /// `host[:port]`.
-    #[schemars(length(min = 1))]
+    /// `host[:port]` only; the cluster admin lists the hosts allowed (Helm value
+    /// config.allowedRemoteHosts).
+    #[schemars(length(min = 1), transform = rules::host)]
     pub host: String,
     #[serde(default)]
     pub scheme: Scheme,
-    /// Prefix of every forwarded path; `$workspace` and `$model` are substituted.
+    /// Prefix of every forwarded path; `$workspace` and `$model` are substituted. No `.`/`..`
+    /// segments, query or fragment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = rules::path_prefix)]
     pub path_prefix: Option<String>,
+    /// Header names are HTTP tokens; values have no control characters.
     #[serde(default)]
+    #[schemars(transform = rules::headers)]
     pub headers_to_add: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_config: Option<AuthConfig>,
@@ -212,24 +224,27 @@ pub enum AuthType {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OAuthConfig {
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1), transform = rules::client_id)]
     pub client_id: String,
-    /// Inline secret (accepted for compatibility; prefer `clientSecretRef`).
+    /// Inline secret: deprecated (a Warning condition says so); use `clientSecretRef`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
     pub client_secret: Option<String>,
     /// The client secret in a Secret of the ModelDeployment's namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_secret_ref: Option<SecretKeyRef>,
+    /// An https URL (plain http only where the cluster admin allows it, for test backends).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = rules::token_url)]
     pub token_url: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1), transform = rules::dns_subdomain)]
     pub name: String,
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1), transform = rules::secret_key)]
     pub key: String,
 }
 
@@ -388,6 +403,195 @@ pub struct AgentsApplied {
     pub total: i32,
 }
 
+/// The CEL rules and bounds of [`crate::validate`], put into the CRD's schema. Every string a
+/// rule reads has a maximum length, so that the apiserver's cost estimate of the rules stays
+/// within its budget.
+mod rules {
+    use schemars::Schema;
+    use serde_json::{Value, json};
+
+    use crate::validate::*;
+
+    /// `self.matches(...)` with a raw CEL string (the patterns contain no `"`).
+    fn matches(subject: &str, pattern: &str) -> String {
+        format!("{subject}.matches(r\"{pattern}\")")
+    }
+
+    fn add(schema: &mut Schema, rules: &[(String, &str)]) {
+        let list = schema
+            .ensure_object()
+            .entry("x-kubernetes-validations")
+            .or_insert_with(|| json!([]));
+        if let Value::Array(list) = list {
+            for (rule, message) in rules {
+                list.push(json!({"rule": rule, "message": message}));
+            }
+        }
+    }
+
+    fn max_length(schema: &mut Schema, n: usize) {
+        schema.insert("maxLength".into(), json!(n));
+    }
+
+    pub fn name(s: &mut Schema) {
+        max_length(s, NAME_MAX);
+        add(s, &[(matches("self", NAME_PATTERN), NAME_MESSAGE)]);
+    }
+
+    pub fn dns_label(s: &mut Schema) {
+        max_length(s, 63);
+        add(
+            s,
+            &[(matches("self", DNS_LABEL_PATTERN), DNS_LABEL_MESSAGE)],
+        );
+    }
+
+    pub fn dns_subdomain(s: &mut Schema) {
+        max_length(s, DNS_SUBDOMAIN_MAX);
+        add(
+            s,
+            &[(
+                matches("self", DNS_SUBDOMAIN_PATTERN),
+                DNS_SUBDOMAIN_MESSAGE,
+            )],
+        );
+    }
+
+    pub fn secret_key(s: &mut Schema) {
+        max_length(s, DNS_SUBDOMAIN_MAX);
+        add(
+            s,
+            &[(matches("self", SECRET_KEY_PATTERN), SECRET_KEY_MESSAGE)],
+        );
+    }
+
+    pub fn client_id(s: &mut Schema) {
+        max_length(s, CLIENT_ID_MAX);
+        add(
+            s,
+            &[(
+                format!("!{}", matches("self", CONTROL_PATTERN)),
+                CLIENT_ID_MESSAGE,
+            )],
+        );
+    }
+
+    pub fn host(s: &mut Schema) {
+        max_length(s, HOST_MAX);
+        let port = "int(self.substring(self.lastIndexOf(':') + 1))";
+        add(
+            s,
+            &[
+                (matches("self", HOST_PATTERN), HOST_MESSAGE),
+                (
+                    format!(
+                        "!{} || ({port} >= 1 && {port} <= 65535)",
+                        matches("self", ":[0-9]{1,5}$")
+                    ),
+                    PORT_MESSAGE,
+                ),
+            ],
+        );
+    }
+
+    pub fn path_prefix(s: &mut Schema) {
+        max_length(s, PATH_MAX);
+        add(
+            s,
+            &[
+                (matches("self", PATH_PATTERN), PATH_MESSAGE),
+                (
+                    format!("!{}", matches("self", DOT_SEGMENT_PATTERN)),
+                    DOT_SEGMENT_MESSAGE,
+                ),
+            ],
+        );
+    }
+
+    pub fn token_url(s: &mut Schema) {
+        max_length(s, URL_MAX);
+        add(
+            s,
+            &[(matches("self", TOKEN_URL_PATTERN), TOKEN_URL_MESSAGE)],
+        );
+    }
+
+    pub fn headers(s: &mut Schema) {
+        s.insert("maxProperties".into(), json!(HEADERS_MAX));
+        if let Some(Value::Object(values)) = s.get_mut("additionalProperties") {
+            values.insert("maxLength".into(), json!(HEADER_VALUE_MAX));
+        }
+        add(
+            s,
+            &[
+                (
+                    format!(
+                        "self.all(k, k.size() <= {HEADER_NAME_MAX} && {})",
+                        matches("k", HEADER_NAME_PATTERN)
+                    ),
+                    HEADER_NAME_MESSAGE,
+                ),
+                (
+                    format!("self.all(k, !{})", matches("self[k]", CONTROL_PATTERN)),
+                    HEADER_VALUE_MESSAGE,
+                ),
+            ],
+        );
+    }
+
+    /// Every target of every metric: utilizations positive, quantities parse and are positive.
+    pub fn metrics(s: &mut Schema) {
+        s.insert("maxItems".into(), json!(METRICS_MAX));
+        // Quantities (int-or-string) get a length bound, or the cost estimate of the quantity
+        // rules below assumes strings as long as a whole request.
+        fn bound_quantities(v: &mut Value) {
+            match v {
+                Value::Object(o) => {
+                    if o.get("x-kubernetes-int-or-string") == Some(&json!(true)) {
+                        o.insert("maxLength".into(), json!(QUANTITY_MAX));
+                    }
+                    o.values_mut().for_each(bound_quantities);
+                }
+                Value::Array(a) => a.iter_mut().for_each(bound_quantities),
+                _ => {}
+            }
+        }
+        if let Some(items) = s.get_mut("items") {
+            bound_quantities(items);
+        }
+        let mut rules = Vec::new();
+        for kind in [
+            "resource",
+            "containerResource",
+            "pods",
+            "object",
+            "external",
+        ] {
+            let t = format!("m.{kind}.target");
+            rules.push((
+                format!(
+                    "self.all(m, !has(m.{kind}) || !has({t}.averageUtilization) || \
+                     {t}.averageUtilization > 0)"
+                ),
+                format!("{kind}.target.averageUtilization {POSITIVE_MESSAGE}"),
+            ));
+            for field in ["averageValue", "value"] {
+                let q = format!("string({t}.{field})");
+                rules.push((
+                    format!(
+                        "self.all(m, !has(m.{kind}) || !has({t}.{field}) || \
+                         (isQuantity({q}) && quantity({q}).isGreaterThan(quantity(\"0\"))))"
+                    ),
+                    format!("{kind}.target.{field} {QUANTITY_MESSAGE}"),
+                ));
+            }
+        }
+        let rules: Vec<(String, &str)> =
+            rules.iter().map(|(r, m)| (r.clone(), m.as_str())).collect();
+        add(s, &rules);
+    }
+}
+
 fn default_true() -> bool {
     true
 }
@@ -478,15 +682,17 @@ mod tests {
 
     #[test]
     fn crds_directory_is_current() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("..")
-            .join(CRD_FILE);
-        let committed = std::fs::read_to_string(&path).unwrap_or_default();
-        assert!(
-            committed == crd_yaml().expect("crd renders"),
-            "{} is stale or missing: run `cargo xtask crds` and commit the result",
-            path.display()
-        );
+        for (file, yaml) in crate::all_crds().expect("crds render") {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join(file);
+            let committed = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(
+                committed == yaml,
+                "{} is stale or missing: run `cargo xtask crds` and commit the result",
+                path.display()
+            );
+        }
     }
 
     #[test]

@@ -23,6 +23,10 @@
 //!       clientId: ID
 //!       tokenUrl: https://api.beamlit.com/v0/oauth/token
 //!       clientSecretRef: {namespace: beamlit-system, name: beamlit-credentials, key: clientSecret}
+//! # The cluster admin's boundary (see crate::admission):
+//! protectedServices: [beamlit-system/beamlit-controller-metrics]  # besides default/kubernetes, kube-system/*
+//! allowedRemoteHosts: [fallback.internal, "*.models.example"]     # besides the default backend's
+//! allowInsecureTokenUrls: false    # true: http token URLs (test backends only)
 //! ```
 use std::{net::SocketAddr, path::Path};
 
@@ -43,6 +47,28 @@ pub struct FileConfig {
     pub agent_namespace: Option<String>,
     pub default_remote_backend: Option<crate::backend::DefaultRemoteBackend>,
     pub beamlit_api: Option<BeamlitApiFileConfig>,
+    /// `namespace/name` or `namespace/*`: Services no ModelDeployment may offload, besides the
+    /// built-in ones.
+    #[serde(default)]
+    pub protected_services: Vec<String>,
+    /// Hosts a ModelDeployment's own remote backend (and token URL) may name, besides the
+    /// default backend's; `*.example.com` for every name under example.com.
+    #[serde(default)]
+    pub allowed_remote_hosts: Vec<String>,
+    /// Plain-http token URLs are accepted (test backends only).
+    #[serde(default)]
+    pub allow_insecure_token_urls: bool,
+}
+
+impl FileConfig {
+    /// The admission policy these settings make.
+    pub fn policy(&self) -> crate::admission::Policy {
+        crate::admission::Policy {
+            protected_services: self.protected_services.clone(),
+            allowed_remote_hosts: self.allowed_remote_hosts.clone(),
+            allow_insecure_token_urls: self.allow_insecure_token_urls,
+        }
+    }
 }
 
 /// `beamlitApi`: how the controller reaches the Beamlit API (models, the `offloading` label).
@@ -119,12 +145,55 @@ pub fn parse(label: &str, text: &str) -> Result<FileConfig, ConfigError> {
         crate::metric_source::Prometheus::new(url)
             .map_err(|e| invalid(format!("prometheusUrl: {e}")))?;
     }
-    if let Some(backend) = &config.default_remote_backend
-        && backend.host.trim().is_empty()
-    {
-        return Err(invalid(
-            "defaultRemoteBackend.host: must not be empty; write host[:port]".into(),
-        ));
+    if let Some(backend) = &config.default_remote_backend {
+        use beamlit_api::validate;
+        if backend.host.trim().is_empty() {
+            return Err(invalid(
+                "defaultRemoteBackend.host: must not be empty; write host[:port]".into(),
+            ));
+        }
+        validate::host(&backend.host)
+            .map_err(|e| invalid(format!("defaultRemoteBackend.host: {e}")))?;
+        validate::path_prefix(&backend.path_prefix)
+            .map_err(|e| invalid(format!("defaultRemoteBackend.pathPrefix: {e}")))?;
+        for (name, value) in &backend.headers_to_add {
+            validate::header_name(name)
+                .and_then(|()| validate::header_value(value))
+                .map_err(|e| invalid(format!("defaultRemoteBackend.headersToAdd.{name}: {e}")))?;
+        }
+        if let Some(url) = backend
+            .auth_config
+            .as_ref()
+            .and_then(|a| a.oauth_config.token_url.as_deref())
+        {
+            validate::token_url(url, config.allow_insecure_token_urls).map_err(|e| {
+                invalid(format!(
+                    "defaultRemoteBackend.authConfig.oauthConfig.tokenUrl: {e}"
+                ))
+            })?;
+        }
+    }
+    for entry in &config.protected_services {
+        let valid = entry.split_once('/').is_some_and(|(ns, name)| {
+            beamlit_api::validate::dns_label(ns).is_ok()
+                && (name == "*" || beamlit_api::validate::dns_label(name).is_ok())
+        });
+        if !valid {
+            return Err(invalid(format!(
+                "protectedServices: `{entry}` is not namespace/name or namespace/*"
+            )));
+        }
+    }
+    for host in &config.allowed_remote_hosts {
+        let bare = host.strip_prefix("*.").unwrap_or(host);
+        if (bare.contains(':') && !bare.starts_with('['))
+            || beamlit_api::validate::host(bare).is_err()
+        {
+            return Err(invalid(format!(
+                "allowedRemoteHosts: `{host}` is not a host name or address (no scheme, port or \
+                 path; `*.example.com` for every name under example.com)"
+            )));
+        }
     }
     if config.beamlit_api.is_some() && config.workspace.is_none() {
         return Err(invalid(
@@ -167,6 +236,15 @@ mod tests {
             parse("c.yaml", "").expect("empty is valid"),
             FileConfig::default()
         );
+        let c = parse(
+            "c.yaml",
+            "protectedServices: [ns/svc, infra/*]\nallowedRemoteHosts: [a.example, '*.b.example', '[fd00::9]']\n\
+             allowInsecureTokenUrls: true\ndefaultRemoteBackend:\n  authConfig:\n    oauthConfig:\n      \
+             clientId: c\n      tokenUrl: http://t/token\n      clientSecretRef: {namespace: n, name: s, key: k}\n",
+        )
+        .expect("valid");
+        assert!(c.policy().allow_insecure_token_urls);
+        assert_eq!(c.policy().protected_services, vec!["ns/svc", "infra/*"]);
     }
 
     /// Each bad file names the key (and, from serde_yaml, the line).
@@ -206,6 +284,27 @@ mod tests {
                 "leaderElection: {leaseDurationSeconds: 1}\n",
                 &["leaderElection.leaseDurationSeconds"],
             ),
+            (
+                "defaultRemoteBackend: {host: 'https://run.beamlit.com'}\n",
+                &["defaultRemoteBackend.host", "host[:port]"],
+            ),
+            (
+                "defaultRemoteBackend:\n  authConfig:\n    oauthConfig: {clientId: c, tokenUrl: 'http://t/x', \
+                 clientSecretRef: {namespace: n, name: s, key: k}}\n",
+                &[
+                    "defaultRemoteBackend.authConfig.oauthConfig.tokenUrl",
+                    "allowInsecureTokenUrls",
+                ],
+            ),
+            (
+                "protectedServices: [kubernetes]\n",
+                &["protectedServices", "namespace/name"],
+            ),
+            (
+                "allowedRemoteHosts: ['https://x']\n",
+                &["allowedRemoteHosts"],
+            ),
+            ("allowedRemoteHosts: ['x:443']\n", &["allowedRemoteHosts"]),
         ];
         for (text, needles) in cases {
             let err = parse("c.yaml", text).expect_err(text).to_string();

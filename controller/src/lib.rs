@@ -1,6 +1,8 @@
 //! The Beamlit offloading controller. The `ModelDeployment` types live in `beamlit-api`, shared
 //! with the agent.
 //!
+//! - [`admission`]: what a ModelDeployment may reference and where its traffic and credentials
+//!   may go (the cluster admin's boundary), checked before anything else;
 //! - [`backend`]: the remote backend in force (the spec's or the configured default);
 //! - [`beamlit_api`]: the Beamlit API client (OAuth token, models, the `offloading` label);
 //! - [`beamlit_sync`]: the model on Beamlit kept in line (pure plan, backoff, finalizer);
@@ -13,6 +15,7 @@
 //! - [`status`]: the status written, from observations and the decision;
 //! - [`reconcile`]: the controller loop; [`metrics`]: its Prometheus metrics and probes;
 //! - [`leader`]: leader election on a Lease, so that one replica decides.
+pub mod admission;
 pub mod backend;
 pub mod beamlit_api;
 pub mod beamlit_sync;

@@ -78,10 +78,12 @@ struct Settings {
     agent_namespace: String,
     default_backend: Option<beamlit_controller::backend::DefaultRemoteBackend>,
     beamlit_api: Option<config::BeamlitApiFileConfig>,
+    policy: beamlit_controller::admission::Policy,
 }
 
 impl Settings {
     fn resolve(cli: &Cli, file: FileConfig) -> anyhow::Result<Self> {
+        let policy = file.policy();
         let prometheus_url = cli.prometheus_url.clone().or(file.prometheus_url);
         let prometheus = prometheus_url.as_deref().map(Prometheus::new).transpose()?;
         let leader = &file.leader_election;
@@ -138,6 +140,7 @@ impl Settings {
                 .or(file.agent_namespace)
                 .or_else(|| std::env::var("POD_NAMESPACE").ok())
                 .unwrap_or_else(|| beamlit_api::acknowledgement::DEFAULT_AGENT_NAMESPACE.into()),
+            policy,
             default_backend: file.default_remote_backend,
             beamlit_api: file.beamlit_api,
         })
@@ -230,6 +233,7 @@ async fn main() -> anyhow::Result<()> {
         agent_namespace: settings.agent_namespace,
         default_backend: settings.default_backend,
         beamlit,
+        policy: settings.policy,
     });
     let elector = settings.leader.map(|config| Elector::new(client, config));
     if let Some(elector) = &elector {

@@ -28,9 +28,11 @@ use beamlit_api::{
     AgentsApplied, MetricValue, ModelDeployment, ModelDeploymentStatus, ResolvedWorkload,
     WorkloadKind,
     acknowledgement::{self, AppliedDecisions},
+    grant::ModelDeploymentGrant,
 };
 
 use crate::{
+    admission::{self, Refusal},
     backend::{self, DefaultRemoteBackend},
     beamlit_sync, decision,
     resolve::{self, ResolveError},
@@ -73,6 +75,8 @@ pub struct Context {
     pub default_backend: Option<DefaultRemoteBackend>,
     /// The Beamlit API, when the controller has credentials for it.
     pub beamlit: Option<crate::beamlit_api::BeamlitApi>,
+    /// The cluster admin's boundary: protected Services, allowed remote hosts, token URLs.
+    pub policy: admission::Policy,
 }
 
 impl Context {
@@ -107,6 +111,8 @@ pub struct Caches {
     daemonsets: Store<DaemonSet>,
     /// The agents' Leases (one per node), for "applied on N of M nodes".
     agent_leases: Store<Lease>,
+    /// Grants of cross-namespace references (see [`crate::admission`]).
+    grants: Store<ModelDeploymentGrant>,
     /// Each Lease's acknowledgements, parsed once per resourceVersion rather than by every
     /// reconcile (the annotation lists every model the node applied).
     parsed_acks: std::sync::Mutex<std::collections::HashMap<String, ParsedAcks>>,
@@ -151,6 +157,7 @@ impl Caches {
             self.statefulsets.wait_until_ready().await?;
             self.replicasets.wait_until_ready().await?;
             self.daemonsets.wait_until_ready().await?;
+            self.grants.wait_until_ready().await?;
             self.agent_leases.wait_until_ready().await
         };
         match tokio::time::timeout(Duration::from_secs(60), all).await {
@@ -214,6 +221,8 @@ pub async fn run(ctx: Arc<Context>) {
         cached::<ReplicaSet>(&client, &ns, watcher::Config::default());
     let (daemonsets, daemonsets_stream) =
         cached::<DaemonSet>(&client, &ns, watcher::Config::default());
+    let (grants, grants_stream) =
+        cached::<ModelDeploymentGrant>(&client, &ns, watcher::Config::default());
     let (agent_leases, writer) = reflector::store();
     let leases_stream = watcher(
         Api::<Lease>::namespaced(client.clone(), &ctx.agent_namespace),
@@ -234,10 +243,12 @@ pub async fn run(ctx: Arc<Context>) {
             replicasets,
             daemonsets,
             agent_leases,
+            grants,
             parsed_acks: std::sync::Mutex::default(),
         },
     });
-    let (s1, s2, s3, s4, s5, s6) = (
+    let (s1, s2, s3, s4, s5, s6, s7) = (
+        store.clone(),
         store.clone(),
         store.clone(),
         store.clone(),
@@ -268,6 +279,10 @@ pub async fn run(ctx: Arc<Context>) {
         })
         .watches_stream(daemonsets_stream, move |w| {
             naming_workload(&s6, WorkloadKind::DaemonSet, w.namespace(), &w.name_any())
+        })
+        // A grant written or withdrawn re-evaluates the models that reference its namespace.
+        .watches_stream(grants_stream, move |g| {
+            referencing_namespace(&s7, g.namespace().as_deref().unwrap_or_default())
         })
         // An agent acknowledging a decision updates "applied on N of M nodes" of the models it
         // lists. An agent that dies is noticed at the next resync, when its Lease has expired.
@@ -307,6 +322,28 @@ fn referencing(
             md.spec.service_ref.as_ref().is_some_and(|r| {
                 r.name == name && r.namespace.clone().or_else(|| md.namespace()) == namespace
             })
+        })
+        .map(|md| ObjectRef::from_obj(md.as_ref()))
+        .collect()
+}
+
+/// The ModelDeployments with a reference into another namespace, `namespace`.
+fn referencing_namespace(
+    store: &Store<ModelDeployment>,
+    namespace: &str,
+) -> Vec<ObjectRef<ModelDeployment>> {
+    store
+        .state()
+        .iter()
+        .filter(|md| {
+            let service = md
+                .spec
+                .service_ref
+                .as_ref()
+                .and_then(|r| r.namespace.as_deref());
+            let workload = md.spec.model_source_ref.namespace.as_deref();
+            md.namespace().as_deref() != Some(namespace)
+                && (service == Some(namespace) || workload == Some(namespace))
         })
         .map(|md| ObjectRef::from_obj(md.as_ref()))
         .collect()
@@ -378,6 +415,22 @@ async fn apply(md: Arc<ModelDeployment>, running: &Running) -> Result<Action, Er
     caches.ready().await?;
     let client = &ctx.client;
     let now = std::time::SystemTime::now();
+
+    // The boundary first: a refused ModelDeployment is not resolved, and nothing of it reaches
+    // the status fields the agents apply.
+    let verdict = admission::check(
+        &md.spec,
+        &admission::Inputs {
+            namespace: &namespace,
+            policy: &ctx.policy,
+            default_backend: ctx.default_backend.as_ref(),
+            grants: &caches.grants.state(),
+        },
+    );
+    let warnings = match verdict {
+        Ok(warnings) => warnings,
+        Err(refusal) => return refuse(&md, running, &namespace, &refusal, now).await,
+    };
 
     let (service, service_error) = match resolve_service(caches, &md, &namespace) {
         Ok(service) => (Some(service), None),
@@ -504,6 +557,20 @@ async fn apply(md: Arc<ModelDeployment>, running: &Running) -> Result<Action, Er
             message: e.to_string(),
         },
     });
+    conditions.push(ConditionState {
+        type_: "Accepted",
+        ok: Some(true),
+        reason: "Accepted".into(),
+        message: "the references, the remote backend and every field are allowed".into(),
+    });
+    for w in &warnings {
+        conditions.push(ConditionState {
+            type_: "Deprecated",
+            ok: Some(true),
+            reason: w.reason().into(),
+            message: w.message().into(),
+        });
+    }
     let backend_error = match &backend {
         Some(Err(e)) => Some(e.clone()),
         _ => None,
@@ -639,6 +706,12 @@ async fn apply(md: Arc<ModelDeployment>, running: &Running) -> Result<Action, Er
             "Ready",
             service_error.as_ref().map(|e| (e.reason(), e.to_string())),
         ),
+        (
+            "Deprecated",
+            warnings
+                .first()
+                .map(|w| (w.reason(), w.message().to_string())),
+        ),
     ];
     for (condition, problem) in problems {
         let Some((reason, message)) = problem else {
@@ -661,6 +734,73 @@ async fn apply(md: Arc<ModelDeployment>, running: &Running) -> Result<Action, Er
         }
     }
     Ok(Action::requeue(requeue))
+}
+
+/// The status of a refused ModelDeployment: `Accepted=False` naming the field and the fix, 0%,
+/// and no Service or remote backend, so that no agent applies anything of it (an agent that
+/// applied an earlier, accepted version removes it). A Warning Event when the reason changes.
+async fn refuse(
+    md: &ModelDeployment,
+    running: &Running,
+    namespace: &str,
+    refusal: &Refusal,
+    now: std::time::SystemTime,
+) -> Result<Action, Error> {
+    let ctx = &running.ctx;
+    let timestamp = jiff::Timestamp::try_from(now).unwrap_or_else(|_| jiff::Timestamp::now());
+    let previous_status = md.status.as_ref();
+    let was = previous_status
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Accepted"))
+        .filter(|c| c.status == "False")
+        .map(|c| c.reason.clone());
+    let since = previous_status
+        .filter(|s| s.reason.as_deref() == Some("Refused"))
+        .and_then(|s| s.since.clone())
+        .unwrap_or_else(|| timestamp.to_string());
+    let message = refusal.to_string();
+    let status = status::build(
+        previous_status,
+        Observed {
+            generation: md.metadata.generation,
+            service: None,
+            workload: None,
+            ready_endpoints: 0,
+            metrics: vec![],
+            conditions: vec![ConditionState {
+                type_: "Accepted",
+                ok: Some(false),
+                reason: refusal.reason().into(),
+                message: message.clone(),
+            }],
+            remote_backend: None,
+        },
+        DecisionFields {
+            percent: 0,
+            reason: "Refused".into(),
+            message: format!("not offloaded: {message}"),
+            since,
+            last_metric_above: None,
+        },
+        timestamp,
+        |generation| Some(agents_applied(&running.caches, md, generation, timestamp)),
+    );
+    if previous_status != Some(&status) {
+        patch_status(&ctx.client, md, namespace, &status).await?;
+    }
+    if was.as_deref() != Some(refusal.reason()) {
+        warn!(model_deployment = %md.name_any(), "refused: {message}");
+        let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+        publish(
+            &recorder,
+            &md.object_ref(&()),
+            EventType::Warning,
+            refusal.reason(),
+            "Admit",
+            &message,
+        )
+        .await;
+    }
+    Ok(Action::requeue(ctx.resync))
 }
 
 /// Agents alive (fresh Lease) and, of those, the ones that applied `generation` of this model.

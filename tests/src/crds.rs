@@ -16,11 +16,22 @@ pub const MODEL_DEPLOYMENT_CRD: &str =
 /// A stand-in for metrics-server: PodMetrics (metrics.k8s.io/v1beta1) served as a CRD.
 pub const POD_METRICS_CRD: &str = include_str!("../fixtures/pod-metrics-crd.yaml");
 
+/// The committed ModelDeploymentGrant CRD.
+pub const GRANT_CRD: &str =
+    include_str!("../../crds/modeldeploymentgrants.deployment.beamlit.com.yaml");
+
+/// The ModelDeployment CRD and the grant CRD the controller watches with it (a controller
+/// without the grant CRD would wait for its caches forever).
 pub fn install_model_deployment_crd(cluster: &TestCluster) -> Result<()> {
     install_once(
         cluster,
         MODEL_DEPLOYMENT_CRD,
         "modeldeployments.deployment.beamlit.com",
+    )?;
+    install_once(
+        cluster,
+        GRANT_CRD,
+        "modeldeploymentgrants.deployment.beamlit.com",
     )
 }
 

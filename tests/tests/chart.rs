@@ -213,6 +213,81 @@ fn the_seed_flags_render_what_they_say() -> Result<()> {
     Ok(())
 }
 
+/// The boundary's values reach the controller's configuration: the release's own Services are
+/// protected, the admin's lists are passed on, http token URLs only with the opt-out, and the
+/// same-namespace admission policy is there unless cross-namespace references are allowed.
+#[test]
+fn the_boundary_values_render_into_the_configuration() -> Result<()> {
+    let seed = chart::render("beamlit-system", &ChartValues::seed())?;
+    let config: serde_yaml::Value = serde_yaml::from_str(&seed.controller_config()?)?;
+    let protected: Vec<&str> = config["protectedServices"]
+        .as_sequence()
+        .context("protectedServices")?
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert_eq!(
+        protected,
+        [
+            "beamlit-system/beamlit-controller-metrics",
+            "beamlit-system/beamlit-controller-metrics-server"
+        ]
+    );
+    for name in [
+        "beamlit-controller-metrics",
+        "beamlit-controller-metrics-server",
+    ] {
+        seed.find("Service", name)?;
+    }
+    assert!(config.get("allowedRemoteHosts").is_none());
+    assert!(config.get("allowInsecureTokenUrls").is_none());
+    let policy = seed.find(
+        "ValidatingAdmissionPolicy",
+        "beamlit-controller-same-namespace-references",
+    )?;
+    assert!(policy.to_string().contains("spec.serviceRef.namespace"));
+    seed.find(
+        "ValidatingAdmissionPolicyBinding",
+        "beamlit-controller-same-namespace-references",
+    )?;
+
+    let custom = chart::render(
+        "beamlit-system",
+        &ChartValues::new()
+            .set_list(
+                "config.allowedRemoteHosts",
+                &["fallback.internal", "*.models.example"],
+            )
+            .set_list("config.protectedServices", &["openshift-dns/dns-default"])
+            .set("config.allowInsecureTokenUrls", "true")
+            .set_string(
+                "config.defaultRemoteBackend.authConfig.oauthConfig.tokenUrl",
+                "http://10.0.0.9/oauth/token",
+            )
+            .set("config.crossNamespaceReferences", "true"),
+    )?;
+    let config: serde_yaml::Value = serde_yaml::from_str(&custom.controller_config()?)?;
+    assert_eq!(
+        config["allowedRemoteHosts"],
+        serde_yaml::from_str::<serde_yaml::Value>("[fallback.internal, '*.models.example']")?
+    );
+    assert_eq!(config["allowInsecureTokenUrls"].as_bool(), Some(true));
+    assert!(config["protectedServices"].as_sequence().is_some_and(|p| {
+        p.iter()
+            .any(|v| v.as_str() == Some("openshift-dns/dns-default"))
+    }));
+    assert!(custom.of_kind("ValidatingAdmissionPolicy").is_empty());
+    // The schema refuses what the controller would (a URL in the host list).
+    assert!(
+        chart::render(
+            "beamlit-system",
+            &ChartValues::new().set_list("config.allowedRemoteHosts", &["https://x/"]),
+        )
+        .is_err()
+    );
+    Ok(())
+}
+
 /// The agent DaemonSet: Linux nodes, every taint tolerated, host network, the node's bpffs and
 /// cgroup v2 mounted, not privileged, a rolling update that never runs two agents on a node, a
 /// priority class.

@@ -37,8 +37,8 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Write the ModelDeployment CRD, generated from the Rust types, into crds/ and into the
-    /// Helm chart's crds/.
+    /// Write the CRDs (ModelDeployment, ModelDeploymentGrant), generated from the Rust types,
+    /// into crds/ and into the Helm chart's crds/.
     Crds,
     /// The seed README's walkthrough, live: a control plane with a simulated node, the
     /// controller and the agent, the fake Beamlit; php-apache scaled to 0 and back while a client
@@ -83,14 +83,15 @@ fn main() -> anyhow::Result<()> {
         Task::Test { args } => test(&args),
         Task::Demo(args) => demo::demo(&args),
         Task::Crds => {
-            let yaml = beamlit_api::crd_yaml()?;
-            // The chart installs the same file (helm applies its crds/ before the templates).
-            let chart = PathBuf::from("charts/beamlit-controller").join(beamlit_api::CRD_FILE);
-            for file in [PathBuf::from(beamlit_api::CRD_FILE), chart] {
-                let path = project_root().join(file);
-                std::fs::write(&path, &yaml)
-                    .with_context(|| format!("writing {}", path.display()))?;
-                println!("wrote {}", path.display());
+            for (crd_file, yaml) in beamlit_api::all_crds()? {
+                // The chart installs the same file (helm applies its crds/ before the templates).
+                let chart = PathBuf::from("charts/beamlit-controller").join(crd_file);
+                for file in [PathBuf::from(crd_file), chart] {
+                    let path = project_root().join(file);
+                    std::fs::write(&path, &yaml)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    println!("wrote {}", path.display());
+                }
             }
             Ok(())
         }

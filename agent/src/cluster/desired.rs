@@ -16,6 +16,7 @@ use std::{
 use beamlit_api::{
     EffectiveRemoteBackend, ModelDeployment, NamespacedSecretKeyRef, Scheme as ApiScheme,
     acknowledgement::{Applied, AppliedDecisions, model_key},
+    validate,
 };
 use http::{HeaderName, HeaderValue, Uri};
 use serde::{Deserialize, Serialize};
@@ -225,31 +226,66 @@ fn remote_backend(
         ApiScheme::Http => Scheme::Http,
         ApiScheme::Https => Scheme::Https,
     };
-    let (host, port) =
-        backend::split_host_port(&remote.host, scheme.default_port()).ok_or_else(|| {
+    // The controller checked these with the same rules (beamlit_api::validate) before writing
+    // the status; refusing here too, with the same words, keeps a bad status off the maps.
+    let (host, port) = validate::host(&remote.host)
+        .ok()
+        .and_then(|()| backend::split_host_port(&remote.host, scheme.default_port()))
+        .ok_or_else(|| {
             format!(
-                "status.remoteBackend.host `{}` is not host[:port]",
-                remote.host
+                "status.remoteBackend.host `{}`: {}",
+                remote.host,
+                validate::HOST_MESSAGE
             )
         })?;
+    validate::path_prefix(&remote.path_prefix)
+        .map_err(|e| format!("status.remoteBackend.pathPrefix: {e}"))?;
     let mut headers_to_add = Vec::new();
     for (name, value) in &remote.headers_to_add {
-        let name = HeaderName::try_from(name.as_str())
-            .map_err(|_| format!("remoteBackend.headersToAdd: `{name}` is not a header name"))?;
-        let value = HeaderValue::try_from(value.as_str()).map_err(|_| {
-            format!("remoteBackend.headersToAdd.{name}: the value is not a valid header value")
-        })?;
-        headers_to_add.push((name, value));
+        let header = validate::header_name(name)
+            .ok()
+            .and_then(|()| HeaderName::try_from(name.as_str()).ok())
+            .ok_or_else(|| {
+                format!(
+                    "status.remoteBackend.headersToAdd: `{name}`: {}",
+                    validate::HEADER_NAME_MESSAGE
+                )
+            })?;
+        let value = validate::header_value(value)
+            .ok()
+            .and_then(|()| HeaderValue::try_from(value.as_str()).ok())
+            .ok_or_else(|| {
+                format!(
+                    "status.remoteBackend.headersToAdd[{name}]: {}",
+                    validate::HEADER_VALUE_MESSAGE
+                )
+            })?;
+        headers_to_add.push((header, value));
     }
     let auth = match &remote.oauth {
         None => Auth::None,
         Some(oauth) => {
-            let token_url: Uri = oauth.token_url.parse().map_err(|_| {
-                format!(
-                    "remoteBackend oauth tokenUrl `{}` is not a URL",
-                    oauth.token_url
-                )
-            })?;
+            // Whether plain http is allowed is the controller's decision (the admin's opt-out).
+            let token_url: Uri = validate::token_url(&oauth.token_url, true)
+                .ok()
+                .and_then(|()| oauth.token_url.parse().ok())
+                .ok_or_else(|| {
+                    format!(
+                        "status.remoteBackend.oauth.tokenUrl `{}`: {}",
+                        oauth.token_url,
+                        validate::TOKEN_URL_MESSAGE
+                    )
+                })?;
+            if let Some(r) = &oauth.client_secret_ref
+                && !secret_allowed(md, remote, r)
+            {
+                return Err(format!(
+                    "status.remoteBackend.oauth.clientSecretRef: Secret {}/{} is not in the \
+                     ModelDeployment's namespace; the agents read only Secrets a ModelDeployment \
+                     names in its own namespace",
+                    r.namespace, r.name
+                ));
+            }
             let client_secret = match &oauth.client_secret_ref {
                 Some(reference) => secrets.get(reference).cloned().ok_or_else(|| {
                     format!(
@@ -290,12 +326,27 @@ fn remote_backend(
     })
 }
 
-/// The Secrets the models' backends reference (each read once however many models share it).
+/// Whether the agents may read the Secret `reference` for this ModelDeployment: one in its own
+/// namespace, or the controller's default backend's (the chart's Secret, readable by name).
+fn secret_allowed(
+    md: &ModelDeployment,
+    remote: &EffectiveRemoteBackend,
+    reference: &NamespacedSecretKeyRef,
+) -> bool {
+    remote.source == "default" || md.metadata.namespace.as_deref() == Some(&reference.namespace)
+}
+
+/// The Secrets the models' backends reference (each read once however many models share it):
+/// only those an accepted ModelDeployment (one whose status names a remote backend) names in
+/// its own namespace, and the default backend's.
 pub fn secret_refs(models: &[Arc<ModelDeployment>]) -> Vec<NamespacedSecretKeyRef> {
     let mut refs: Vec<NamespacedSecretKeyRef> = models
         .iter()
-        .filter_map(|md| md.status.as_ref()?.remote_backend.as_ref()?.oauth.as_ref())
-        .filter_map(|o| o.client_secret_ref.clone())
+        .filter_map(|md| {
+            let remote = md.status.as_ref()?.remote_backend.as_ref()?;
+            let reference = remote.oauth.as_ref()?.client_secret_ref.as_ref()?;
+            secret_allowed(md, remote, reference).then(|| reference.clone())
+        })
         .collect();
     refs.sort_by(|a, b| (&a.namespace, &a.name, &a.key).cmp(&(&b.namespace, &b.name, &b.key)));
     refs.dedup();
@@ -577,5 +628,57 @@ mod tests {
             Arc::new(model("b", 0, "Healthy", &["10.96.0.11"])),
         ];
         assert_eq!(secret_refs(&models), vec![secret_ref()]);
+    }
+
+    /// A status naming a Secret outside the ModelDeployment's namespace (for its own backend)
+    /// is neither read nor applied; bad remote fields are refused with the validator's words.
+    #[test]
+    fn foreign_secrets_and_bad_remote_fields_are_refused() {
+        let mut foreign = model("a", 100, "NoReadyEndpoints", &["10.96.0.10"]);
+        if let Some(remote) = foreign
+            .status
+            .as_mut()
+            .and_then(|s| s.remote_backend.as_mut())
+        {
+            remote.source = "spec".into();
+        }
+        let models = vec![Arc::new(foreign)];
+        assert!(secret_refs(&models).is_empty(), "a foreign Secret was read");
+        let d = desired(&models, &ready("a", 1), &tunnels(), &secrets());
+        assert!(d.set.routes.is_empty());
+        assert!(d.problems[0].contains("own namespace"), "{:?}", d.problems);
+
+        type Edit = fn(&mut EffectiveRemoteBackend);
+        let edits: [(Edit, &str); 4] = [
+            (
+                |r| r.host = "https://run.beamlit.com/x".into(),
+                validate::HOST_MESSAGE,
+            ),
+            (
+                |r| r.path_prefix = "/a/../b".into(),
+                validate::DOT_SEGMENT_MESSAGE,
+            ),
+            (
+                |r| {
+                    r.headers_to_add.insert("X-Bad".into(), "a\r\nb".into());
+                },
+                validate::HEADER_VALUE_MESSAGE,
+            ),
+            (
+                |r| {
+                    r.headers_to_add.insert("X Bad".into(), "v".into());
+                },
+                validate::HEADER_NAME_MESSAGE,
+            ),
+        ];
+        for (edit, message) in edits {
+            let mut md = model("a", 100, "NoReadyEndpoints", &["10.96.0.10"]);
+            if let Some(remote) = md.status.as_mut().and_then(|s| s.remote_backend.as_mut()) {
+                edit(remote);
+            }
+            let d = desired(&[Arc::new(md)], &ready("a", 1), &tunnels(), &secrets());
+            assert!(d.set.routes.is_empty(), "{message}");
+            assert!(d.problems[0].contains(message), "{:?}", d.problems);
+        }
     }
 }

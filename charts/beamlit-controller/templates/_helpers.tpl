@@ -126,6 +126,14 @@ accepts; the tests feed this file to `beamlit-controller --check-config`.
     "leaseDurationSeconds" (int $c.leaderElection.leaseDurationSeconds))
 -}}
 {{- with (include "beamlit.prometheusUrl" .) }}{{ $_ := set $file "prometheusUrl" . }}{{ end -}}
+{{- /* The boundary (controller/src/admission.rs): this release's own Services are protected. */ -}}
+{{- $protected := list (printf "%s/%s-metrics" .Release.Namespace (include "beamlit.controller.name" .)) -}}
+{{- if .Values.installMetricServer -}}
+{{- $protected = append $protected (printf "%s/%s" .Release.Namespace (include "beamlit.metricsServer.name" .)) -}}
+{{- end -}}
+{{- $_ := set $file "protectedServices" (concat $protected $c.protectedServices) -}}
+{{- with $c.allowedRemoteHosts }}{{ $_ := set $file "allowedRemoteHosts" . }}{{ end -}}
+{{- if $c.allowInsecureTokenUrls }}{{ $_ := set $file "allowInsecureTokenUrls" true }}{{ end -}}
 {{- with .Values.allowedNamespaces }}{{ $_ := set $file "namespaces" . }}{{ end -}}
 {{- with $c.workspace }}{{ $_ := set $file "workspace" . }}{{ end -}}
 {{- /* The controller refuses beamlitApi without a workspace (the models' workspace). */ -}}
@@ -160,6 +168,9 @@ accepts; the tests feed this file to `beamlit-controller --check-config`.
 {{- $o := .Values.config.defaultRemoteBackend.authConfig.oauthConfig -}}
 {{- if and (include "beamlit.defaultBackendAuth" .) (not $o.clientSecret) (not .Values.existingSecret) -}}
 {{- fail "config.defaultRemoteBackend.authConfig.oauthConfig.clientId is set but there is no client secret: set config.defaultRemoteBackend.authConfig.oauthConfig.clientSecret, or existingSecret" -}}
+{{- end -}}
+{{- if and (include "beamlit.defaultBackendAuth" .) (hasPrefix "http://" $o.tokenUrl) (not .Values.config.allowInsecureTokenUrls) -}}
+{{- fail "config.defaultRemoteBackend.authConfig.oauthConfig.tokenUrl must be an https URL (the client secret is sent there); set config.allowInsecureTokenUrls=true only for a test backend" -}}
 {{- end -}}
 {{- if and $o.clientSecret (not $o.clientId) -}}
 {{- fail "config.defaultRemoteBackend.authConfig.oauthConfig.clientSecret is set without clientId" -}}
