@@ -211,16 +211,7 @@ fn start_nodes(dir: &Path, nodes: usize) -> Result<()> {
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
-    // SAFETY: setsid is async-signal-safe; it detaches the daemon from our session.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().context("starting the node simulator")?;
+    let mut child = spawn_detached(&mut cmd).context("starting the node simulator")?;
     std::fs::write(dir.join("nodes.pid"), child.id().to_string())?;
     let ready = dir.join("nodes.ready");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -237,6 +228,21 @@ fn start_nodes(dir: &Path, nodes: usize) -> Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
+}
+
+/// Spawns `cmd` in a session of its own (`setsid`), so it outlives this command and the
+/// terminal's signals: the daemons of `cluster up`.
+pub(crate) fn spawn_detached(cmd: &mut Command) -> std::io::Result<std::process::Child> {
+    // SAFETY: setsid is async-signal-safe; it detaches the daemon from our session.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
 }
 
 /// The node simulator's pid if it is still the process `up` started.

@@ -3,7 +3,6 @@
 //! lives until `cargo xtask cluster down` sends it SIGTERM. Everything the cluster makes is tied
 //! to that daemon (the kernel kills the components if it dies) and named after its pid, so
 //! `down` can sweep what a killed daemon left.
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -81,20 +80,12 @@ pub(crate) fn up(dir: &Path, nodes: usize) -> Result<()> {
     .stdin(Stdio::null())
     .stdout(log.try_clone()?)
     .stderr(log);
-    // SAFETY: setsid is async-signal-safe; it detaches the daemon from our session.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
     println!(
         "[cluster] starting the control plane, registry and {nodes} real node(s) (log: {})",
         log_path.display()
     );
-    let mut child = cmd.spawn().context("starting the real-node daemon")?;
+    let mut child =
+        crate::cluster::spawn_detached(&mut cmd).context("starting the real-node daemon")?;
     std::fs::write(dir.join("daemon.pid"), child.id().to_string())?;
     let ready = dir.join(STATE);
     let deadline = Instant::now() + Duration::from_secs(300);

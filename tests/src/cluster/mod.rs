@@ -417,12 +417,7 @@ impl TestCluster {
     /// A fresh Kubernetes namespace `t-<hint>-<pid>-<n>`, deleted on drop.
     /// Waits for its default service account (pods need it).
     pub fn namespace(&self, hint: &str) -> Result<TestNamespace<'_>> {
-        let name = format!(
-            "t-{}-{}-{}",
-            crate::naming::sanitize_hint(hint),
-            std::process::id(),
-            crate::naming::next_id()
-        );
+        let name = test_namespace_name(hint);
         self.kubectl(&["create", "namespace", &name])?;
         let ns = TestNamespace {
             cluster: self,
@@ -447,24 +442,9 @@ impl TestCluster {
         &self,
         what: &str,
         timeout: Duration,
-        mut check: impl FnMut() -> Result<bool>,
+        check: impl FnMut() -> Result<bool>,
     ) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        let mut last_err = None;
-        loop {
-            match check() {
-                Ok(true) => return Ok(()),
-                Ok(false) => {}
-                Err(e) => last_err = Some(e),
-            }
-            if Instant::now() >= deadline {
-                return Err(match last_err {
-                    Some(e) => e.context(format!("waiting for {what} ({timeout:?})")),
-                    None => anyhow!("timed out after {timeout:?} waiting for {what}"),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        poll_until(what, timeout, Duration::from_millis(100), check)
     }
 
     /// Waits until Deployment `name` has observed its latest spec and has
@@ -610,13 +590,52 @@ impl TestNamespace<'_> {
 
 impl Drop for TestNamespace<'_> {
     fn drop(&mut self) {
-        if let Err(e) = self
-            .cluster
-            .kubectl(&["delete", "namespace", &self.name, "--wait=false"])
-        {
-            eprintln!("beamlit-testbed: deleting namespace {}: {e:#}", self.name);
-        }
+        delete_test_namespace(|a| self.cluster.kubectl(a), &self.name);
     }
+}
+
+/// Calls `check` every `interval` until it returns true; fails after `timeout` with the last
+/// error `check` returned, if any. The one wait loop of both kinds of cluster.
+pub fn poll_until(
+    what: &str,
+    timeout: Duration,
+    interval: Duration,
+    mut check: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut last_err = None;
+    loop {
+        match check() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if Instant::now() >= deadline {
+            return Err(match last_err {
+                Some(e) => e.context(format!("waiting for {what} ({timeout:?})")),
+                None => anyhow!("timed out after {timeout:?} waiting for {what}"),
+            });
+        }
+        std::thread::sleep(interval);
+    }
+}
+
+/// `kubectl delete namespace <name> --wait=false` for a test namespace's drop; reports, never
+/// panics.
+fn delete_test_namespace(kubectl: impl FnOnce(&[&str]) -> Result<String>, name: &str) {
+    if let Err(e) = kubectl(&["delete", "namespace", name, "--wait=false"]) {
+        eprintln!("beamlit-testbed: deleting namespace {name}: {e:#}");
+    }
+}
+
+/// `t-<hint>-<pid>-<n>`: a test namespace's name.
+fn test_namespace_name(hint: &str) -> String {
+    format!(
+        "t-{}-{}-{}",
+        crate::naming::sanitize_hint(hint),
+        std::process::id(),
+        crate::naming::next_id()
+    )
 }
 
 fn run_with_stdin(mut cmd: Command, stdin: Option<&str>) -> Result<String> {

@@ -11,7 +11,7 @@
 use std::fs::File;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -238,29 +238,7 @@ fn stamp() -> String {
 /// pause from `build/pause/linux/pause.c` of the pinned Kubernetes module, static, so its
 /// image is one file.
 fn build_pause(out: &Path) -> Result<()> {
-    let mut download = Command::new("go");
-    download
-        .args([
-            "mod",
-            "download",
-            "-json",
-            &format!("k8s.io/kubernetes@{KUBERNETES_VERSION}"),
-        ])
-        .env("GOTOOLCHAIN", "local")
-        .env("GOFLAGS", "-mod=mod")
-        .current_dir(std::env::temp_dir())
-        .stdin(Stdio::null());
-    let json = download
-        .output()
-        .context("running go mod download for pause.c")?;
-    if !json.status.success() {
-        bail!(
-            "go mod download k8s.io/kubernetes@{KUBERNETES_VERSION}: {}",
-            String::from_utf8_lossy(&json.stderr)
-        );
-    }
-    let info: serde_json::Value =
-        serde_json::from_slice(&json.stdout).context("parsing go mod download")?;
+    let info = super::tools::kubernetes_module()?;
     let dir = info["Dir"]
         .as_str()
         .context("go mod download printed no Dir")?;

@@ -189,12 +189,7 @@ impl RealCluster {
     /// A fresh namespace `t-<hint>-<pid>-<n>`, deleted on drop; waits for its default service
     /// account.
     pub fn namespace(&self, hint: &str) -> Result<RealNamespace<'_>> {
-        let name = format!(
-            "t-{}-{}-{}",
-            crate::naming::sanitize_hint(hint),
-            std::process::id(),
-            crate::naming::next_id()
-        );
+        let name = super::test_namespace_name(hint);
         self.kubectl(&["create", "namespace", &name])?;
         let ns = RealNamespace {
             cluster: self,
@@ -218,24 +213,9 @@ impl RealCluster {
         &self,
         what: &str,
         timeout: Duration,
-        mut check: impl FnMut() -> Result<bool>,
+        check: impl FnMut() -> Result<bool>,
     ) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        let mut last_err = None;
-        loop {
-            match check() {
-                Ok(true) => return Ok(()),
-                Ok(false) => {}
-                Err(e) => last_err = Some(e),
-            }
-            if Instant::now() >= deadline {
-                return Err(match last_err {
-                    Some(e) => e.context(format!("waiting for {what} ({timeout:?})")),
-                    None => anyhow!("timed out after {timeout:?} waiting for {what}"),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        super::poll_until(what, timeout, Duration::from_millis(200), check)
     }
 
     /// Waits until every pod matching `selector` in `namespace` is Ready and there are `count`.
@@ -396,12 +376,7 @@ impl RealNamespace<'_> {
 
 impl Drop for RealNamespace<'_> {
     fn drop(&mut self) {
-        if let Err(e) = self
-            .cluster
-            .kubectl(&["delete", "namespace", &self.name, "--wait=false"])
-        {
-            eprintln!("beamlit-testbed: deleting namespace {}: {e:#}", self.name);
-        }
+        super::delete_test_namespace(|a| self.cluster.kubectl(a), &self.name);
     }
 }
 

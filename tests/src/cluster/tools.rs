@@ -384,18 +384,7 @@ fn pins(go_mod: &str, pin: &str) -> bool {
 /// staging directory, replaced by a path upstream): each needs a `replace` to
 /// the published `v0.<minor>.<patch>`.
 fn staging_modules() -> Result<Vec<String>> {
-    let mut cmd = Command::new("go");
-    cmd.args([
-        "mod",
-        "download",
-        "-json",
-        &format!("k8s.io/kubernetes@{KUBERNETES_VERSION}"),
-    ])
-    .env("GOTOOLCHAIN", "local")
-    .env("GOFLAGS", "-mod=mod")
-    .current_dir(std::env::temp_dir());
-    let json = go_output(&mut cmd)?;
-    let info: serde_json::Value = serde_json::from_str(&json).context("parsing go mod download")?;
+    let info = kubernetes_module()?;
     let gomod = info["GoMod"]
         .as_str()
         .context("go mod download printed no GoMod path")?;
@@ -412,6 +401,23 @@ fn staging_modules() -> Result<Vec<String>> {
         bail!("found no staging modules in k8s.io/kubernetes {KUBERNETES_VERSION}'s go.mod");
     }
     Ok(mods)
+}
+
+/// `go mod download -json k8s.io/kubernetes@<pinned>`: where the module's source (`Dir`) and
+/// its go.mod (`GoMod`) are in Go's module cache.
+pub(crate) fn kubernetes_module() -> Result<serde_json::Value> {
+    let mut cmd = Command::new("go");
+    cmd.args([
+        "mod",
+        "download",
+        "-json",
+        &format!("k8s.io/kubernetes@{KUBERNETES_VERSION}"),
+    ])
+    .env("GOTOOLCHAIN", "local")
+    .env("GOFLAGS", "-mod=mod")
+    .current_dir(std::env::temp_dir());
+    let json = go_output(&mut cmd)?;
+    serde_json::from_str(&json).context("parsing go mod download")
 }
 
 fn render_go_mod(staging: &[String]) -> String {
