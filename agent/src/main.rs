@@ -7,7 +7,7 @@ use beamlit_agent::{
     dataplane::{self, Dataplane, DataplaneConfig, EbpfLogLevel},
     inspect, routes,
     standalone::{self, Standalone},
-    tunnel::metrics::Metrics,
+    tunnel::{limits::Limits, metrics::Metrics},
 };
 use clap::{Parser, Subcommand};
 use tracing::info;
@@ -115,6 +115,18 @@ struct RunArgs {
     /// Worker threads of the egress tunnel (default: the CPUs available, at most 4).
     #[arg(long)]
     tunnel_workers: Option<usize>,
+    /// Per-client limit of the tunnel: time from accepting a connection (or finishing a
+    /// response on it) to a complete request head; also closes idle keep-alive connections.
+    #[arg(long, default_value_t = 10_000)]
+    tunnel_header_timeout_ms: u64,
+    /// Per-client limit of the tunnel: a raw TCP or upgraded (WebSocket) connection with no byte
+    /// either way for this long is closed.
+    #[arg(long, default_value_t = 600_000)]
+    tunnel_idle_timeout_ms: u64,
+    /// Per-client limit of the tunnel: connections open at once from one client address; more
+    /// are reset (counted as outcome `client_limit`).
+    #[arg(long, default_value_t = 1024)]
+    tunnel_max_connections_per_client: usize,
     /// Serve Prometheus /metrics (and /healthz) on this address, e.g. 0.0.0.0:9464.
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
@@ -280,6 +292,11 @@ fn run(bpffs: &std::path::Path, state_dir: &std::path::Path, args: RunArgs) -> a
         metrics.clone(),
         args.tunnel_workers
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get().min(4))),
+        Limits {
+            header_timeout: Duration::from_millis(args.tunnel_header_timeout_ms.max(1)),
+            idle_timeout: Duration::from_millis(args.tunnel_idle_timeout_ms.max(1)),
+            max_connections_per_client: args.tunnel_max_connections_per_client.max(1),
+        },
     );
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -304,9 +321,9 @@ fn run(bpffs: &std::path::Path, state_dir: &std::path::Path, args: RunArgs) -> a
                     standalone.run(&mut dp, text).await
                 }
                 Mode::Cluster(config) => {
-                    let client = kube::Client::try_default().await.context(
-                        "connecting to the Kubernetes API (in-cluster service account or KUBECONFIG)",
-                    )?;
+                    // Marked like the tunnel's sockets: never redirected by the node's eBPF.
+                    let client =
+                        beamlit_agent::cluster::api_client::infer(args.bypass_mark).await?;
                     Cluster::new(config, client, applier).run(&mut dp).await
                 }
             }

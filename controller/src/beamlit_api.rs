@@ -375,9 +375,15 @@ struct CachedToken {
     refresh_at: Instant,
 }
 
+/// Tokens are used at most this long, whatever `expires_in` says: a remote's answer of
+/// `u64::MAX` seconds would otherwise overflow `Instant + Duration` (a panic).
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
 /// When a token obtained at `obtained` with `expires_in` seconds of life should be replaced.
 fn refresh_at(obtained: Instant, expires_in: Option<u64>) -> Instant {
-    let lifetime = expires_in.map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs);
+    let lifetime = expires_in
+        .map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs)
+        .min(MAX_TOKEN_LIFETIME);
     obtained + lifetime - lifetime / 10
 }
 
@@ -1043,6 +1049,19 @@ mod tests {
         assert_eq!(refresh_at(t0, Some(10)), t0 + Duration::from_secs(9));
         assert_eq!(refresh_at(t0, Some(0)), t0);
         assert_eq!(refresh_at(t0, None), t0 + Duration::from_secs(54));
+    }
+
+    #[test]
+    fn a_huge_expires_in_from_the_token_endpoint_does_not_panic() {
+        let t0 = Instant::now();
+        for huge in [u64::MAX, u64::MAX / 2, 1 << 40] {
+            let lifetime = MAX_TOKEN_LIFETIME;
+            assert_eq!(
+                refresh_at(t0, Some(huge)),
+                t0 + lifetime - lifetime / 10,
+                "{huge}"
+            );
+        }
     }
 
     #[test]

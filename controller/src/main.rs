@@ -93,6 +93,7 @@ impl Settings {
                 .unwrap_or(15)
                 .max(2),
         );
+        let (renew_deadline, renew_every) = LeaderConfig::timings(lease_duration);
         let leader = cli
             .leader_election
             .or(leader.enabled)
@@ -111,7 +112,8 @@ impl Settings {
                     .unwrap_or_else(|| "beamlit-controller".into()),
                 identity: identity(),
                 lease_duration,
-                renew_every: lease_duration / 3,
+                renew_deadline,
+                renew_every,
             });
         Ok(Self {
             stabilization_window: Duration::from_secs(

@@ -303,6 +303,56 @@ impl AgentFixture {
         Ok(())
     }
 
+    /// Whether the next (re)start puts the agent itself inside its cgroup, where its programs
+    /// see the agent's own sockets, as on a node.
+    pub fn set_inside_cgroup(&mut self, inside: bool) {
+        self.inside_cgroup = inside;
+    }
+
+    /// Writes a `services` entry with `bpftool`, as an operator (or a bug) could, bypassing the
+    /// agent: `service` redirected at `share_bp` to `tunnel`, marked ready (no heartbeat
+    /// required), counters in slot `counter_slot`.
+    pub fn write_entry_by_hand(
+        &self,
+        service: std::net::SocketAddrV4,
+        tunnel: std::net::SocketAddrV4,
+        share_bp: u16,
+        counter_slot: u32,
+    ) -> Result<()> {
+        let mut key = [0u8; 20];
+        key[..4].copy_from_slice(&service.ip().octets());
+        key[16..18].copy_from_slice(&service.port().to_le_bytes());
+        key[18] = 6; // PROTO_TCP
+        key[19] = 4; // FAMILY_INET
+        let mut value = [0u8; 32];
+        value[..4].copy_from_slice(&tunnel.ip().octets());
+        value[16..20].copy_from_slice(&1u32.to_le_bytes()); // generation
+        value[20..22].copy_from_slice(&share_bp.to_le_bytes());
+        value[22..24].copy_from_slice(&tunnel.port().to_le_bytes());
+        value[24..26].copy_from_slice(&1u16.to_le_bytes()); // FLAG_TUNNEL_READY
+        value[26] = 4; // tunnel family
+        value[28..32].copy_from_slice(&counter_slot.to_le_bytes());
+        let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>();
+        let out = Command::new("bpftool")
+            .args(["map", "update", "pinned"])
+            .arg(self.bpffs.join("services"))
+            .arg("key")
+            .arg("hex")
+            .args(hex(&key))
+            .arg("value")
+            .arg("hex")
+            .args(hex(&value))
+            .output()
+            .context("running bpftool")?;
+        if !out.status.success() {
+            bail!(
+                "bpftool map update: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
     /// Starts the agent again (after [`Self::kill9`]); it adopts the pinned state.
     pub fn restart(&mut self) -> Result<()> {
         self.kill9()?;

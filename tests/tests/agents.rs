@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result, bail};
 use beamlit_testbed::{
     AgentFixture, Pod, ProbeOptions, ProbeReport, TestCgroup,
     cluster::TestCluster,
-    finish_probe, require_privileges, run_probe,
+    finish_probe, require_privileges, run_in, run_probe,
     seed::{
         Exporter, OffloadBed, PHP_APACHE, deploy_seed, scale, seed_model_deployment,
         start_prometheus, status,
@@ -298,6 +298,64 @@ fn an_agent_restart_adopts_its_maps_and_resyncs() -> Result<()> {
         "a restart with nothing changed rewrote the maps:\n{}",
         agent.log()
     );
+    Ok(())
+}
+
+/// The agent's own connections to the API server carry the bypass mark, so no `services` entry
+/// (here one written by hand with bpftool for the API server's own address) can redirect them:
+/// an agent inside the cgroup its programs watch, as on a node, still lists, applies and
+/// acknowledges. The same entry does redirect an unmarked client in that cgroup.
+#[test]
+fn a_hand_written_entry_for_the_api_server_does_not_redirect_the_agents_own_connections()
+-> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let cluster = TestCluster::shared()?;
+    let bed = OffloadBed::new(cluster, "apiexempt")?;
+    deploy_seed(cluster, bed.ns())?;
+    let _controller = bed.controller()?;
+    let node = TestCgroup::new("node1")?;
+    let mut agent = bed.agent("beamlit-node-1", &node)?;
+    bed.wait_applied("applied on 1 of 1", |s| s["agents"]["applied"] == 1)?;
+    let server = cluster.server();
+    let api: std::net::SocketAddrV4 = server
+        .trim_start_matches("https://")
+        .parse()
+        .with_context(|| format!("API server address in {server}"))?;
+    // Every redirected connect goes to a closed loopback port: refused at once.
+    let nowhere: std::net::SocketAddrV4 = "127.0.0.1:1".parse()?;
+    agent.write_entry_by_hand(api, nowhere, 10_000, 65_535)?;
+    assert_eq!(agent.service(&api.to_string())?["share_bp"], 10_000);
+    let curl = |cgroup: Option<&std::path::Path>| -> Result<bool> {
+        let mut cmd = std::process::Command::new("curl");
+        cmd.args([
+            "-sk",
+            "-o",
+            "/dev/null",
+            "--max-time",
+            "5",
+            &format!("{server}/version"),
+        ]);
+        Ok(run_in(cgroup, cmd)?.status.success())
+    };
+    assert!(curl(None)?, "the API server answers outside the cgroup");
+    assert!(
+        !curl(Some(node.path()))?,
+        "the hand-written entry must redirect an unmarked client in the cgroup"
+    );
+    // The agent restarts inside the cgroup with the entry in place: its first list, its Lease
+    // and its Secret reads all connect while the entry says "redirect everything".
+    agent.set_inside_cgroup(true);
+    agent.restart()?;
+    agent.wait_log("listed; applying", Duration::from_secs(20))?;
+    // It applied: the entry nobody asked for is gone from the maps, the model's is there.
+    wait_removed(&agent, &api.to_string())?;
+    let svc = bed.service_address()?;
+    agent.wait_share(&svc, 0, WAIT)?;
+    // And it keeps following the cluster from inside the cgroup.
+    scale(cluster, bed.ns(), 0)?;
+    agent.wait_share(&svc, 10_000, WAIT)?;
     Ok(())
 }
 

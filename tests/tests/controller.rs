@@ -372,6 +372,102 @@ fn one_leader_decides_and_a_follower_takes_over_when_it_dies() -> Result<()> {
     Ok(())
 }
 
+/// The Lease's `renewTime` as a holder whose clock is `offset_secs` off would write it.
+fn skewed_micro_time(offset_secs: i64) -> String {
+    let t = k8s_openapi::jiff::Timestamp::now()
+        + k8s_openapi::jiff::SignedDuration::from_secs(offset_secs);
+    t.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+#[test]
+fn a_holder_whose_clock_is_behind_keeps_the_lease_while_it_renews() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let cluster = TestCluster::shared()?;
+    install_model_deployment_crd(cluster)?;
+    let ns = cluster.namespace("ctlskew")?;
+    let lease = format!("beamlit-skew-{}", std::process::id());
+    // Another replica holds the Lease and renews it, but its clock is an hour behind ours:
+    // every renewTime it writes looks an hour old here. Comparing that with the local clock
+    // takes the Lease from a live leader (two leaders); only a record that stops changing for
+    // the lease duration, as this process sees it, may be taken.
+    cluster.apply(
+        ns.name(),
+        &format!(
+            "apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata:\n  name: {lease}\n\
+             spec:\n  holderIdentity: skewed-replica\n  leaseDurationSeconds: 3\n  \
+             renewTime: \"{}\"\n",
+            skewed_micro_time(-3600)
+        ),
+    )?;
+    let renew = || -> Result<String> {
+        cluster.kubectl(&[
+            "patch",
+            "lease",
+            &lease,
+            "-n",
+            ns.name(),
+            "--type",
+            "merge",
+            "-p",
+            &format!(
+                r#"{{"spec":{{"renewTime":"{}"}}}}"#,
+                skewed_micro_time(-3600)
+            ),
+        ])
+    };
+    let controller = ControllerProcess::start_with(
+        cluster,
+        &[
+            "--namespaces",
+            ns.name(),
+            "--leader-election-namespace",
+            ns.name(),
+            "--leader-election-name",
+            &lease,
+            "--lease-duration-secs",
+            "3",
+        ],
+    )?;
+    controller.wait_log(
+        "waiting for the lease held by another controller",
+        Duration::from_secs(20),
+    )?;
+    // Renewed every 500 ms for three lease durations: the holder is alive throughout.
+    let renewing = Instant::now();
+    while renewing.elapsed() < Duration::from_secs(9) {
+        renew()?;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        !controller.log().contains("became the leader"),
+        "took the lease from a live holder:\n{}",
+        controller.log()
+    );
+    // The holder stops renewing: its record no longer changes, and after the lease duration
+    // (by this process's clock) the controller takes over.
+    let stopped = Instant::now();
+    controller.wait_log("became the leader", Duration::from_secs(15))?;
+    let took = stopped.elapsed();
+    println!("took the lease {took:?} after the holder stopped renewing (lease 3 s)");
+    assert!(
+        took >= Duration::from_secs(2),
+        "took over too early: {took:?}"
+    );
+    let holder = cluster.kubectl(&[
+        "get",
+        "lease",
+        &lease,
+        "-n",
+        ns.name(),
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ])?;
+    assert_ne!(holder, "skewed-replica");
+    Ok(())
+}
+
 #[test]
 fn the_binary_refuses_a_bad_configuration_naming_the_key() -> Result<()> {
     let dir = TestDir::new("ctlconfig")?;

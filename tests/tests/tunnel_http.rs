@@ -747,3 +747,151 @@ fn upload_status(
         String::from_utf8_lossy(&out.stderr).to_string(),
     ))
 }
+
+/// Runs a Python script in the client pod, inside the test cgroup; returns its stdout lines.
+fn python_in_client(bed: &Bed, script: &str) -> Result<Vec<String>> {
+    let mut cmd = bed.client.netns.cmd("python3");
+    cmd.args(["-c", script]);
+    let out = run_in(Some(bed.cgroup.path()), cmd)?;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() {
+        anyhow::bail!(
+            "python failed ({}): {stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    println!("{stdout}");
+    Ok(stdout.lines().map(str::to_string).collect())
+}
+
+/// Seconds in a `NAME <seconds>` line of the script's output.
+fn seconds(lines: &[String], name: &str) -> Result<f64> {
+    lines
+        .iter()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no {name} line in {lines:?}"))
+}
+
+#[test]
+fn a_client_that_sends_its_request_head_too_slowly_is_cut_at_the_header_timeout() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let bed = Bed::new("tslowhdr", Duration::from_secs(3600))?;
+    let _agent = bed.agent(&["--tunnel-header-timeout-ms", "1000"])?;
+    // A partial head trickled a byte every 200 ms, a client that sends nothing at all, and an
+    // idle keep-alive connection after one answered request: each is closed by the tunnel
+    // about a second in, instead of holding a connection (and a task) for as long as it likes.
+    let script = r#"
+import socket, time
+def until_closed(s):
+    t0 = time.monotonic()
+    try:
+        while True:
+            if not s.recv(4096):
+                break
+    except (ConnectionResetError, TimeoutError, socket.timeout):
+        pass
+    return time.monotonic() - t0
+s = socket.create_connection(("10.96.0.10", 80), timeout=10)
+s.sendall(b"GET /slow HTTP/1.1\r\n")
+t0 = time.monotonic()
+closed = False
+for b in b"Host: 10.96.0.10\r\nX-Slow: " + b"a" * 50:
+    try:
+        s.sendall(bytes([b]))
+    except (BrokenPipeError, ConnectionResetError):
+        closed = True
+        break
+    time.sleep(0.2)
+    if time.monotonic() - t0 > 5:
+        break
+print("TRICKLE", time.monotonic() - t0 + (0 if closed else until_closed(s)))
+s = socket.create_connection(("10.96.0.10", 80), timeout=10)
+print("SILENT", until_closed(s))
+s = socket.create_connection(("10.96.0.10", 80), timeout=10)
+s.sendall(b"GET /first HTTP/1.1\r\nHost: 10.96.0.10\r\n\r\n")
+head = b""
+while b"\r\n\r\n" not in head:
+    head += s.recv(4096)
+print("ANSWERED", head.split(b"\r\n")[0].decode())
+print("KEEPALIVE", until_closed(s))
+"#;
+    let lines = python_in_client(&bed, script)?;
+    for name in ["TRICKLE", "SILENT", "KEEPALIVE"] {
+        let s = seconds(&lines, name)?;
+        assert!(
+            (0.8..3.0).contains(&s),
+            "{name}: closed after {s:.2}s, not ~1s"
+        );
+    }
+    assert!(
+        lines.iter().any(|l| l == "ANSWERED HTTP/1.1 200 OK"),
+        "{lines:?}"
+    );
+    // A client that sends its request at once is served as before.
+    let echo = bed.get_json("/after")?;
+    assert_eq!(echo["path"], "/ws/models/php-apache/after", "{echo}");
+    Ok(())
+}
+
+#[test]
+fn an_upgraded_connection_idle_beyond_the_idle_timeout_is_closed() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let bed = Bed::new("tidle", Duration::from_secs(3600))?;
+    let _agent = bed.agent_to(Remote::Http, &["--tunnel-idle-timeout-ms", "1000"])?;
+    // Echo traffic every 300 ms for 2 s keeps the switched connection open past the timeout;
+    // then silence closes it about a second after the last echo.
+    let script = r#"
+import socket, time
+s = socket.create_connection(("10.96.0.10", 80), timeout=10)
+s.sendall(b"GET /upgrade HTTP/1.1\r\nHost: 10.96.0.10\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+buf = b""
+while b"\r\n\r\n" not in buf:
+    buf += s.recv(4096)
+print("STATUS", buf.split(b"\r\n")[0].decode())
+echoed = 0
+t0 = time.monotonic()
+while time.monotonic() - t0 < 2.0:
+    s.sendall(b"ping\n")
+    got = b""
+    while not got.endswith(b"ping\n"):
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        got += chunk
+    echoed += got.count(b"ping\n")
+    last = time.monotonic()
+    time.sleep(0.3)
+print("ECHOED", echoed)
+try:
+    while s.recv(4096):
+        pass
+except ConnectionResetError:
+    pass
+print("IDLE", time.monotonic() - last)
+"#;
+    let lines = python_in_client(&bed, script)?;
+    assert!(
+        lines
+            .iter()
+            .any(|l| l == "STATUS HTTP/1.1 101 Switching Protocols"),
+        "{lines:?}"
+    );
+    let echoed: u32 = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("ECHOED "))
+        .and_then(|v| v.parse().ok())
+        .context("ECHOED line")?;
+    assert!(echoed >= 5, "the chatty phase was cut: {lines:?}");
+    let idle = seconds(&lines, "IDLE")?;
+    assert!(
+        (0.8..3.0).contains(&idle),
+        "closed after {idle:.2}s idle, not ~1s"
+    );
+    Ok(())
+}

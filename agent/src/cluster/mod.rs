@@ -10,6 +10,7 @@
 //!   apply brings the maps up to date.
 //! - A ModelDeployment deleted leaves the cache, so its entries leave the maps.
 pub mod ack;
+pub mod api_client;
 pub mod desired;
 
 use std::{

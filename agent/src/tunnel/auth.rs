@@ -152,14 +152,23 @@ impl TokenCache {
                 reason: "empty access_token".into(),
             });
         }
-        // Refresh a little before expiry: a tenth of the lifetime, at most a minute.
-        let lifetime = Duration::from_secs(parsed.expires_in.unwrap_or(300));
-        let margin = (lifetime / 10).min(Duration::from_secs(60));
         Ok(Token {
             value: parsed.access_token,
-            refresh_at: issued + lifetime - margin,
+            refresh_at: refresh_at(issued, parsed.expires_in),
         })
     }
+}
+
+/// Tokens are used at most this long, whatever `expires_in` says: a remote's answer of
+/// `u64::MAX` seconds would otherwise overflow `Instant + Duration` (a panic).
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// When a token issued at `issued` with `expires_in` seconds of life should be replaced: a
+/// little before expiry, by a tenth of the lifetime (at most a minute).
+fn refresh_at(issued: Instant, expires_in: Option<u64>) -> Instant {
+    let lifetime = Duration::from_secs(expires_in.unwrap_or(300)).min(MAX_TOKEN_LIFETIME);
+    let margin = (lifetime / 10).min(Duration::from_secs(60));
+    issued + lifetime - margin
 }
 
 /// The header value for a backend's auth, if any.
@@ -175,5 +184,32 @@ pub async fn authorization(
             url: oauth.token_url.to_string(),
             reason: "no token cache for this client (internal error)".into(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_refresh_a_tenth_of_their_lifetime_early_at_most_a_minute() {
+        let t0 = Instant::now();
+        assert_eq!(refresh_at(t0, Some(100)), t0 + Duration::from_secs(90));
+        assert_eq!(refresh_at(t0, Some(3600)), t0 + Duration::from_secs(3540));
+        assert_eq!(refresh_at(t0, Some(0)), t0);
+        assert_eq!(refresh_at(t0, None), t0 + Duration::from_secs(270));
+    }
+
+    #[test]
+    fn a_huge_expires_in_from_the_token_endpoint_does_not_panic() {
+        let t0 = Instant::now();
+        for huge in [u64::MAX, u64::MAX / 2, 1 << 40] {
+            let at = refresh_at(t0, Some(huge));
+            assert_eq!(
+                at,
+                t0 + MAX_TOKEN_LIFETIME - Duration::from_secs(60),
+                "{huge}"
+            );
+        }
     }
 }

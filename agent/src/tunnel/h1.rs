@@ -311,6 +311,11 @@ fn encode_request_head(parts: &http::request::Parts, framing: RequestFraming) ->
         head.extend_from_slice(value.as_bytes());
         head.extend_from_slice(b"\r\n");
     }
+    // Connection is ours too, but an upgrade needs it: servers (RFC 6455 §4.2.1 for WebSocket)
+    // refuse an Upgrade header that `Connection: upgrade` does not name.
+    if parts.headers.contains_key(header::UPGRADE) {
+        head.extend_from_slice(b"connection: upgrade\r\n");
+    }
     match framing {
         RequestFraming::None => {}
         RequestFraming::Length(n) => {
@@ -885,6 +890,24 @@ mod tests {
             text,
             "POST /v1/models/x?stream=1 HTTP/1.1\r\nhost: remote.example:8080\r\nx-kept: yes\r\n\
              transfer-encoding: chunked\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn upgrade_requests_keep_connection_upgrade() {
+        let req = Request::builder()
+            .uri("http://remote.example/ws")
+            .header("connection", "keep-alive, Upgrade")
+            .header("upgrade", "websocket")
+            .body(())
+            .expect("request");
+        let (parts, ()) = req.into_parts();
+        let text =
+            String::from_utf8(encode_request_head(&parts, RequestFraming::None)).expect("utf8");
+        assert_eq!(
+            text,
+            "GET /ws HTTP/1.1\r\nhost: remote.example\r\nupgrade: websocket\r\n\
+             connection: upgrade\r\n\r\n"
         );
     }
 }

@@ -15,7 +15,7 @@ use http::{
 };
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tracing::{debug, warn};
 
@@ -24,6 +24,7 @@ use super::{
     backend::Scheme,
     client::{self, Body, BoxError},
     h1,
+    limits::relay_until_idle,
 };
 
 /// What every request of one client connection shares.
@@ -49,7 +50,12 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Serves one accepted client connection: HTTP/1.1 (keep-alive, chunked bodies, upgrades), or
 /// h2c when the client opens with the HTTP/2 preface (gRPC clients do).
 pub async fn serve(stream: TcpStream, client_addr: SocketAddr, route: Arc<Route>) {
-    let h2 = match opens_with_h2_preface(&stream, route.backend.header_timeout).await {
+    // A client that sends nothing at all is cut at the header timeout too.
+    let header_timeout = route.limits.header_timeout;
+    let peeked = tokio::time::timeout(header_timeout, opens_with_h2_preface(&stream))
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+    let h2 = match peeked {
         Ok(h2) => h2,
         Err(e) => {
             debug!(client = %client_addr, "client connection ended before a request: {e}");
@@ -68,7 +74,11 @@ pub async fn serve(stream: TcpStream, client_addr: SocketAddr, route: Arc<Route>
             .serve_connection(io, service)
             .await
     } else {
+        // The head deadline runs from the accept, and again after every response: it also
+        // closes keep-alive connections left idle.
         hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
             .serve_connection(io, service)
             .with_upgrades()
             .await
@@ -83,8 +93,7 @@ pub async fn serve(stream: TcpStream, client_addr: SocketAddr, route: Arc<Route>
 /// server does, makes hyper grow every connection's read buffer to 16 KiB; with a thousand
 /// connections that is 8 MB more.) HTTP/1 is known from the first byte that differs from the
 /// preface, usually the first one.
-async fn opens_with_h2_preface(stream: &TcpStream, within: Duration) -> std::io::Result<bool> {
-    let deadline = Instant::now() + within;
+async fn opens_with_h2_preface(stream: &TcpStream) -> std::io::Result<bool> {
     let mut first = [0u8; H2_PREFACE.len()];
     loop {
         let n = stream.peek(&mut first).await?;
@@ -98,10 +107,7 @@ async fn opens_with_h2_preface(stream: &TcpStream, within: Duration) -> std::io:
             return Ok(true);
         }
         // Part of the preface so far. Peeking again returns at once while those bytes wait, so
-        // pause briefly; clients rarely split these 24 bytes.
-        if Instant::now() >= deadline {
-            return Err(std::io::ErrorKind::TimedOut.into());
-        }
+        // pause briefly; clients rarely split these 24 bytes. (The caller bounds the wait.)
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
@@ -382,6 +388,7 @@ fn switch_protocols(
 ) -> Response<Body> {
     let stats = route.stats.clone();
     let label = route.label.clone();
+    let idle = route.limits.idle_timeout;
     tokio::spawn(async move {
         let mut client = match client_upgrade.await {
             Ok(io) => TokioIo::new(io),
@@ -392,7 +399,7 @@ fn switch_protocols(
         };
         let relayed = match remote {
             SwitchedRemote::Hyper(remote) => match remote.await {
-                Ok(io) => tokio::io::copy_bidirectional(&mut client, &mut TokioIo::new(io)).await,
+                Ok(io) => relay_until_idle(&mut client, &mut TokioIo::new(io), idle).await,
                 Err(e) => {
                     debug!(service = %label, "remote upgrade failed: {e}");
                     return;
@@ -404,7 +411,7 @@ fn switch_protocols(
                     return;
                 }
                 stats.from_remote.inc_by(early.len() as u64);
-                tokio::io::copy_bidirectional(&mut client, &mut stream).await
+                relay_until_idle(&mut client, &mut stream, idle).await
             }
         };
         if let Ok((sent, received)) = relayed {

@@ -1,8 +1,8 @@
 //! The egress tunnel: where redirected connections land on the node, and how they reach the
 //! Service's remote backend. Built from small layers, each testable alone:
 //!
-//! accept ([`Tunnel`] listeners) → identify ([`flows`]: the Service the client dialled, or
-//! refuse) → route (the Service's [`backend::RemoteBackend`]) → auth ([`auth`]: static token or
+//! accept ([`Tunnel`] listeners, [`limits`] per client) → identify ([`flows`]: the Service the
+//! client dialled, or refuse) → route (the Service's [`backend::RemoteBackend`]) → auth ([`auth`]: static token or
 //! cached OAuth token) → forward ([`http`] reverse proxy, or [`tcp`] pass-through).
 //!
 //! The tunnel runs on its own tokio runtime, on a thread that first joins the tunnel's network
@@ -16,6 +16,7 @@ pub mod dial;
 pub mod flows;
 pub mod h1;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod tcp;
 
@@ -38,11 +39,16 @@ use self::{
     client::HttpClient,
     dial::Dialer,
     flows::FlowTable,
+    limits::{ClientSlots, Limits},
     metrics::Metrics,
 };
 
 /// How often the tunnel tells the data plane it is alive; see `FLAG_TUNNEL_HEARTBEAT`.
 const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How long a removed route still serves connections that were redirected before its map
+/// entry went: a client's connect() and the tunnel's accept are not one instant.
+const RETIRED_ROUTE_GRACE: Duration = Duration::from_secs(2);
 
 /// What the tunnel needs to forward one Service's connections.
 pub struct Route {
@@ -61,6 +67,8 @@ pub struct Route {
     /// Rare outcomes (errors) by label; hot-path series through `stats`.
     pub metrics: Arc<Metrics>,
     pub stats: metrics::RouteMetrics,
+    /// What one client may hold (timeouts; the connection cap is applied on accept).
+    pub limits: Limits,
 }
 
 pub struct TunnelConfig {
@@ -70,6 +78,7 @@ pub struct TunnelConfig {
     pub extra_ca_file: Option<PathBuf>,
     /// Worker threads of the tunnel's runtime.
     pub workers: usize,
+    pub limits: Limits,
 }
 
 pub struct Tunnel {
@@ -80,6 +89,8 @@ pub struct Tunnel {
 
 struct Shared {
     routes: RwLock<HashMap<SocketAddr, Arc<Route>>>,
+    /// Routes removed less than [`RETIRED_ROUTE_GRACE`] ago, with when.
+    retired: Mutex<HashMap<SocketAddr, (Arc<Route>, std::time::Instant)>>,
     listeners: Mutex<BTreeMap<SocketAddr, tokio::task::AbortHandle>>,
     flows: FlowTable,
     tls: rustls::ClientConfig,
@@ -89,6 +100,9 @@ struct Shared {
     metrics: Arc<Metrics>,
     /// Keyed by (token URL, client id): services sharing a client share its token.
     tokens: Mutex<HashMap<(String, String), Arc<TokenCache>>>,
+    limits: Limits,
+    /// Connections open per client address, for `limits.max_connections_per_client`.
+    slots: Arc<ClientSlots>,
 }
 
 impl Tunnel {
@@ -115,6 +129,7 @@ impl Tunnel {
             stop: Some(stop),
             shared: Arc::new(Shared {
                 routes: RwLock::new(HashMap::new()),
+                retired: Mutex::new(HashMap::new()),
                 listeners: Mutex::new(BTreeMap::new()),
                 flows,
                 tls,
@@ -122,16 +137,20 @@ impl Tunnel {
                 clients: Mutex::new(HashMap::new()),
                 metrics,
                 tokens: Mutex::new(HashMap::new()),
+                limits: config.limits,
+                slots: ClientSlots::new(config.limits.max_connections_per_client),
             }),
         })
     }
 
     /// Installs the routes (service address → (tunnel address, backend)) and makes sure a
-    /// listener accepts on each tunnel address. Returns the tunnel addresses that accept
-    /// connections: only those may be marked ready in the data plane.
+    /// listener accepts on each tunnel address, and on each of `also_listen` (addresses the
+    /// maps still send connections to); every other listener closes. Returns the tunnel
+    /// addresses that accept connections: only those may be marked ready in the data plane.
     pub async fn update(
         &self,
         backends: &BTreeMap<SocketAddr, (SocketAddr, RemoteBackend)>,
+        also_listen: &BTreeSet<SocketAddr>,
     ) -> BTreeSet<SocketAddr> {
         let mut routes = HashMap::new();
         for (service, (_, backend)) in backends {
@@ -156,13 +175,32 @@ impl Tunnel {
                     http,
                     metrics: self.shared.metrics.clone(),
                     stats: self.shared.metrics.for_route(&service.to_string()),
+                    limits: self.shared.limits,
                 }),
             );
         }
         if let Ok(mut current) = self.shared.routes.write() {
+            let now = std::time::Instant::now();
+            let mut retired = self
+                .shared
+                .retired
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            retired.retain(|service, (_, at)| {
+                !routes.contains_key(service) && now.duration_since(*at) < RETIRED_ROUTE_GRACE
+            });
+            for (service, route) in current.drain() {
+                if !routes.contains_key(&service) {
+                    retired.insert(service, (route, now));
+                }
+            }
             *current = routes;
         }
-        let wanted: BTreeSet<SocketAddr> = backends.values().map(|(t, _)| *t).collect();
+        let wanted: BTreeSet<SocketAddr> = backends
+            .values()
+            .map(|(t, _)| *t)
+            .chain(also_listen.iter().copied())
+            .collect();
         let mut accepting = BTreeSet::new();
         for addr in &wanted {
             let running = self
@@ -257,6 +295,17 @@ impl Drop for Tunnel {
     }
 }
 
+impl Shared {
+    /// A route removed within the grace period, for a connection redirected just before.
+    fn retired_route(&self, service: SocketAddr) -> Option<Arc<Route>> {
+        let retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        retired
+            .get(&service)
+            .filter(|(_, at)| at.elapsed() < RETIRED_ROUTE_GRACE)
+            .map(|(route, _)| route.clone())
+    }
+}
+
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         match listener.accept().await {
@@ -288,12 +337,25 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared)
         .routes
         .read()
         .ok()
-        .and_then(|r| r.get(&service).cloned());
+        .and_then(|r| r.get(&service).cloned())
+        .or_else(|| shared.retired_route(service));
     let Some(route) = route else {
         shared
             .metrics
             .connection(&service.to_string(), "no_remote_backend");
         warn!(%service, "redirected connection for a service without a remote backend");
+        reset_on_close(&stream);
+        return;
+    };
+    // The cap counts after the flow is consumed, so a refused connection leaves nothing behind.
+    let Some(_slot) = shared.slots.take(peer.ip()) else {
+        route.metrics.connection(&route.label, "client_limit");
+        warn!(
+            client = %peer.ip(),
+            service = %route.label,
+            max = shared.limits.max_connections_per_client,
+            "refused a connection: the client holds the most connections allowed per client"
+        );
         reset_on_close(&stream);
         return;
     };
@@ -308,6 +370,7 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared)
                 &route.target,
                 &route.label,
                 &route.metrics,
+                route.limits.idle_timeout,
             )
             .await
             {

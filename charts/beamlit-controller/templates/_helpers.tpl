@@ -206,6 +206,9 @@ by the kubelet from the environment below.
 - --metrics-addr=0.0.0.0:{{ $a.metricsPort }}
 - --bypass-mark={{ $a.bypassMark }}
 - --ebpf-log-level={{ $a.ebpfLogLevel }}
+- --tunnel-header-timeout-ms={{ int $a.tunnelLimits.headerTimeoutMs }}
+- --tunnel-idle-timeout-ms={{ int $a.tunnelLimits.idleTimeoutMs }}
+- --tunnel-max-connections-per-client={{ int $a.tunnelLimits.maxConnectionsPerClient }}
 {{- with .Values.allowedNamespaces }}
 - --model-namespaces={{ join "," . }}
 {{- end }}

@@ -12,8 +12,9 @@
 //! - `GET .../sse`: 10 server-sent events, 100 ms apart, each flushed;
 //! - `POST|PUT .../upload`: streams the body through SHA-256;
 //! - `/status/<code>` (after any prefix): that status;
-//! - `GET .../upgrade` with `Upgrade: echo`: `101 Switching Protocols`, then echoes raw bytes
-//!   (HTTP/1.1 only, as upgrades are);
+//! - `GET .../upgrade` with `Upgrade: echo` and `Connection: upgrade` (both required, as real
+//!   WebSocket servers do): `101 Switching Protocols`, then echoes raw bytes (HTTP/1.1 only, as
+//!   upgrades are);
 //! - anything else: a JSON echo of the request;
 //!
 //! plus a raw TCP echo. Observations go to a stats file (rewritten atomically
@@ -929,8 +930,19 @@ fn upgrade(mut req: Request<Incoming>) -> Response<Body> {
         .get(hyper::header::UPGRADE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("echo"));
-    if !wants_echo {
-        let mut resp = Response::new(full(Bytes::from_static(b"send Upgrade: echo\n")));
+    // Strict, as real WebSocket servers are (RFC 6455 §4.2.1): an Upgrade header counts only
+    // when `Connection` names it; a proxy that drops `Connection: upgrade` is caught here.
+    let connection_upgrade = req
+        .headers()
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if !wants_echo || !connection_upgrade {
+        let mut resp = Response::new(full(Bytes::from_static(
+            b"send Upgrade: echo with Connection: upgrade\n",
+        )));
         *resp.status_mut() = StatusCode::BAD_REQUEST;
         return resp;
     }
