@@ -510,7 +510,10 @@ fn the_binary_refuses_a_bad_configuration_naming_the_key() -> Result<()> {
 /// last second: as the HPA, the controller sets aside the CPU sample of a pod that started within
 /// five minutes when it was taken less than one window after the pod became ready.
 fn pod_metrics(pod: &str, cpu: &str) -> String {
-    let now = k8s_openapi::jiff::Timestamp::now().as_second();
+    // One second ahead of now, floored: the pod's Ready transition is stored floored to the
+    // second, so the sample is always at least one window after it (a sample of "now" floored
+    // is not when the pod became ready within the same second, and the HPA's rule sets it aside).
+    let now = k8s_openapi::jiff::Timestamp::now().as_second() + 1;
     let now = k8s_openapi::jiff::Timestamp::from_second(now).unwrap_or_default();
     format!(
         "apiVersion: metrics.k8s.io/v1beta1\nkind: PodMetrics\nmetadata:\n  name: {pod}\n  \

@@ -289,6 +289,9 @@ import socket, time
 def answer(addr):
     try:
         s = socket.create_connection(addr, timeout=5)
+    except ConnectionResetError:
+        # The tunnel's reset can arrive before connect() returns: refused all the same.
+        return socket.socket(), "reset"
     except OSError as e:
         return socket.socket(), f"connect failed: {e}"
     try:
