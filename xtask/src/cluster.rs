@@ -138,14 +138,7 @@ fn up(nodes: usize) -> Result<()> {
             bail!("simulated nodes need root (network namespaces, nftables); use --no-nodes");
         }
         // The pods' HTTP server; found next to this binary.
-        crate::cargo(&[
-            "build",
-            "--quiet",
-            "-p",
-            "beamlit-testbed",
-            "--bin",
-            "netprobe",
-        ])?;
+        build_netprobe()?;
     }
     let started = Instant::now();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -228,6 +221,19 @@ fn start_nodes(dir: &Path, nodes: usize) -> Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
+}
+
+/// netprobe, the pods' HTTP server (simulated pods, and the php-apache stand-in image); the
+/// test bed finds it next to the xtask binary.
+pub(crate) fn build_netprobe() -> Result<()> {
+    crate::cargo(&[
+        "build",
+        "--quiet",
+        "-p",
+        "beamlit-testbed",
+        "--bin",
+        "netprobe",
+    ])
 }
 
 /// Spawns `cmd` in a session of its own (`setsid`), so it outlives this command and the

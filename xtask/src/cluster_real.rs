@@ -47,23 +47,8 @@ pub(crate) fn up(dir: &Path, nodes: usize) -> Result<()> {
     KubeBinaries::ensure()?;
     NodeBinaries::ensure()?;
     println!("[cluster] building netprobe (the php-apache stand-in) and the project's images");
-    crate::cargo(&[
-        "build",
-        "--quiet",
-        "-p",
-        "beamlit-testbed",
-        "--bin",
-        "netprobe",
-    ])?;
-    crate::cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "beamlit-agent",
-        "-p",
-        "beamlit-controller",
-        "--bins",
-    ])?;
+    crate::cluster::build_netprobe()?;
+    crate::images::build_release_binaries()?;
     std::fs::create_dir_all(dir.join("logs"))?;
     let exe = std::env::current_exe().context("locating the xtask binary")?;
     let log_path = dir.join("logs/real-nodes.log");

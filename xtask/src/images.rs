@@ -22,15 +22,7 @@ pub struct ImagesArgs {
 pub fn images(args: &ImagesArgs) -> anyhow::Result<()> {
     let root = project_root();
     if !args.no_build {
-        cargo(&[
-            "build",
-            "--release",
-            "-p",
-            "beamlit-agent",
-            "-p",
-            "beamlit-controller",
-            "--bins",
-        ])?;
+        build_release_binaries()?;
     }
     let info = oci::BuildInfo::from_git(&root)?;
     let out = root.join(&args.out);
@@ -63,6 +55,19 @@ pub fn images(args: &ImagesArgs) -> anyhow::Result<()> {
          `ctr image import` or `docker load -i`"
     );
     Ok(())
+}
+
+/// The release agent and controller the images carry (`target/release`).
+pub(crate) fn build_release_binaries() -> anyhow::Result<()> {
+    cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "beamlit-agent",
+        "-p",
+        "beamlit-controller",
+        "--bins",
+    ])
 }
 
 fn mib(bytes: u64) -> String {

@@ -84,17 +84,7 @@ pub fn generate(dir: &Path) -> Result<(Pki, ClientIdentity, ClientIdentity)> {
     let sa = KeyPair::generate().context("service-account key")?;
     let (sa_key, sa_pub) = (sa.serialize_pem(), sa.public_key_pem());
 
-    let pki = Pki {
-        ca_cert: pki_dir.join("ca.crt"),
-        apiserver_cert: pki_dir.join("apiserver.crt"),
-        apiserver_key: pki_dir.join("apiserver.key"),
-        admin_cert: pki_dir.join("admin.crt"),
-        admin_key: pki_dir.join("admin.key"),
-        controller_manager_cert: pki_dir.join("controller-manager.crt"),
-        controller_manager_key: pki_dir.join("controller-manager.key"),
-        service_account_key: pki_dir.join("sa.key"),
-        service_account_pub: pki_dir.join("sa.pub"),
-    };
+    let pki = pki_paths(&pki_dir);
     write(&pki.ca_cert, &ca_pem, false)?;
     // Kept so that identities for real nodes can be signed after the control plane starts.
     write(&pki_dir.join("ca.key"), &ca_key_pem, true)?;
@@ -119,11 +109,9 @@ pub fn generate(dir: &Path) -> Result<(Pki, ClientIdentity, ClientIdentity)> {
     ))
 }
 
-/// What [`generate`] wrote into `dir/pki`, read back (the control plane of a real-node cluster
-/// starts after the cluster network has signed its identities with the same CA).
-pub fn load(dir: &Path) -> Result<(Pki, ClientIdentity, ClientIdentity)> {
-    let pki_dir = dir.join("pki");
-    let pki = Pki {
+/// Where [`generate`] writes each file of the PKI in `pki_dir`.
+fn pki_paths(pki_dir: &Path) -> Pki {
+    Pki {
         ca_cert: pki_dir.join("ca.crt"),
         apiserver_cert: pki_dir.join("apiserver.crt"),
         apiserver_key: pki_dir.join("apiserver.key"),
@@ -133,7 +121,14 @@ pub fn load(dir: &Path) -> Result<(Pki, ClientIdentity, ClientIdentity)> {
         controller_manager_key: pki_dir.join("controller-manager.key"),
         service_account_key: pki_dir.join("sa.key"),
         service_account_pub: pki_dir.join("sa.pub"),
-    };
+    }
+}
+
+/// What [`generate`] wrote into `dir/pki`, read back (the control plane of a real-node cluster
+/// starts after the cluster network has signed its identities with the same CA).
+pub fn load(dir: &Path) -> Result<(Pki, ClientIdentity, ClientIdentity)> {
+    let pki_dir = dir.join("pki");
+    let pki = pki_paths(&pki_dir);
     let read =
         |p: &Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
     let admin = ClientIdentity {
