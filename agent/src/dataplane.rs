@@ -21,7 +21,7 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use beamlit_common::{AgentConfig, map_names};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     maps::{MapsError, PinnedMaps},
@@ -105,19 +105,21 @@ pub enum DataplaneError {
          Kubernetes: a hostPath volume for /sys/fs/bpf)"
     )]
     NotBpffs(PathBuf),
-    #[error("cgroup {path}: {source}; pass --cgroup with a cgroup v2 directory")]
-    Cgroup { path: PathBuf, source: io::Error },
+    // Fields named `error`, not `source`: the message carries the cause, and a chained source
+    // would print it (the verifier log, say) a second time.
+    #[error("cgroup {path}: {error}; pass --cgroup with a cgroup v2 directory")]
+    Cgroup { path: PathBuf, error: io::Error },
     #[error(
         "this agent was built without its eBPF object (AYA_BUILD_SKIP); rebuild with `cargo \
          build -p beamlit-agent`"
     )]
     NoObject,
     #[error("loading the eBPF object: {0}")]
-    Load(#[from] aya::EbpfError),
-    #[error("program {name}: {source}")]
+    Load(aya::EbpfError),
+    #[error("program {name}: {error}")]
     Program {
         name: &'static str,
-        source: aya::programs::ProgramError,
+        error: aya::programs::ProgramError,
     },
     #[error(
         "{pin} is attached to another cgroup (id {pinned}) than --cgroup {cgroup} (id {wanted}); \
@@ -129,14 +131,20 @@ pub enum DataplaneError {
         cgroup: PathBuf,
         wanted: u64,
     },
-    #[error("{context} {path}: {source}")]
+    #[error("{context} {path}: {error}")]
     Pin {
         context: &'static str,
         path: PathBuf,
-        source: io::Error,
+        error: io::Error,
     },
     #[error(transparent)]
     Maps(#[from] MapsError),
+}
+
+impl From<aya::EbpfError> for DataplaneError {
+    fn from(e: aya::EbpfError) -> Self {
+        Self::Load(e)
+    }
 }
 
 /// How a program got into place.
@@ -166,11 +174,11 @@ impl Dataplane {
         fs::create_dir_all(&links_dir).map_err(|source| DataplaneError::Pin {
             context: "creating",
             path: links_dir.clone(),
-            source,
+            error: source,
         })?;
         let cgroup_err = |source| DataplaneError::Cgroup {
             path: config.cgroup.clone(),
-            source,
+            error: source,
         };
         let cgroup = fs::File::open(&config.cgroup).map_err(cgroup_err)?;
         // A cgroup v2 directory's inode number is its cgroup id, which links report.
@@ -201,10 +209,23 @@ impl Dataplane {
             tunnel_heartbeat_ns: heartbeat,
         })?;
 
-        let mut attachments = Vec::with_capacity(PROGRAMS.len());
+        // Every program through the verifier before any link is touched: a program the kernel
+        // refuses (a missing capability, an old kernel) leaves the previous agent's links, or
+        // nothing, in place, never a mix of old and new.
+        for name in PROGRAMS {
+            load_program(&mut ebpf, name)?;
+        }
+        let mut attachments: Vec<(&'static str, Attachment)> = Vec::with_capacity(PROGRAMS.len());
         for name in PROGRAMS {
             let pin = links_dir.join(name);
-            let attachment = attach_program(&mut ebpf, name, &cgroup, cgroup_id, &pin, config)?;
+            let attachment = match attach_program(&mut ebpf, name, &cgroup, cgroup_id, &pin, config)
+            {
+                Ok(a) => a,
+                Err(e) => {
+                    roll_back(&links_dir, &attachments);
+                    return Err(e);
+                }
+            };
             match attachment {
                 Attachment::Attached => info!(program = name, pin = %pin.display(), "attached"),
                 Attachment::Replaced { old_program_id } => {
@@ -240,7 +261,7 @@ fn attach_program(
     pin: &Path,
     config: &DataplaneConfig,
 ) -> Result<Attachment, DataplaneError> {
-    let program_err = |source| DataplaneError::Program { name, source };
+    let program_err = |error| DataplaneError::Program { name, error };
     let program = ebpf
         .program_mut(name)
         .ok_or(aya::programs::ProgramError::NotLoaded)
@@ -252,15 +273,15 @@ fn attach_program(
             let info = sys::cgroup_link_info(&link).map_err(|source| DataplaneError::Pin {
                 context: "reading link",
                 path: pin.to_path_buf(),
-                source,
+                error: source,
             })?;
             if info.cgroup_id == cgroup_id {
-                let program_fd = load_and_fd(program).map_err(program_err)?;
+                let program_fd = program_fd(program).map_err(program_err)?;
                 sys::link_update(link.as_fd(), program_fd.as_fd()).map_err(|source| {
                     DataplaneError::Pin {
                         context: "replacing the program of",
                         path: pin.to_path_buf(),
-                        source,
+                        error: source,
                     }
                 })?;
                 return Ok(Attachment::Replaced {
@@ -284,24 +305,21 @@ fn attach_program(
             return Err(DataplaneError::Pin {
                 context: "opening",
                 path: pin.to_path_buf(),
-                source,
+                error: source,
             });
         }
     }
 
     let fd_link = match program {
         aya::programs::Program::CgroupSockAddr(p) => {
-            p.load().map_err(program_err)?;
             let id = p.attach(cgroup, LINK_MODE).map_err(program_err)?;
             FdLink::try_from(p.take_link(id).map_err(program_err)?)
         }
         aya::programs::Program::CgroupSock(p) => {
-            p.load().map_err(program_err)?;
             let id = p.attach(cgroup, LINK_MODE).map_err(program_err)?;
             FdLink::try_from(p.take_link(id).map_err(program_err)?)
         }
         aya::programs::Program::SockOps(p) => {
-            p.load().map_err(program_err)?;
             let id = p.attach(cgroup, LINK_MODE).map_err(program_err)?;
             FdLink::try_from(p.take_link(id).map_err(program_err)?)
         }
@@ -315,28 +333,50 @@ fn attach_program(
     fd_link.pin(pin).map_err(|e| DataplaneError::Pin {
         context: "pinning",
         path: pin.to_path_buf(),
-        source: io::Error::other(e),
+        error: io::Error::other(e),
     })?;
     Ok(Attachment::Attached)
 }
 
-fn load_and_fd(
+/// Loads one program into the kernel (the verifier runs here).
+fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DataplaneError> {
+    let program_err = |error| DataplaneError::Program { name, error };
+    match ebpf.program_mut(name) {
+        Some(aya::programs::Program::CgroupSockAddr(p)) => p.load(),
+        Some(aya::programs::Program::CgroupSock(p)) => p.load(),
+        Some(aya::programs::Program::SockOps(p)) => p.load(),
+        Some(_) => Err(aya::programs::ProgramError::UnexpectedProgramType),
+        None => Err(aya::programs::ProgramError::NotLoaded),
+    }
+    .map_err(program_err)
+}
+
+fn program_fd(
     program: &mut aya::programs::Program,
 ) -> Result<aya::programs::ProgramFd, aya::programs::ProgramError> {
     match program {
-        aya::programs::Program::CgroupSockAddr(p) => {
-            p.load()?;
-            p.fd()?.try_clone().map_err(Into::into)
-        }
-        aya::programs::Program::CgroupSock(p) => {
-            p.load()?;
-            p.fd()?.try_clone().map_err(Into::into)
-        }
-        aya::programs::Program::SockOps(p) => {
-            p.load()?;
-            p.fd()?.try_clone().map_err(Into::into)
-        }
+        aya::programs::Program::CgroupSockAddr(p) => p.fd()?.try_clone().map_err(Into::into),
+        aya::programs::Program::CgroupSock(p) => p.fd()?.try_clone().map_err(Into::into),
+        aya::programs::Program::SockOps(p) => p.fd()?.try_clone().map_err(Into::into),
         _ => Err(aya::programs::ProgramError::UnexpectedProgramType),
+    }
+}
+
+/// After a failed attachment: unpins the links this start created (dropping the last
+/// reference detaches them). Links adopted from a previous agent stay, with the new program:
+/// it passed the verifier and shares the pinned maps, so they keep redirecting.
+fn roll_back(links_dir: &Path, done: &[(&'static str, Attachment)]) {
+    for (name, attachment) in done {
+        if *attachment == Attachment::Attached {
+            let pin = links_dir.join(name);
+            match remove_pin(&pin) {
+                Ok(()) => warn!(program = name, "start failed: detached and unpinned again"),
+                Err(e) => error!(
+                    program = name,
+                    "start failed, and unpinning failed too: {e}"
+                ),
+            }
+        }
     }
 }
 
@@ -344,7 +384,7 @@ fn prepare_dir(dir: &Path) -> Result<(), DataplaneError> {
     fs::create_dir_all(dir).map_err(|source| DataplaneError::Pin {
         context: "creating",
         path: dir.to_path_buf(),
-        source,
+        error: source,
     })?;
     if !is_bpffs(dir) {
         return Err(DataplaneError::NotBpffs(dir.to_path_buf()));
@@ -370,7 +410,7 @@ fn remove_pin(path: &Path) -> Result<(), DataplaneError> {
         Err(source) => Err(DataplaneError::Pin {
             context: "removing",
             path: path.to_path_buf(),
-            source,
+            error: source,
         }),
     }
 }
@@ -398,32 +438,12 @@ pub fn cleanup(dir: &Path) -> Result<Vec<PathBuf>, DataplaneError> {
                 return Err(DataplaneError::Pin {
                     context: "removing directory (it holds pins the agent did not make)",
                     path: d.to_path_buf(),
-                    source,
+                    error: source,
                 });
             }
         }
     }
     Ok(removed)
-}
-
-/// The cgroup v2 mount point, from /proc/mounts: where the agent attaches by default (every
-/// process on the node is in it or below it).
-pub fn cgroup2_root() -> io::Result<PathBuf> {
-    let mounts = fs::read_to_string("/proc/mounts")?;
-    mounts
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let (_, path, fstype) = (fields.next()?, fields.next()?, fields.next()?);
-            (fstype == "cgroup2").then(|| PathBuf::from(path))
-        })
-        .next()
-        .ok_or_else(|| {
-            io::Error::new(
-                ErrorKind::NotFound,
-                "no cgroup2 mount in /proc/mounts; the agent needs cgroup v2",
-            )
-        })
 }
 
 /// Program ids behind the pinned links, for `inspect`.

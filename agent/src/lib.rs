@@ -1,5 +1,6 @@
 //! The Beamlit agent: eBPF redirection of Service connections toward an egress tunnel.
 //!
+//! - [`cgroup`] decides where the programs attach (the pods' cgroup, found; or the node);
 //! - [`dataplane`] loads, attaches, pins and adopts the eBPF programs (`agent-ebpf`);
 //! - [`maps`] reads and writes the pinned maps; [`model`] translates routes to map entries;
 //! - [`plan`] computes the map changes for a set of routes (pure);
@@ -9,6 +10,7 @@
 //! - [`inspect`] prints the maps in human terms;
 //! - [`tunnel`] is the egress tunnel that forwards redirected connections to remote backends.
 pub mod apply;
+pub mod cgroup;
 pub mod cluster;
 pub mod dataplane;
 pub mod inspect;

@@ -3,6 +3,7 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use beamlit_agent::{
     apply::Applier,
+    cgroup::{self, AttachTo},
     cluster::{Cluster, ClusterConfig, desired::TunnelAddresses},
     dataplane::{self, Dataplane, DataplaneConfig, EbpfLogLevel},
     inspect, routes,
@@ -94,10 +95,30 @@ struct RunArgs {
     /// Validate the arguments (and the routes file) and exit without touching the kernel.
     #[arg(long)]
     check_config: bool,
-    /// cgroup v2 directory to attach to; every process in it or below it is affected.
-    /// Default: the cgroup v2 root (from /proc/mounts), i.e. the whole node.
+    /// What the programs attach to (only processes in it or below it are redirected): `pods`,
+    /// the kubelet's pods cgroup (`kubepods` or `kubepods.slice` in the unified hierarchy,
+    /// found from this agent's own pod, see --pod-uid), so kubelet and host daemons are never
+    /// redirected; or `node`, the cgroup v2 root, every process of the node.
+    #[arg(long, value_enum, default_value_t = AttachTo::Pods)]
+    attach_to: AttachTo,
+    /// The node's cgroup v2 mount as the agent sees it (in Kubernetes: the hostPath volume of
+    /// /sys/fs/cgroup). On a hybrid node, where /sys/fs/cgroup is a tmpfs, its `unified`
+    /// subdirectory is used. Default: the first cgroup2 mount of /proc/mounts.
+    #[arg(long)]
+    cgroup_root: Option<PathBuf>,
+    /// This agent's pod UID (the downward API's metadata.uid): `--attach-to pods` finds the
+    /// pods cgroup as the `kubepods` directory above this pod's own cgroup. Without it, a
+    /// `kubepods` directly below the cgroup v2 root.
+    #[arg(long, env = "POD_UID")]
+    pod_uid: Option<String>,
+    /// Exactly this cgroup v2 directory to attach to (overrides --attach-to).
     #[arg(long)]
     cgroup: Option<PathBuf>,
+    /// Cluster mode: the agents' DaemonSet (in --namespace). When it is deleted (`helm
+    /// uninstall`), a stopping agent detaches its programs and removes its pins instead of
+    /// leaving them for the next agent; a rolling update keeps them.
+    #[arg(long, env = "AGENT_DAEMONSET")]
+    daemonset: Option<String>,
     /// SO_MARK that exempts a socket from redirection (the agent's own tunnel sockets).
     /// Decimal or 0x-hex; 0 disables the exemption.
     #[arg(long, default_value = "0xbe", value_parser = parse_mark)]
@@ -264,6 +285,7 @@ fn mode(args: &RunArgs, state_dir: &std::path::Path) -> anyhow::Result<Mode> {
         tunnels,
         extra_ca_file: args.ca_file.clone(),
         state_dir: state_dir.to_path_buf(),
+        daemonset: args.daemonset.clone().filter(|d| !d.trim().is_empty()),
     }))
 }
 
@@ -273,10 +295,15 @@ fn run(bpffs: &std::path::Path, state_dir: &std::path::Path, args: RunArgs) -> a
         println!("configuration valid");
         return Ok(());
     }
-    let cgroup = match args.cgroup {
-        Some(c) => c,
-        None => dataplane::cgroup2_root().context("finding the cgroup v2 root")?,
-    };
+    let target = cgroup::resolve(
+        args.cgroup.as_deref(),
+        args.attach_to,
+        args.cgroup_root.as_deref(),
+        args.pod_uid.as_deref(),
+    )
+    .context("choosing the cgroup to attach to; nothing was loaded or attached")?;
+    let cgroup = target.path;
+    info!(cgroup = %cgroup.display(), "attaching to {}", target.how);
     let config = DataplaneConfig {
         bpffs_dir: bpffs.to_path_buf(),
         cgroup: cgroup.clone(),
@@ -324,7 +351,9 @@ fn run(bpffs: &std::path::Path, state_dir: &std::path::Path, args: RunArgs) -> a
                     // Marked like the tunnel's sockets: never redirected by the node's eBPF.
                     let client =
                         beamlit_agent::cluster::api_client::infer(args.bypass_mark).await?;
-                    Cluster::new(config, client, applier).run(&mut dp).await
+                    Cluster::new(config, client, applier)
+                        .run(&mut dp, bpffs)
+                        .await
                 }
             }
         })

@@ -111,9 +111,9 @@ impl AgentFixture {
     /// Starts a cluster-mode agent with the arguments and environment of the chart's rendered
     /// DaemonSet (see [`crate::chart::agent_command_line`]), as the pod on `node` in `namespace`
     /// with node address `host_ip`: its bpffs volume is a fresh directory under /sys/fs/bpf, its
-    /// cgroup volume is `cgroup`. Two things differ from a pod, because tests share this
-    /// machine: `--metrics-addr` binds a free loopback port, and `extra_args` (e.g.
-    /// `--tunnel-netns`) are appended. Waits until the agent has listed the cluster.
+    /// cgroup volume is `cgroup`. Three things differ from a pod, because tests share this
+    /// machine: `--metrics-addr` binds a free loopback port, `--cgroup` names `cgroup` (no
+    /// kubelet made a pods cgroup here), and `extra_args` (e.g. `--tunnel-netns`) are appended. Waits until the agent has listed the cluster.
     pub fn start_rendered(
         rendered: &Rendered,
         kubeconfig: &Path,
@@ -151,6 +151,9 @@ impl AgentFixture {
             &workdir,
         )?;
         command.replace_flag("--metrics-addr", "127.0.0.1:0")?;
+        // A simulated node has no kubelet pods cgroup for `--attach-to pods` to find: the test
+        // cgroup stands for it, named outright.
+        command.args.push(format!("--cgroup={}", cgroup.display()));
         command
             .args
             .extend(extra_args.iter().map(|a| a.to_string()));

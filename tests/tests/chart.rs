@@ -640,6 +640,10 @@ fn the_agent_needs_exactly_the_charts_capabilities() -> Result<()> {
         .volume("bpffs", &pins.0)
         .volume("cgroup2", cgroup.path());
     let mut command = r.agent()?.command_line(&r, &host)?;
+    // No kubelet pods cgroup here: the test cgroup, named outright.
+    command
+        .args
+        .push(format!("--cgroup={}", cgroup.path().display()));
     command.args.push("--routes".into());
     command.args.push(routes.display().to_string());
 
@@ -723,6 +727,29 @@ fn the_agent_needs_exactly_the_charts_capabilities() -> Result<()> {
                     .collect::<Vec<_>>()
                     .join(" / ");
                 println!("without {missing}: {why}");
+                // A refused start leaves nothing half attached: no link pinned, no program on
+                // the cgroup (the kernel's own view, through bpftool).
+                let links: Vec<_> = std::fs::read_dir(pins.0.join("beamlit/links"))
+                    .map(|d| d.flatten().map(|e| e.file_name()).collect())
+                    .unwrap_or_default();
+                assert!(
+                    links.is_empty(),
+                    "without {missing}: links left pinned {links:?}\n{log}"
+                );
+                let attached = Command::new("bpftool")
+                    .args(["cgroup", "show"])
+                    .arg(cgroup.path())
+                    .output()?;
+                assert!(attached.status.success(), "bpftool: {attached:?}");
+                let attached = String::from_utf8_lossy(&attached.stdout);
+                assert!(
+                    attached.lines().filter(|l| !l.trim().is_empty()).count() <= 1,
+                    "without {missing}: programs left attached:\n{attached}"
+                );
+                assert!(
+                    log.matches("Verifier output").count() <= 1,
+                    "the verifier's log appears more than once:\n{log}"
+                );
             }
         }
     }

@@ -12,6 +12,7 @@
 pub mod ack;
 pub mod api_client;
 pub mod desired;
+pub mod uninstall;
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -58,6 +59,9 @@ pub struct ClusterConfig {
     pub extra_ca_file: Option<PathBuf>,
     /// Where the agent writes what `inspect` shows beside the maps.
     pub state_dir: PathBuf,
+    /// The agents' DaemonSet in `namespace`: its deletion (uninstall) makes a stopping agent
+    /// remove what it attached and pinned ([`uninstall`]).
+    pub daemonset: Option<String>,
 }
 
 /// What `inspect` reads: why each service address is redirected as it is.
@@ -246,7 +250,32 @@ impl Cluster {
 
     /// Runs until SIGINT/SIGTERM. Stopping leaves the maps as they are (the tunnel's services
     /// fail open first).
-    pub async fn run(&mut self, dataplane: &mut Dataplane) -> anyhow::Result<()> {
+    pub async fn run(
+        &mut self,
+        dataplane: &mut Dataplane,
+        bpffs: &std::path::Path,
+    ) -> anyhow::Result<()> {
+        let uninstall =
+            self.config.daemonset.as_ref().map(|name| {
+                uninstall::Watch::start(self.client.clone(), &self.config.namespace, name)
+            });
+        let result = self.serve(dataplane).await;
+        let uninstalling = match uninstall {
+            Some(watch) => watch.uninstalling().await,
+            None => false,
+        };
+        if uninstalling {
+            uninstall::detach(bpffs);
+        } else {
+            info!(
+                "exiting; the programs stay attached and the maps pinned, so redirection \
+                 continues and the next agent adopts them (`beamlit-agent cleanup` removes them)"
+            );
+        }
+        result
+    }
+
+    async fn serve(&mut self, dataplane: &mut Dataplane) -> anyhow::Result<()> {
         let mut sigterm =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let started = Instant::now();
@@ -315,10 +344,6 @@ impl Cluster {
             w.abort();
         }
         self.applier.stop_tunnel(dataplane).await;
-        info!(
-            "exiting; the programs stay attached and the maps pinned, so redirection continues \
-             (`beamlit-agent cleanup` removes them)"
-        );
         Ok(())
     }
 

@@ -1,6 +1,10 @@
-{{/* Chart name, shortened to the 63 characters of a label value. */}}
+{{/*
+The product's name, shortened to the 63 characters of a label value. Not .Chart.Name: the chart
+is published as `beamlit-controller-chart` (the README installs
+oci://ghcr.io/beamlit/beamlit-controller-chart), its objects are named `beamlit-controller`.
+*/}}
 {{- define "beamlit.name" -}}
-{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- default "beamlit-controller" .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
 {{/*
@@ -200,8 +204,11 @@ by the kubelet from the environment below.
 {{- define "beamlit.agent.args" -}}
 {{- $a := .Values.agent -}}
 - run
-# The node's cgroup v2 root (mounted there): every pod of the node.
-- --cgroup=/run/beamlit/cgroup2
+# The node's cgroup hierarchy (hostPaths.cgroup2; its `unified` subdirectory on hybrid nodes);
+# the programs attach to the pods' cgroup in it (found from this pod's own, POD_UID), or to its
+# root with attachTo=node.
+- --cgroup-root=/run/beamlit/cgroup2
+- --attach-to={{ $a.attachTo }}
 - --tunnel-ipv4=$(HOST_IP):{{ $a.tunnelPort }}
 - --metrics-addr=0.0.0.0:{{ $a.metricsPort }}
 - --bypass-mark={{ $a.bypassMark }}
@@ -236,6 +243,14 @@ by the kubelet from the environment below.
   valueFrom:
     fieldRef:
       fieldPath: status.hostIP
+# This pod's cgroup leads to the node's pods cgroup (--attach-to pods).
+- name: POD_UID
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.uid
+# Its deletion (helm uninstall) makes the stopping agents detach and unpin.
+- name: AGENT_DAEMONSET
+  value: {{ include "beamlit.agent.name" . | quote }}
 # Through the environment rather than flags, so that `beamlit-agent inspect`
 # (kubectl exec) finds the same pins and state.
 - name: BEAMLIT_BPFFS_DIR
