@@ -77,6 +77,10 @@ pub async fn serve(stream: TcpStream, client_addr: SocketAddr, route: Arc<Route>
         // The head deadline runs from the accept, and again after every response: it also
         // closes keep-alive connections left idle.
         hyper::server::conn::http1::Builder::new()
+            // Header names as Go's net/http writes them (`Cf-Ray`, not the `cf-ray` an HTTP/2
+            // remote sends): names are case-insensitive to every HTTP client, but scripts are
+            // not, e.g. the README's walkthrough, `grep -q 'Cf-Ray'` on curl's output.
+            .title_case_headers(true)
             .timer(TokioTimer::new())
             .header_read_timeout(header_timeout)
             .serve_connection(io, service)

@@ -21,6 +21,13 @@ pub struct RealCluster {
     server: String,
     parts: Mutex<Option<(RealNodes, ControlPlane, TestDir)>>,
     node_names: Vec<String>,
+    /// helm's cache, config and data (never the user's ~/.cache/helm).
+    helm_home: PathBuf,
+    /// A kubeconfig for the cluster network (the API server through its relay).
+    network_kubeconfig: PathBuf,
+    /// The bridge namespace's name (the cluster network: registry, relay).
+    bridge: String,
+    registry: std::net::SocketAddr,
 }
 
 impl std::fmt::Debug for RealCluster {
@@ -66,11 +73,32 @@ impl RealCluster {
             opts,
             images,
         )?;
+        let network_kubeconfig = dir.path().join("network.kubeconfig");
+        let apiserver_port = control_plane
+            .server()
+            .rsplit(':')
+            .next()
+            .context("the API server's port")?
+            .to_string();
+        std::fs::write(
+            &network_kubeconfig,
+            std::fs::read_to_string(control_plane.kubeconfig())?.replace(
+                control_plane.server(),
+                &format!(
+                    "https://{}:{apiserver_port}",
+                    super::real_nodes::APISERVER_ADDR
+                ),
+            ),
+        )?;
         let this = Self {
             kubeconfig: control_plane.kubeconfig().to_path_buf(),
             server: control_plane.server().to_string(),
             node_names: nodes.nodes().iter().map(|n| n.name.clone()).collect(),
             binaries,
+            helm_home: dir.path().join("helm"),
+            network_kubeconfig,
+            bridge: nodes.network().bridge().name().to_string(),
+            registry: nodes.registry().addr(),
             parts: Mutex::new(Some((nodes, control_plane, dir))),
         };
         eprintln!(
@@ -183,7 +211,41 @@ impl RealCluster {
     pub fn helm(&self) -> Command {
         let mut cmd = Command::new(self.binaries.helm());
         cmd.env("KUBECONFIG", &self.kubeconfig);
+        self.helm_env(&mut cmd);
         cmd
+    }
+
+    /// `helm` inside the cluster network (the bridge namespace), where the registry serves
+    /// charts as OCI artifacts (`oci://<registry_addr>/...`, plain HTTP) and the API server is
+    /// reached through its relay, as from a machine of the cluster's network.
+    pub fn helm_in_network(&self) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.bridge])
+            .arg(self.binaries.helm())
+            .env("KUBECONFIG", &self.network_kubeconfig);
+        self.helm_env(&mut cmd);
+        cmd
+    }
+
+    fn helm_env(&self, cmd: &mut Command) {
+        for (var, dir) in [
+            ("HELM_CACHE_HOME", "cache"),
+            ("HELM_CONFIG_HOME", "config"),
+            ("HELM_DATA_HOME", "data"),
+        ] {
+            cmd.env(var, self.helm_home.join(dir));
+        }
+    }
+
+    /// The cluster's registry (plain HTTP, in the cluster network): images under their
+    /// mirrored names, and charts.
+    pub fn registry_addr(&self) -> std::net::SocketAddr {
+        self.registry
+    }
+
+    /// Pushes images to the registry (e.g. the project's, built by the test).
+    pub fn push_images(&self, images: &[ImageSpec]) -> Result<()> {
+        self.with_nodes(|n| images.iter().try_for_each(|i| n.push(i)))?
     }
 
     /// A fresh namespace `t-<hint>-<pid>-<n>`, deleted on drop; waits for its default service

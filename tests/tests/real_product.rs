@@ -1,0 +1,707 @@
+//! The product on real nodes, as the seed README runs it: `helm install beamlit-controller
+//! oci://<registry>/beamlit-controller-chart` with the README's flags (the project's images
+//! from the cluster's registry, under containerd), the seed's php-apache and ModelDeployment,
+//! the README's own `curl-check` loop in a pod, `kubectl scale --replicas=0` and back, and
+//! `helm uninstall`. The remote is the fake Beamlit, in the cluster network, reached through a
+//! Service name CoreDNS resolves.
+//!
+//! One test, in steps, on a cluster of its own: the release is cluster-wide (CRD, ClusterRoles,
+//! APIService), and `helm uninstall` must come last.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use beamlit_testbed::cluster::real_cluster::check_output;
+use beamlit_testbed::cluster::{RealCluster, RealNodesOptions, workspace_root};
+use beamlit_testbed::oci::{BuildInfo, project_images};
+use beamlit_testbed::seed::PHP_APACHE;
+use beamlit_testbed::{
+    FakeBeamlit, FakeBeamlitOptions, OrPanic as _, TestDir, agent_bin, require_privileges,
+};
+
+/// The fake Beamlit's address on the cluster network (beside the bridge's 10.250.0.1).
+const FAKE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 2);
+const FAKE_PORT: u16 = 8443;
+/// Its Service: a name the cluster resolves, in a namespace of its own.
+const REMOTE_NS: &str = "beamlit-remote";
+const REMOTE_HOST: &str = "beamlit.beamlit-remote.svc.cluster.local";
+const CLIENT_ID: &str = "seed-client";
+const CLIENT_SECRET: &str = "seed-s3cret";
+const RELEASE: &str = "beamlit-controller";
+const WAIT: Duration = Duration::from_secs(180);
+/// The README's client loop, as `sh -c` receives it once the README's shell has removed its
+/// escapes.
+const SEED_CLIENT: &str = "while true; do response=$(curl -D - http://php-apache); echo \"$response\"; echo $response | grep -q 'Cf-Ray' && echo 'Route: beamlit' || echo 'Route: local'; sleep 0.1; done";
+/// The programs of the agent, as bpftool names them.
+const PROGRAMS: [&str; 6] = [
+    "getpeername4",
+    "getpeername6",
+    "sock_release",
+    "sock_ops",
+    "connect4",
+    "connect6",
+];
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+struct Product {
+    cluster: RealCluster,
+    fake: FakeBeamlit,
+    dir: TestDir,
+}
+
+impl Product {
+    fn start() -> Result<Self> {
+        let dir = TestDir::new("product")?;
+        // The images as `cargo xtask images` builds them, from the binaries under test.
+        let bin_dir = agent_bin()
+            .parent()
+            .context("the agent binary's directory")?
+            .to_path_buf();
+        let images = project_images(&bin_dir, &BuildInfo::from_git(&workspace_root())?)?;
+        let cluster = RealCluster::start(
+            &RealNodesOptions {
+                nodes: 2,
+                // The chart installs its own (installMetricServer=true, as the README does).
+                metrics_server: false,
+            },
+            &images,
+        )?;
+        let fake = cluster.with_nodes(|n| -> Result<FakeBeamlit> {
+            let bridge = n.network().bridge();
+            bridge.ip(&["addr", "add", &format!("{FAKE_ADDR}/24"), "dev", "br0"])?;
+            FakeBeamlit::start(
+                bridge,
+                FakeBeamlitOptions {
+                    https: vec![(FAKE_ADDR, FAKE_PORT).into()],
+                    server_names: vec![REMOTE_HOST.to_string(), format!("beamlit.{REMOTE_NS}.svc")],
+                    client_id: CLIENT_ID.into(),
+                    client_secret: CLIENT_SECRET.into(),
+                    require_token: true,
+                    ..FakeBeamlitOptions::default()
+                },
+            )
+        })??;
+        cluster.kubectl(&["create", "namespace", REMOTE_NS])?;
+        cluster.apply(REMOTE_NS, &remote_service())?;
+        Ok(Self { cluster, fake, dir })
+    }
+
+    /// `helm package` + `helm push` to the cluster's registry, then the README's `helm install`
+    /// from there, with its flags; the rest points the remote at the fake.
+    fn helm_install(&self) -> Result<String> {
+        let c = &self.cluster;
+        let chart_dir = workspace_root().join("charts/beamlit-controller");
+        let packaged = check_output(
+            "helm package",
+            &c.helm()
+                .arg("package")
+                .arg(&chart_dir)
+                .arg("-d")
+                .arg(self.dir.path())
+                .output()?,
+        )?;
+        let tgz = packaged
+            .split_whitespace()
+            .last()
+            .map(PathBuf::from)
+            .context("helm package printed no path")?;
+        let registry = c.registry_addr();
+        check_output(
+            "helm push",
+            &c.helm_in_network()
+                .arg("push")
+                .arg(&tgz)
+                .arg(format!("oci://{registry}/beamlit"))
+                .arg("--plain-http")
+                .output()?,
+        )?;
+        let api_key = base64(&format!("{CLIENT_ID}:{CLIENT_SECRET}"));
+        let ca = self.fake.ca_pem().display().to_string();
+        let images_tag = env!("CARGO_PKG_VERSION");
+        let out = c
+            .helm_in_network()
+            .args(["install", RELEASE])
+            .arg(format!("oci://{registry}/beamlit/beamlit-controller-chart"))
+            .args(["--version", images_tag, "--plain-http"])
+            // The README's flags.
+            .args(["--set", "installMetricServer=true"])
+            .args(["--set", &format!("beamlitApiToken={api_key}")])
+            .args([
+                "--set",
+                "controllerManager.manager.image.repository=ghcr.io/beamlit/beamlit-controller",
+            ])
+            .args([
+                "--set",
+                &format!("controllerManager.manager.image.tag={images_tag}"),
+            ])
+            .args([
+                "--set",
+                &format!("config.defaultRemoteBackend.authConfig.oauthConfig.clientId={CLIENT_ID}"),
+            ])
+            .args([
+                "--set",
+                &format!(
+                    "config.defaultRemoteBackend.authConfig.oauthConfig.clientSecret={CLIENT_SECRET}"
+                ),
+            ])
+            // The remote: the fake Beamlit, its API, its CA; a workspace for the default path.
+            .args([
+                "--set",
+                &format!("config.defaultRemoteBackend.host={REMOTE_HOST}"),
+            ])
+            .args([
+                "--set",
+                &format!(
+                    "config.defaultRemoteBackend.authConfig.oauthConfig.tokenUrl=https://{REMOTE_HOST}/oauth/token"
+                ),
+            ])
+            .args(["--set", &format!("beamlitBaseUrl=https://{REMOTE_HOST}/v0")])
+            .args(["--set", "config.workspace=ws"])
+            .args(["--set-file", &format!("agent.caBundle={ca}")])
+            .args(["--set-file", &format!("beamlitApiCaBundle={ca}")])
+            // The nodes' kubelets serve certificates of the test CA.
+            .args(["--set", "metricsServer.extraArgs={--kubelet-insecure-tls}"])
+            .output()?;
+        check_output("helm install", &out)
+    }
+
+    /// A failure's context: the release's pods, and the agents' and controllers' logs.
+    fn report(&self) -> String {
+        let c = &self.cluster;
+        let mut s = c
+            .kubectl(&["get", "pods", "-A", "-o", "wide"])
+            .unwrap_or_default();
+        for selector in [
+            "app.kubernetes.io/component=agent",
+            "app.kubernetes.io/component=controller",
+        ] {
+            s.push_str(
+                &c.kubectl(&[
+                    "logs",
+                    "-n",
+                    "default",
+                    "-l",
+                    selector,
+                    "--tail=40",
+                    "--prefix",
+                ])
+                .unwrap_or_default(),
+            );
+        }
+        s.push_str(&c.kubectl(&["get", "events", "-A"]).unwrap_or_default());
+        s
+    }
+}
+
+/// The fake's Service: no selector, one EndpointSlice naming its address on the cluster network.
+fn remote_service() -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: beamlit\nspec:\n  ports:\n  - name: https\n    \
+         port: 443\n    targetPort: {FAKE_PORT}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata:\n  name: beamlit-1\n  labels:\n    kubernetes.io/service-name: beamlit\naddressType: IPv4\n\
+         ports:\n- name: https\n  port: {FAKE_PORT}\n  protocol: TCP\nendpoints:\n- addresses: [\"{FAKE_ADDR}\"]\n  \
+         conditions:\n    ready: true\n"
+    )
+}
+
+fn base64(s: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// One pass of the README's client: what curl printed, and the route line.
+#[derive(Debug)]
+struct Answer {
+    at: SystemTime,
+    ok: bool,
+    beamlit: bool,
+    text: String,
+}
+
+/// The client's log (`kubectl logs --timestamps`), cut at every `Route:` line.
+fn answers(log: &str) -> Vec<Answer> {
+    let mut out = Vec::new();
+    let mut chunk = String::new();
+    for line in log.lines() {
+        let (stamp, text) = line.split_once(' ').unwrap_or(("", line));
+        if let Some(route) = text.strip_prefix("Route: ") {
+            let at = stamp
+                .parse::<jiff::Timestamp>()
+                .map(SystemTime::from)
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            let ok = chunk.contains("HTTP/1.1 200") || chunk.contains("HTTP/2 200");
+            out.push(Answer {
+                at,
+                ok,
+                beamlit: route.trim() == "beamlit",
+                text: std::mem::take(&mut chunk),
+            });
+        } else {
+            chunk.push_str(text);
+            chunk.push('\n');
+        }
+    }
+    out
+}
+
+fn client_log(c: &RealCluster, pod: &str) -> Result<String> {
+    c.kubectl(&["logs", "-n", "default", pod, "--timestamps"])
+}
+
+fn failed(answers: &[Answer]) -> Vec<&Answer> {
+    answers.iter().filter(|a| !a.ok).collect()
+}
+
+/// Starts the README's client on `node` and waits until it has answers from the local pod.
+fn start_client(c: &RealCluster, name: &str, node: &str) -> Result<()> {
+    let overrides = format!("{{\"apiVersion\":\"v1\",\"spec\":{{\"nodeName\":\"{node}\"}}}}");
+    c.kubectl(&[
+        "run",
+        name,
+        "-n",
+        "default",
+        "--image=curlimages/curl",
+        "--restart=Never",
+        &format!("--overrides={overrides}"),
+        "--",
+        "sh",
+        "-c",
+        SEED_CLIENT,
+    ])?;
+    c.wait_for(&format!("{name} answered locally"), WAIT, || {
+        let log = client_log(c, name).unwrap_or_default();
+        Ok(answers(&log).iter().filter(|a| a.ok && !a.beamlit).count() >= 5)
+    })
+}
+
+fn scale(c: &RealCluster, replicas: u32) -> Result<SystemTime> {
+    c.kubectl(&[
+        "scale",
+        "deployment",
+        "php-apache",
+        &format!("--replicas={replicas}"),
+        "-n",
+        "default",
+    ])?;
+    Ok(SystemTime::now())
+}
+
+/// The README's walkthrough with the client on `client_node`: 0 failed requests, Beamlit
+/// within 1 s of the scale-down, local again after scaling back, one token request.
+fn walkthrough(p: &Product, client: &str, client_node: &str, model_node: &str) -> Result<()> {
+    let c = &p.cluster;
+    start_client(c, client, client_node)?;
+    let tokens_before = p.fake.stats()?.token_requests;
+    let scaled_down = scale(c, 0)?;
+    c.wait_for("Route: beamlit", Duration::from_secs(30), || {
+        Ok(answers(&client_log(c, client)?).iter().any(|a| a.beamlit))
+    })?;
+    // Offloaded for a while (and every pod gone: nothing local can answer).
+    c.wait_for("php-apache pods gone", WAIT, || {
+        Ok(c.kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            "default",
+            "-l",
+            "run=php-apache",
+            "-o",
+            "name",
+        ])?
+        .trim()
+        .is_empty())
+    })?;
+    std::thread::sleep(Duration::from_secs(3));
+
+    // A process of the node outside the pods' cgroup (this test, in the node's network
+    // namespace) is not redirected: kube-proxy refuses, since the Service has no endpoint.
+    let service_ip = c.kubectl(&[
+        "get",
+        "service",
+        "php-apache",
+        "-n",
+        "default",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ])?;
+    let host = c.with_node(client_node, |n| {
+        Command::new("ip")
+            .args(["netns", "exec", n.netns().name()])
+            .args(["curl", "-sS", "-m", "5", "-o", "/dev/null"])
+            .arg(format!("http://{service_ip}/"))
+            .output()
+    })??;
+    ensure!(
+        host.status.code() == Some(7),
+        "a host process on {client_node} dialling the offloaded Service should be refused by \
+         kube-proxy (curl exit 7, not redirected), got {:?}: {}",
+        host.status.code(),
+        String::from_utf8_lossy(&host.stderr)
+    );
+
+    let scaled_up = scale(c, 1)?;
+    c.wait_pods_ready("default", "run=php-apache", 1, WAIT)?;
+    c.wait_for("Route: local again", Duration::from_secs(60), || {
+        let log = client_log(c, client)?;
+        Ok(answers(&log)
+            .iter()
+            .filter(|a| a.at > scaled_up && a.ok && !a.beamlit)
+            .count()
+            >= 10)
+    })?;
+    let all = answers(&client_log(c, client)?);
+    c.kubectl(&["delete", "pod", client, "-n", "default", "--wait=false"])?;
+
+    let bad = failed(&all);
+    ensure!(
+        bad.is_empty(),
+        "{} of {} requests failed (client on {client_node}, model on {model_node}); first: {:?}",
+        bad.len(),
+        all.len(),
+        bad.first().map(|a| a.text.as_str())
+    );
+    let first_remote = all
+        .iter()
+        .find(|a| a.beamlit)
+        .context("no Route: beamlit")?;
+    let delay = first_remote
+        .at
+        .duration_since(scaled_down)
+        .unwrap_or_default();
+    ensure!(
+        delay <= Duration::from_secs(1),
+        "first Route: beamlit {delay:?} after kubectl scale (target 1 s)"
+    );
+    let remote = all.iter().filter(|a| a.beamlit).count();
+    let tokens = p.fake.stats()?.token_requests - tokens_before;
+    ensure!(
+        tokens == 1,
+        "{tokens} OAuth token requests during the walkthrough (one tunnel, one token)"
+    );
+    println!(
+        "client on {client_node}, model on {model_node}: {} requests, 0 failed, {remote} from \
+         Beamlit, first {delay:?} after the scale-down, {tokens} token request",
+        all.len()
+    );
+    Ok(())
+}
+
+/// The node's pods cgroup, where the agent attaches.
+fn kubepods(c: &RealCluster, node: &str) -> Result<PathBuf> {
+    c.with_node(node, |n| n.kubepods_cgroup())?
+        .context("the node has no unified kubepods cgroup")
+}
+
+/// Our programs on `cgroup`, by bpftool (the kernel's view).
+fn attached(cgroup: &Path) -> Result<BTreeSet<String>> {
+    let out = check_output(
+        "bpftool cgroup show",
+        &Command::new("bpftool")
+            .args(["cgroup", "show"])
+            .arg(cgroup)
+            .output()?,
+    )?;
+    Ok(out
+        .split_whitespace()
+        .filter(|w| PROGRAMS.contains(w))
+        .map(str::to_string)
+        .collect())
+}
+
+/// The links pinned in the node's own bpffs.
+fn pinned_links(c: &RealCluster, node: &str) -> Result<Vec<String>> {
+    let root = c
+        .with_node(node, |n| n.init_pid())?
+        .context("the node is not running")?;
+    let dir = PathBuf::from(format!("/proc/{root}/root/sys/fs/bpf/beamlit/links"));
+    Ok(match std::fs::read_dir(&dir) {
+        Ok(d) => d
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(_) => Vec::new(),
+    })
+}
+
+/// Processes named `comm` in the pods of `kubepods` (a node's).
+fn pod_processes(kubepods: &Path, comm: &str) -> Vec<u32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
+        })
+        .filter(|pid| {
+            let Ok(cg) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+                return false;
+            };
+            cg.lines()
+                .filter_map(|l| l.strip_prefix("0::"))
+                .any(|path| match path.find("/kubepods/") {
+                    Some(i) => kubepods.to_string_lossy().ends_with(&path[..i + 9]),
+                    None => false,
+                })
+        })
+        .collect()
+}
+
+fn status_field(pid: u32, field: &str) -> Result<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .map(|v| v.trim().to_string())
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
+}
+
+/// The agent runs as the chart says: root, exactly BPF, NET_ADMIN and PERFMON, no new
+/// privileges, under the runtime's default seccomp profile; the controller as non-root on a
+/// read-only root filesystem.
+fn check_security_context(c: &RealCluster) -> Result<()> {
+    let expected = (1u64 << CAP_BPF) | (1u64 << CAP_NET_ADMIN) | (1u64 << CAP_PERFMON);
+    let mut controllers = 0;
+    for node in c.node_names() {
+        let pods = kubepods(c, node)?;
+        let agents = pod_processes(&pods, "beamlit-agent");
+        ensure!(agents.len() == 1, "agent processes on {node}: {agents:?}");
+        let pid = agents[0];
+        let eff = u64::from_str_radix(&status_field(pid, "CapEff:")?, 16)?;
+        ensure!(
+            eff == expected,
+            "agent CapEff {eff:#x}, expected {expected:#x}"
+        );
+        ensure!(
+            status_field(pid, "Seccomp:")? == "2",
+            "the agent is not under a seccomp filter (RuntimeDefault)"
+        );
+        ensure!(status_field(pid, "NoNewPrivs:")? == "1");
+        ensure!(status_field(pid, "Uid:")?.starts_with("0\t"));
+        for pid in pod_processes(&pods, "beamlit-control") {
+            controllers += 1;
+            let uid = status_field(pid, "Uid:")?;
+            ensure!(uid.starts_with("65532\t"), "controller uid {uid}");
+            let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))?;
+            let root = mountinfo
+                .lines()
+                .find(|l| l.split_whitespace().nth(4) == Some("/"))
+                .context("the controller's root mount")?;
+            ensure!(
+                root.split_whitespace()
+                    .nth(5)
+                    .is_some_and(|o| o.split(',').any(|x| x == "ro")),
+                "the controller's root filesystem is writable: {root}"
+            );
+            ensure!(status_field(pid, "Seccomp:")? == "2");
+        }
+    }
+    ensure!(
+        controllers == 2,
+        "{controllers} controller processes, expected 2"
+    );
+    Ok(())
+}
+
+/// Every node's agent attached all six programs to its pods cgroup, pinned them in the node's
+/// bpffs, and nothing of ours is on the machine's cgroup v2 root.
+fn check_attachment(c: &RealCluster) -> Result<()> {
+    for node in c.node_names() {
+        let pods = kubepods(c, node)?;
+        let programs = attached(&pods)?;
+        ensure!(
+            programs.len() == PROGRAMS.len(),
+            "on {node}'s pods cgroup: {programs:?}"
+        );
+        let mut links = pinned_links(c, node)?;
+        links.sort();
+        let mut want: Vec<String> = PROGRAMS.iter().map(|p| p.to_string()).collect();
+        want.sort();
+        ensure!(links == want, "links pinned on {node}: {links:?}");
+        // The node's daemon cgroup (kubelet, containerd) is the parent's sibling: not covered.
+        let node_root = pods.parent().context("kubepods' parent")?;
+        ensure!(
+            attached(node_root)?.is_empty(),
+            "programs on {}",
+            node_root.display()
+        );
+    }
+    let machine_root = beamlit_testbed::cgroup2_mount()?;
+    ensure!(
+        attached(&machine_root)?.is_empty(),
+        "our programs on the machine's cgroup v2 root"
+    );
+    Ok(())
+}
+
+fn model_node(c: &RealCluster) -> Result<String> {
+    let pods = c.wait_pods_ready("default", "run=php-apache", 1, WAIT)?;
+    c.pod_node("default", &pods[0])
+}
+
+#[test]
+fn the_seed_readme_on_real_nodes_from_helm_install_to_uninstall() {
+    if !require_privileges() {
+        return;
+    }
+    let p = Product::start().or_panic();
+    let c = &p.cluster;
+    let step = |what: &str, r: Result<()>| {
+        if let Err(e) = r {
+            panic!("{what}: {e:#}\n{}", p.report());
+        }
+        println!("ok: {what}");
+    };
+
+    step(
+        "helm install from the registry",
+        (|| {
+            let out = p.helm_install()?;
+            ensure!(out.contains("STATUS: deployed"), "{out}");
+            c.kubectl(&[
+                "wait",
+                "--for=condition=Established",
+                "--timeout=60s",
+                "crd/modeldeployments.deployment.beamlit.com",
+            ])?;
+            c.wait_pods_ready("default", "app.kubernetes.io/component=agent", 2, WAIT)?;
+            c.wait_pods_ready("default", "app.kubernetes.io/component=controller", 2, WAIT)?;
+            Ok(())
+        })(),
+    );
+    step(
+        "the chart's security context on containerd",
+        check_security_context(c),
+    );
+
+    step(
+        "the seed's php-apache and ModelDeployment",
+        (|| {
+            c.apply("default", PHP_APACHE)?;
+            c.wait_pods_ready("default", "run=php-apache", 1, WAIT)?;
+            c.apply("default", include_str!("../fixtures/model-deployment.yaml"))?;
+            // The README's status command.
+            c.wait_for("both agents acknowledge the model", WAIT, || {
+                let acked = c.node_names().iter().all(|node| {
+                    c.kubectl(&[
+                        "get",
+                        "lease",
+                        &format!("beamlit-agent-{node}"),
+                        "-n",
+                        "default",
+                        "-o",
+                        "json",
+                    ])
+                    .is_ok_and(|l| l.contains("default/php-apache"))
+                });
+                Ok(acked)
+            })?;
+            let table = c.kubectl(&["get", "modeldeployment", "php-apache"])?;
+            ensure!(table.contains("php-apache"), "{table}");
+            Ok(())
+        })(),
+    );
+    step(
+        "programs on the pods cgroup, pins in the node's bpffs",
+        check_attachment(c),
+    );
+
+    let model = model_node(c).or_panic();
+    step(
+        "the walkthrough, client beside the model",
+        walkthrough(&p, "curl-check", &model, &model),
+    );
+    // The new php-apache pod may have landed on either node.
+    let model = model_node(c).or_panic();
+    let other = c
+        .node_names()
+        .iter()
+        .find(|n| **n != model)
+        .expect("a second node")
+        .clone();
+    step(
+        "the walkthrough, client on the node without the model",
+        walkthrough(&p, "curl-check-2", &other, &model),
+    );
+
+    step(
+        "helm uninstall: nothing attached or pinned, the client keeps its answers",
+        (|| {
+            start_client(c, "curl-check-3", &other)?;
+            // The finalizer needs the controller: the model goes first, as docs/operations.md says.
+            c.kubectl(&[
+                "delete",
+                "modeldeployment",
+                "php-apache",
+                "-n",
+                "default",
+                "--timeout=60s",
+            ])?;
+            let started = SystemTime::now();
+            check_output(
+                "helm uninstall",
+                &c.helm()
+                    .args(["uninstall", RELEASE, "--wait", "--timeout=120s"])
+                    .output()?,
+            )?;
+            c.wait_for("agents gone", WAIT, || {
+                Ok(c.kubectl(&[
+                    "get",
+                    "pods",
+                    "-n",
+                    "default",
+                    "-l",
+                    "app.kubernetes.io/component=agent",
+                    "-o",
+                    "name",
+                ])?
+                .trim()
+                .is_empty())
+            })?;
+            for node in c.node_names() {
+                let left = attached(&kubepods(c, node)?)?;
+                ensure!(left.is_empty(), "still attached on {node}: {left:?}");
+                let pins = pinned_links(c, node)?;
+                ensure!(pins.is_empty(), "still pinned on {node}: {pins:?}");
+            }
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let all = answers(&client_log(c, "curl-check-3")?);
+            let after = all.iter().filter(|a| a.at > started).count();
+            let bad = failed(&all);
+            ensure!(
+                after >= 10,
+                "{after} answers during and after the uninstall"
+            );
+            ensure!(
+                bad.is_empty(),
+                "{} failed during the uninstall: {:?}",
+                bad.len(),
+                bad.first().map(|a| a.text.as_str())
+            );
+            ensure!(
+                all.iter().all(|a| !a.beamlit),
+                "offloaded during the uninstall"
+            );
+            Ok(())
+        })(),
+    );
+    if let Err(e) = (|| -> Result<()> {
+        let refused = c.refused_egress()?;
+        if !refused.is_empty() {
+            bail!("something tried to leave the cluster network: {refused:?}");
+        }
+        Ok(())
+    })() {
+        panic!("{e:#}");
+    }
+}
