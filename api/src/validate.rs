@@ -337,7 +337,7 @@ fn metric_targets(
 pub fn positive_quantity(text: &str) -> bool {
     static QUANTITY: LazyLock<Regex> = LazyLock::new(|| {
         regex(
-            "^\\+?([0-9]+(\\.[0-9]*)?|\\.[0-9]+)(Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E|[eE][-+]?[0-9]+)?$",
+            "^\\+?([0-9]+(\\.[0-9]*)?|\\.[0-9]+)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][-+]?[0-9]+)?$",
         )
     });
     // `0e5`, `0.0k`: a zero mantissa is zero, whatever the exponent says.
@@ -455,6 +455,8 @@ mod tests {
             ("2k", true),
             ("1.5Gi", true),
             ("1e3", true),
+            ("250000000n", true),
+            ("1500u", true),
             ("0", false),
             ("0.0", false),
             ("0e5", false),

@@ -132,8 +132,8 @@ pub enum MetricError {
 /// milli-units.
 ///
 /// The grammar is Kubernetes': an optional sign, a decimal number (`1`, `1.5`, `.5`, `5.`), and
-/// a suffix: binary (`Ki` `Mi` `Gi` `Ti` `Pi` `Ei`), decimal (`m`, none, `k` `M` `G` `T` `P`
-/// `E`) or a decimal exponent (`e3`, `E-2`, `e+6`). `"1E"` is one exa, `"1E3"` is 1000.
+/// a suffix: binary (`Ki` `Mi` `Gi` `Ti` `Pi` `Ei`), decimal (`n` `u` `m`, none, `k` `M` `G`
+/// `T` `P` `E`) or a decimal exponent (`e3`, `E-2`, `e+6`). `"1E"` is one exa, `"1E3"` is 1000.
 ///
 /// The arithmetic is exact integer arithmetic (no floating point): a value that is not a whole
 /// number of milli-units is rounded away from zero, as Kubernetes' `MilliValue()` does, so
@@ -177,6 +177,9 @@ pub fn parse_quantity_milli(s: &str) -> Result<i128, QuantityError> {
     // Suffix: powers of ten and of two.
     let (mut exp10, exp2): (i64, u32) = match rest {
         "" => (0, 0),
+        // metrics-server reports CPU in nanocores (`"485987319n"`).
+        "n" => (-9, 0),
+        "u" => (-6, 0),
         "m" => (-3, 0),
         "k" => (3, 0),
         "M" => (6, 0),
@@ -1329,6 +1332,12 @@ mod tests {
             ("  2  ", 2000),
             ("1000000000000000000000000000000000000000000e-40", 100_000),
             ("0.3333333333", 334),
+            // metrics-server's CPU usage, in nanocores (seen on real nodes).
+            ("485987319n", 486),
+            ("1000000n", 1),
+            ("1n", 1),
+            ("250000u", 250),
+            ("1500u", 2),
         ];
         for (input, want) in cases {
             assert_eq!(parse_quantity_milli(input), Ok(*want), "{input}");
