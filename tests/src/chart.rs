@@ -314,11 +314,23 @@ impl HostEnv {
         }
     }
 
-    /// The fields a pod of `namespace` on `node` (address `host_ip`) sees, named `name`.
+    /// The fields a pod of `namespace` on `node` (address `host_ip`) sees, named `name`; its
+    /// UID is derived from those, as stable as a pod's for one run.
     pub fn pod(mut self, name: &str, namespace: &str, node: &str, host_ip: &str) -> Self {
+        let digest = crate::oci::sha256(format!("{namespace}/{name}@{node}").as_bytes());
+        let digest = digest.trim_start_matches("sha256:");
+        let uid = format!(
+            "{}-{}-{}-{}-{}",
+            &digest[0..8],
+            &digest[8..12],
+            &digest[12..16],
+            &digest[16..20],
+            &digest[20..32]
+        );
         for (path, value) in [
             ("metadata.name", name),
             ("metadata.namespace", namespace),
+            ("metadata.uid", uid.as_str()),
             ("spec.nodeName", node),
             ("status.hostIP", host_ip),
         ] {

@@ -46,6 +46,7 @@ pub mod oci;
 mod privileges;
 mod probe;
 mod process;
+pub mod product;
 pub mod seed;
 mod tempdir;
 pub mod tls;

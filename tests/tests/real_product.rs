@@ -9,33 +9,19 @@
 //! APIService), and `helm uninstall` must come last.
 
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, Result, bail, ensure};
+use beamlit_testbed::cluster::RealCluster;
 use beamlit_testbed::cluster::real_cluster::check_output;
-use beamlit_testbed::cluster::{RealCluster, RealNodesOptions, workspace_root};
-use beamlit_testbed::oci::{BuildInfo, project_images};
-use beamlit_testbed::seed::PHP_APACHE;
-use beamlit_testbed::{
-    FakeBeamlit, FakeBeamlitOptions, OrPanic as _, TestDir, agent_bin, require_privileges,
+use beamlit_testbed::product::{
+    Product, RELEASE, WAIT, answers, client_log, failed, md_status, scale, start_client,
 };
+use beamlit_testbed::seed::PHP_APACHE;
+use beamlit_testbed::{OrPanic as _, require_privileges};
 
-/// The fake Beamlit's address on the cluster network (beside the bridge's 10.250.0.1).
-const FAKE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 2);
-const FAKE_PORT: u16 = 8443;
-/// Its Service: a name the cluster resolves, in a namespace of its own.
-const REMOTE_NS: &str = "beamlit-remote";
-const REMOTE_HOST: &str = "beamlit.beamlit-remote.svc.cluster.local";
-const CLIENT_ID: &str = "seed-client";
-const CLIENT_SECRET: &str = "seed-s3cret";
-const RELEASE: &str = "beamlit-controller";
-const WAIT: Duration = Duration::from_secs(180);
-/// The README's client loop, as `sh -c` receives it once the README's shell has removed its
-/// escapes.
-const SEED_CLIENT: &str = "while true; do response=$(curl -D - http://php-apache); echo \"$response\"; echo $response | grep -q 'Cf-Ray' && echo 'Route: beamlit' || echo 'Route: local'; sleep 0.1; done";
 /// The programs of the agent, as bpftool names them.
 const PROGRAMS: [&str; 6] = [
     "getpeername4",
@@ -48,249 +34,6 @@ const PROGRAMS: [&str; 6] = [
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
-
-struct Product {
-    cluster: RealCluster,
-    fake: FakeBeamlit,
-    dir: TestDir,
-}
-
-impl Product {
-    fn start() -> Result<Self> {
-        let dir = TestDir::new("product")?;
-        // The images as `cargo xtask images` builds them, from the binaries under test.
-        let bin_dir = agent_bin()
-            .parent()
-            .context("the agent binary's directory")?
-            .to_path_buf();
-        let images = project_images(&bin_dir, &BuildInfo::from_git(&workspace_root())?)?;
-        let cluster = RealCluster::start(
-            &RealNodesOptions {
-                nodes: 2,
-                // The chart installs its own (installMetricServer=true, as the README does).
-                metrics_server: false,
-            },
-            &images,
-        )?;
-        let fake = cluster.with_nodes(|n| -> Result<FakeBeamlit> {
-            let bridge = n.network().bridge();
-            bridge.ip(&["addr", "add", &format!("{FAKE_ADDR}/24"), "dev", "br0"])?;
-            FakeBeamlit::start(
-                bridge,
-                FakeBeamlitOptions {
-                    https: vec![(FAKE_ADDR, FAKE_PORT).into()],
-                    server_names: vec![REMOTE_HOST.to_string(), format!("beamlit.{REMOTE_NS}.svc")],
-                    client_id: CLIENT_ID.into(),
-                    client_secret: CLIENT_SECRET.into(),
-                    require_token: true,
-                    ..FakeBeamlitOptions::default()
-                },
-            )
-        })??;
-        cluster.kubectl(&["create", "namespace", REMOTE_NS])?;
-        cluster.apply(REMOTE_NS, &remote_service())?;
-        Ok(Self { cluster, fake, dir })
-    }
-
-    /// `helm package` + `helm push` to the cluster's registry, then the README's `helm install`
-    /// from there, with its flags; the rest points the remote at the fake.
-    fn helm_install(&self) -> Result<String> {
-        let c = &self.cluster;
-        let chart_dir = workspace_root().join("charts/beamlit-controller");
-        let packaged = check_output(
-            "helm package",
-            &c.helm()
-                .arg("package")
-                .arg(&chart_dir)
-                .arg("-d")
-                .arg(self.dir.path())
-                .output()?,
-        )?;
-        let tgz = packaged
-            .split_whitespace()
-            .last()
-            .map(PathBuf::from)
-            .context("helm package printed no path")?;
-        let registry = c.registry_addr();
-        check_output(
-            "helm push",
-            &c.helm_in_network()
-                .arg("push")
-                .arg(&tgz)
-                .arg(format!("oci://{registry}/beamlit"))
-                .arg("--plain-http")
-                .output()?,
-        )?;
-        let api_key = base64(&format!("{CLIENT_ID}:{CLIENT_SECRET}"));
-        let ca = self.fake.ca_pem().display().to_string();
-        let images_tag = env!("CARGO_PKG_VERSION");
-        let out = c
-            .helm_in_network()
-            .args(["install", RELEASE])
-            .arg(format!("oci://{registry}/beamlit/beamlit-controller-chart"))
-            .args(["--version", images_tag, "--plain-http"])
-            // The README's flags.
-            .args(["--set", "installMetricServer=true"])
-            .args(["--set", &format!("beamlitApiToken={api_key}")])
-            .args([
-                "--set",
-                "controllerManager.manager.image.repository=ghcr.io/beamlit/beamlit-controller",
-            ])
-            .args([
-                "--set",
-                &format!("controllerManager.manager.image.tag={images_tag}"),
-            ])
-            .args([
-                "--set",
-                &format!("config.defaultRemoteBackend.authConfig.oauthConfig.clientId={CLIENT_ID}"),
-            ])
-            .args([
-                "--set",
-                &format!(
-                    "config.defaultRemoteBackend.authConfig.oauthConfig.clientSecret={CLIENT_SECRET}"
-                ),
-            ])
-            // The remote: the fake Beamlit, its API, its CA; a workspace for the default path.
-            .args([
-                "--set",
-                &format!("config.defaultRemoteBackend.host={REMOTE_HOST}"),
-            ])
-            .args([
-                "--set",
-                &format!(
-                    "config.defaultRemoteBackend.authConfig.oauthConfig.tokenUrl=https://{REMOTE_HOST}/oauth/token"
-                ),
-            ])
-            .args(["--set", &format!("beamlitBaseUrl=https://{REMOTE_HOST}/v0")])
-            .args(["--set", "config.workspace=ws"])
-            .args(["--set-file", &format!("agent.caBundle={ca}")])
-            .args(["--set-file", &format!("beamlitApiCaBundle={ca}")])
-            // The nodes' kubelets serve certificates of the test CA.
-            .args(["--set", "metricsServer.extraArgs={--kubelet-insecure-tls}"])
-            .output()?;
-        check_output("helm install", &out)
-    }
-
-    /// A failure's context: the release's pods, and the agents' and controllers' logs.
-    fn report(&self) -> String {
-        let c = &self.cluster;
-        let mut s = c
-            .kubectl(&["get", "pods", "-A", "-o", "wide"])
-            .unwrap_or_default();
-        for selector in [
-            "app.kubernetes.io/component=agent",
-            "app.kubernetes.io/component=controller",
-        ] {
-            s.push_str(
-                &c.kubectl(&[
-                    "logs",
-                    "-n",
-                    "default",
-                    "-l",
-                    selector,
-                    "--tail=40",
-                    "--prefix",
-                ])
-                .unwrap_or_default(),
-            );
-        }
-        s.push_str(&c.kubectl(&["get", "events", "-A"]).unwrap_or_default());
-        s
-    }
-}
-
-/// The fake's Service: no selector, one EndpointSlice naming its address on the cluster network.
-fn remote_service() -> String {
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: beamlit\nspec:\n  ports:\n  - name: https\n    \
-         port: 443\n    targetPort: {FAKE_PORT}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-         metadata:\n  name: beamlit-1\n  labels:\n    kubernetes.io/service-name: beamlit\naddressType: IPv4\n\
-         ports:\n- name: https\n  port: {FAKE_PORT}\n  protocol: TCP\nendpoints:\n- addresses: [\"{FAKE_ADDR}\"]\n  \
-         conditions:\n    ready: true\n"
-    )
-}
-
-fn base64(s: &str) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.encode(s)
-}
-
-/// One pass of the README's client: what curl printed, and the route line.
-#[derive(Debug)]
-struct Answer {
-    at: SystemTime,
-    ok: bool,
-    beamlit: bool,
-    text: String,
-}
-
-/// The client's log (`kubectl logs --timestamps`), cut at every `Route:` line.
-fn answers(log: &str) -> Vec<Answer> {
-    let mut out = Vec::new();
-    let mut chunk = String::new();
-    for line in log.lines() {
-        let (stamp, text) = line.split_once(' ').unwrap_or(("", line));
-        if let Some(route) = text.strip_prefix("Route: ") {
-            let at = stamp
-                .parse::<jiff::Timestamp>()
-                .map(SystemTime::from)
-                .unwrap_or(SystemTime::UNIX_EPOCH);
-            let ok = chunk.contains("HTTP/1.1 200") || chunk.contains("HTTP/2 200");
-            out.push(Answer {
-                at,
-                ok,
-                beamlit: route.trim() == "beamlit",
-                text: std::mem::take(&mut chunk),
-            });
-        } else {
-            chunk.push_str(text);
-            chunk.push('\n');
-        }
-    }
-    out
-}
-
-fn client_log(c: &RealCluster, pod: &str) -> Result<String> {
-    c.kubectl(&["logs", "-n", "default", pod, "--timestamps"])
-}
-
-fn failed(answers: &[Answer]) -> Vec<&Answer> {
-    answers.iter().filter(|a| !a.ok).collect()
-}
-
-/// Starts the README's client on `node` and waits until it has answers from the local pod.
-fn start_client(c: &RealCluster, name: &str, node: &str) -> Result<()> {
-    let overrides = format!("{{\"apiVersion\":\"v1\",\"spec\":{{\"nodeName\":\"{node}\"}}}}");
-    c.kubectl(&[
-        "run",
-        name,
-        "-n",
-        "default",
-        "--image=curlimages/curl",
-        "--restart=Never",
-        &format!("--overrides={overrides}"),
-        "--",
-        "sh",
-        "-c",
-        SEED_CLIENT,
-    ])?;
-    c.wait_for(&format!("{name} answered locally"), WAIT, || {
-        let log = client_log(c, name).unwrap_or_default();
-        Ok(answers(&log).iter().filter(|a| a.ok && !a.beamlit).count() >= 5)
-    })
-}
-
-fn scale(c: &RealCluster, replicas: u32) -> Result<SystemTime> {
-    c.kubectl(&[
-        "scale",
-        "deployment",
-        "php-apache",
-        &format!("--replicas={replicas}"),
-        "-n",
-        "default",
-    ])?;
-    Ok(SystemTime::now())
-}
 
 /// The README's walkthrough with the client on `client_node`: 0 failed requests, Beamlit
 /// within 1 s of the scale-down, local again after scaling back, one token request.
@@ -541,20 +284,6 @@ fn check_attachment(c: &RealCluster) -> Result<()> {
         "our programs on the machine's cgroup v2 root"
     );
     Ok(())
-}
-
-fn md_status(c: &RealCluster) -> Result<serde_json::Value> {
-    let out = c.kubectl(&[
-        "get",
-        "modeldeployment",
-        "php-apache",
-        "-n",
-        "default",
-        "-o",
-        "json",
-    ])?;
-    let md: serde_json::Value = serde_json::from_str(&out)?;
-    Ok(md["status"].clone())
 }
 
 /// Offload on metrics, end to end: load on php-apache (the seed's CPU metric through the

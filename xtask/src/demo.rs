@@ -1,9 +1,13 @@
-//! `cargo xtask demo`: the seed README's walkthrough, live, on one machine. A real control plane
-//! with a simulated node, the ModelDeployment CRD, the controller and a cluster-mode agent, and
-//! the fake Beamlit in its own namespace; then the seed's steps: php-apache, its
-//! ModelDeployment, a client requesting the Service every 100 ms, `kubectl scale` to 0 and back.
-//! Every request prints the route it took; the summary counts failures (the point is 0), times
-//! the switches, and writes a timeline picture (SVG).
+//! `cargo xtask demo`: the seed README's walkthrough, live, on one machine.
+//!
+//! By default on real nodes (a control plane and two nodes with kubelet, containerd, kube-proxy
+//! and CoreDNS): the chart installed with `helm install` from the cluster's registry, the
+//! project's images run by containerd, the fake Beamlit behind a Service name; then the seed's
+//! steps verbatim: php-apache, its ModelDeployment, the README's `curl-check` loop in a pod
+//! (read through `kubectl logs -f`), `kubectl scale` to 0 and back. `--simulated` runs the same
+//! walkthrough on the node simulator (a quicker look: the controller and the agent as processes,
+//! pods as network namespaces). Every request prints the route it took; the summary counts
+//! failures (the point is 0), times the switches, and writes a timeline picture (SVG).
 use std::{
     io::{BufRead as _, BufReader, IsTerminal as _, Write as _},
     path::{Path, PathBuf},
@@ -44,6 +48,10 @@ pub struct DemoArgs {
     /// Where the timeline picture goes.
     #[arg(long, default_value = "target/demo")]
     out: PathBuf,
+    /// On the node simulator instead of real nodes: starts in seconds, with the controller and
+    /// the agent as processes and pods as network namespaces (no container runtime, no Helm).
+    #[arg(long)]
+    simulated: bool,
 }
 
 pub fn demo(args: &DemoArgs) -> Result<()> {
@@ -52,13 +60,24 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
         println!("[demo] building the agent, the controller and the test bed");
         crate::build_agent_and_testbed("demo", false)?;
         crate::cargo(&["build", "-p", "beamlit-controller", "--bins"])?;
+        if !args.simulated {
+            println!(
+                "[demo] checking the Kubernetes and node binaries (built once by setup, then cached)"
+            );
+            beamlit_testbed::cluster::KubeBinaries::ensure()?;
+            beamlit_testbed::cluster::node_tools::NodeBinaries::ensure()?;
+        }
     }
     // SAFETY: installs an async-signal-safe handler (one atomic store); the demo then stops at
     // its next step and every part is torn down by Drop.
     unsafe {
         libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
     }
-    let result = run(args);
+    let result = if args.simulated {
+        run(args)
+    } else {
+        run_real(args)
+    };
     if INTERRUPTED.load(Ordering::SeqCst) {
         println!("\n[demo] interrupted; everything it created is removed");
         return Ok(());
@@ -212,13 +231,7 @@ fn run(args: &DemoArgs) -> Result<()> {
                     (_, detail) => Route::Failed(detail.unwrap_or_default().to_string()),
                 };
                 let at = started.elapsed();
-                match &route {
-                    Route::Local(pod) => {
-                        println!("    {:>6.1}s  Route: local ({pod})", at.as_secs_f64())
-                    }
-                    Route::Beamlit => println!("    {:>6.1}s  Route: beamlit", at.as_secs_f64()),
-                    Route::Failed(e) => println!("    {:>6.1}s  FAILED: {e}", at.as_secs_f64()),
-                }
+                print_request(at, &route);
                 if let Ok(mut r) = requests.lock() {
                     r.push(Request { at, route });
                 }
@@ -274,47 +287,17 @@ fn run(args: &DemoArgs) -> Result<()> {
     let decided = status(&cluster, &ns, "php-apache")?;
 
     let requests = requests.lock().map(|r| r.clone()).unwrap_or_default();
-    let failed = requests
-        .iter()
-        .filter(|r| matches!(r.route, Route::Failed(_)))
-        .count();
-    let remote = requests
-        .iter()
-        .filter(|r| r.route == Route::Beamlit)
-        .count();
-    let local = requests.len() - failed - remote;
-    let picture = args.out.join("timeline.svg");
-    std::fs::create_dir_all(&args.out)?;
-    std::fs::write(
-        &picture,
-        timeline_svg(&requests, down, up, started.elapsed()),
-    )?;
-    let stats = bed.fake.stats()?;
-    println!("\n== Summary");
-    println!("requests sent                      {}", requests.len());
-    println!("failed                             {failed}");
-    println!("answered locally / by Beamlit      {local} / {remote}");
-    println!(
-        "scale to 0 -> first Beamlit answer {:.0?}",
-        first_remote.saturating_sub(down)
-    );
-    println!(
-        "scale to 1 -> first local answer   {:.1?} (the new pod starting, then the 1 s hold)",
-        first_local.saturating_sub(up)
-    );
-    println!(
-        "OAuth token requests to Beamlit    {}",
-        stats.token_requests
-    );
-    println!(
-        "the controller's decision now      {}% ({})",
-        decided["offloadPercent"],
-        decided["reason"].as_str().unwrap_or("?")
-    );
-    println!(
-        "timeline picture                   {}",
-        absolute(&picture).display()
-    );
+    let (failed, local, remote) = Summary {
+        requests: &requests,
+        down,
+        up,
+        end: started.elapsed(),
+        first_remote,
+        first_local,
+        token_requests: bed.fake.stats()?.token_requests,
+        decided,
+    }
+    .print(&args.out)?;
 
     if args.keep {
         println!(
@@ -326,6 +309,288 @@ fn run(args: &DemoArgs) -> Result<()> {
             agent_bin = beamlit_testbed::agent_bin().display(),
             bpffs = agent.bpffs().display(),
             state = agent.state_dir().display(),
+        );
+        while !INTERRUPTED.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} requests failed");
+    }
+    if remote == 0 || local == 0 {
+        bail!("the route never switched ({local} local, {remote} Beamlit)");
+    }
+    Ok(())
+}
+
+fn print_request(at: Duration, route: &Route) {
+    match route {
+        Route::Local(pod) if pod.is_empty() => {
+            println!("    {:>6.1}s  Route: local", at.as_secs_f64())
+        }
+        Route::Local(pod) => println!("    {:>6.1}s  Route: local ({pod})", at.as_secs_f64()),
+        Route::Beamlit => println!("    {:>6.1}s  Route: beamlit", at.as_secs_f64()),
+        Route::Failed(e) => println!("    {:>6.1}s  FAILED: {e}", at.as_secs_f64()),
+    }
+}
+
+/// The summary both modes print, and the timeline picture.
+struct Summary<'a> {
+    requests: &'a [Request],
+    down: Duration,
+    up: Duration,
+    end: Duration,
+    first_remote: Duration,
+    first_local: Duration,
+    token_requests: u64,
+    decided: serde_json::Value,
+}
+
+impl Summary<'_> {
+    /// Prints it, writes the picture; the numbers of failed, local and remote answers.
+    fn print(&self, out: &Path) -> Result<(usize, usize, usize)> {
+        let failed = self
+            .requests
+            .iter()
+            .filter(|r| matches!(r.route, Route::Failed(_)))
+            .count();
+        let remote = self
+            .requests
+            .iter()
+            .filter(|r| r.route == Route::Beamlit)
+            .count();
+        let local = self.requests.len() - failed - remote;
+        let picture = out.join("timeline.svg");
+        std::fs::create_dir_all(out)?;
+        std::fs::write(
+            &picture,
+            timeline_svg(self.requests, self.down, self.up, self.end),
+        )?;
+        println!("\n== Summary");
+        println!("requests sent                      {}", self.requests.len());
+        println!("failed                             {failed}");
+        println!("answered locally / by Beamlit      {local} / {remote}");
+        println!(
+            "scale to 0 -> first Beamlit answer {:.0?}",
+            self.first_remote.saturating_sub(self.down)
+        );
+        println!(
+            "scale to 1 -> first local answer   {:.1?} (the new pod starting, then the 1 s hold)",
+            self.first_local.saturating_sub(self.up)
+        );
+        println!("OAuth token requests to Beamlit    {}", self.token_requests);
+        println!(
+            "the controller's decision now      {}% ({})",
+            self.decided["offloadPercent"],
+            self.decided["reason"].as_str().unwrap_or("?")
+        );
+        println!(
+            "timeline picture                   {}",
+            absolute(&picture).display()
+        );
+        Ok((failed, local, remote))
+    }
+}
+
+/// The walkthrough on real nodes: everything as the README has the user type it.
+fn run_real(args: &DemoArgs) -> Result<()> {
+    use beamlit_testbed::product::{self, Product};
+    let ci = args.ci;
+    let p = step(
+        ci,
+        "Starting a Kubernetes control plane and two real nodes (kubelet, containerd, kube-proxy, CoreDNS), a registry holding the project's images, and the fake Beamlit standing in for the SaaS",
+        &["kind create cluster   # or any cluster of your own"],
+        Product::start,
+    )?;
+    let c = &p.cluster;
+    step(
+        ci,
+        "Installing Beamlit with Helm from the registry: the CRD, the controller, an agent on every node, metrics-server",
+        &[
+            "helm install beamlit-controller oci://ghcr.io/beamlit/beamlit-controller-chart \\",
+            "    --set installMetricServer=true --set beamlitApiToken=$API_KEY \\",
+            "    --set config.defaultRemoteBackend.authConfig.oauthConfig.clientId=$CLIENT_ID \\",
+            "    --set config.defaultRemoteBackend.authConfig.oauthConfig.clientSecret=$CLIENT_SECRET",
+        ],
+        || {
+            p.helm_install()?;
+            let agent = "app.kubernetes.io/component=agent";
+            let controller = "app.kubernetes.io/component=controller";
+            c.wait_pods_ready("default", agent, c.node_names().len(), product::WAIT)?;
+            c.wait_pods_ready("default", controller, 2, product::WAIT)?;
+            Ok(())
+        },
+    )
+    .with_context(|| p.report())?;
+    step(
+        ci,
+        "Deploying the model: the seed README's php-apache Deployment and Service",
+        &["kubectl apply -f php-apache.yaml"],
+        || {
+            c.apply("default", PHP_APACHE)?;
+            c.wait_pods_ready("default", "run=php-apache", 1, product::WAIT)?;
+            Ok(())
+        },
+    )?;
+    step(
+        ci,
+        "Applying the seed README's ModelDeployment",
+        &["kubectl apply -f model-deployment.yaml"],
+        || {
+            c.apply(
+                "default",
+                include_str!("../../tests/fixtures/model-deployment.yaml"),
+            )?;
+            let nodes = c.node_names().len();
+            c.wait_for("the decision applied on every node", product::WAIT, || {
+                Ok(product::md_status(c)?["agents"]["applied"] == nodes)
+            })
+        },
+    )
+    .with_context(|| p.report())?;
+    println!("\n$ kubectl get modeldeployment");
+    print!("{}", c.kubectl(&["get", "modeldeployment"])?);
+
+    let client_node = c.node_names()[0].clone();
+    step(
+        ci,
+        "Starting the README's client loop in a pod",
+        &[&format!(
+            "kubectl run curl-check --rm -it --image=curlimages/curl -- sh -c \"{}\"",
+            product::SEED_CLIENT
+                .replace('"', "\\\"")
+                .replace('$', "\\$")
+        )],
+        || product::start_client(c, "curl-check", &client_node),
+    )?;
+    println!("\n==> Its answers, as `kubectl logs -f curl-check` shows them");
+    let started = std::time::SystemTime::now();
+    let mut follow = std::process::Command::new(c.binaries().kubectl());
+    follow
+        .arg(format!("--kubeconfig={}", c.kubeconfig().display()))
+        .args([
+            "logs",
+            "-f",
+            "--timestamps",
+            "-n",
+            "default",
+            "curl-check",
+            "--since=1s",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    // Killed when the demo ends, however it ends.
+    let mut logs = beamlit_testbed::spawn(follow, None).context("kubectl logs -f")?;
+    let requests: Arc<Mutex<Vec<Request>>> = Arc::default();
+    let reader = {
+        let requests = requests.clone();
+        let stdout = logs.take_stdout().context("the client's log")?;
+        std::thread::spawn(move || {
+            let mut parser = product::AnswerParser::default();
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let Some(answer) = parser.line(&line) else {
+                    continue;
+                };
+                let at = answer.at.duration_since(started).unwrap_or_default();
+                let route = match (answer.ok, answer.beamlit) {
+                    (true, true) => Route::Beamlit,
+                    (true, false) => Route::Local(String::new()),
+                    (false, _) => Route::Failed(
+                        answer
+                            .text
+                            .lines()
+                            .find(|l| l.contains("curl:") || l.starts_with("HTTP/"))
+                            .unwrap_or("no answer")
+                            .to_string(),
+                    ),
+                };
+                print_request(at, &route);
+                if let Ok(mut r) = requests.lock() {
+                    r.push(Request { at, route });
+                }
+            }
+        })
+    };
+    let elapsed = || started.elapsed().unwrap_or_default();
+    let first_after = |since: Duration, want: &dyn Fn(&Route) -> bool, timeout: Duration| {
+        let deadline = Instant::now() + timeout;
+        loop {
+            interrupted()?;
+            let found = requests.lock().ok().and_then(|r| {
+                r.iter()
+                    .find(|q| q.at >= since && want(&q.route))
+                    .map(|q| q.at)
+            });
+            if let Some(at) = found {
+                return Ok(at);
+            }
+            if Instant::now() > deadline {
+                bail!("no such answer within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    first_after(
+        Duration::ZERO,
+        &|r| matches!(r, Route::Local(_)),
+        Duration::from_secs(30),
+    )?;
+    sleep_interruptibly(Duration::from_secs(3))?;
+
+    println!(
+        "\n==> The model fails: scaling php-apache to 0 replicas\n    $ kubectl scale deployment php-apache --replicas=0"
+    );
+    let down = elapsed();
+    product::scale(c, 0)?;
+    let first_remote = first_after(down, &|r| *r == Route::Beamlit, Duration::from_secs(30))?;
+    sleep_interruptibly(Duration::from_secs(5))?;
+    println!("\n$ kubectl get modeldeployment");
+    print!("{}", c.kubectl(&["get", "modeldeployment"])?);
+
+    println!(
+        "\n==> The model is back: scaling php-apache to 1 replica\n    $ kubectl scale deployment php-apache --replicas=1"
+    );
+    let up = elapsed();
+    product::scale(c, 1)?;
+    let first_local = first_after(
+        up,
+        &|r| matches!(r, Route::Local(_)),
+        Duration::from_secs(90),
+    )?;
+    sleep_interruptibly(Duration::from_secs(3))?;
+    let end = elapsed();
+    logs.kill()?;
+    let _ = reader.join();
+    // The new pod's CPU reaches metrics-server within its resolution (15 s): until then the
+    // metric is unavailable, after that the decision is Healthy.
+    let mut decided = product::md_status(c)?;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while decided["reason"] != "Healthy" && Instant::now() < deadline {
+        interrupted()?;
+        std::thread::sleep(Duration::from_millis(500));
+        decided = product::md_status(c)?;
+    }
+    println!("\n$ kubectl get modeldeployment");
+    print!("{}", c.kubectl(&["get", "modeldeployment"])?);
+    let requests = requests.lock().map(|r| r.clone()).unwrap_or_default();
+    let (failed, local, remote) = Summary {
+        requests: &requests,
+        down,
+        up,
+        end,
+        first_remote,
+        first_local,
+        token_requests: p.fake.stats()?.token_requests,
+        decided,
+    }
+    .print(&args.out)?;
+    if args.keep {
+        println!(
+            "\n[demo] --keep: everything stays up until Ctrl-C. Try:\n  \
+             kubectl --kubeconfig {kc} get modeldeployment -A\n  \
+             kubectl --kubeconfig {kc} scale deployment php-apache --replicas=0\n  \
+             kubectl --kubeconfig {kc} exec ds/beamlit-controller-agent -- beamlit-agent inspect",
+            kc = c.kubeconfig().display(),
         );
         while !INTERRUPTED.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(200));
