@@ -254,7 +254,10 @@ fn an_api_server_outage_changes_nothing_and_the_agent_resyncs() -> Result<()> {
     // After the outage the agent follows changes again: the model disabled (a change the
     // controller and agent see without the workload controllers, which reconnect at their own
     // pace) leaves the maps.
-    agent.wait_log("ModelDeployments: watching again", WAIT)?;
+    // The watches retry with client-go's reflector backoff (kube-rs' default: 0.8 s doubling to
+    // 30 s, with jitter, as kubelet and kube-proxy do, to spare an apiserver that is coming
+    // back): after a 30 s outage the next try can be 30 s away, more on a loaded machine.
+    agent.wait_log("ModelDeployments: watching again", Duration::from_secs(120))?;
     cluster.kubectl(&[
         "patch",
         "modeldeployment",
