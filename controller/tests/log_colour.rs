@@ -6,7 +6,10 @@ use std::{fs, path::PathBuf, process::Command};
 
 #[test]
 fn logs_to_a_file_carry_no_colour() {
-    let dir = std::env::temp_dir().join(format!("beamlit-controller-log-colour-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "beamlit-controller-log-colour-{}",
+        std::process::id()
+    ));
     fs::create_dir_all(&dir).expect("creating the test directory");
     let token = dir.join("token");
     // base64 of `id:secret`, the shape of the chart's beamlitApiToken.
