@@ -66,8 +66,8 @@ enum Command {
 #[derive(clap::Args)]
 struct RunArgs {
     /// Standalone mode: YAML file listing Service addresses, offload percentages and tunnels
-    /// (see README, "Standalone mode"). Edits are applied without a restart. Without it the agent
-    /// runs in cluster mode (in-cluster service account, or KUBECONFIG).
+    /// (see docs/reference.md, "The routes file"). Edits are applied without a restart. Without it
+    /// the agent runs in cluster mode (in-cluster service account, or KUBECONFIG).
     #[arg(long)]
     routes: Option<PathBuf>,
     /// Cluster mode: this node's name (the downward API's spec.nodeName); the agent acknowledges
@@ -161,6 +161,14 @@ fn parse_mark(s: &str) -> Result<u32, String> {
     parsed.map_err(|_| format!("`{s}` is not a mark; write a number like 190 or 0xbe"))
 }
 
+/// Colour codes only when a person reads stderr on a terminal: the DaemonSet's logs, a file or a
+/// pipe get plain text. `NO_COLOR` (https://no-color.org) turns them off on a terminal too, as
+/// tracing-subscriber does by default (setting `with_ansi` replaces that default).
+fn colour_logs() -> bool {
+    use std::io::IsTerminal as _;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -179,6 +187,7 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(colour_logs())
         .init();
     match cli.command {
         Command::Run(args) => run(&cli.bpffs, &cli.state_dir, *args),

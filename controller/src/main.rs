@@ -185,6 +185,14 @@ fn identity() -> String {
     })
 }
 
+/// Colour codes only when a person reads stderr on a terminal: the Deployment's logs, a file or a
+/// pipe get plain text. `NO_COLOR` (https://no-color.org) turns them off on a terminal too, as
+/// tracing-subscriber does by default (setting `with_ansi` replaces that default).
+fn colour_logs() -> bool {
+    use std::io::IsTerminal as _;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -193,6 +201,7 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(colour_logs())
         .init();
     let cli = Cli::parse();
     let file = match &cli.config {

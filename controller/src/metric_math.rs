@@ -730,7 +730,7 @@ fn pod_ratio(
 ///
 /// The verdict is the HPA's proposal, `ceil(ratio × pods)`, against the replica count, which
 /// here is the number of pods not ignored: what it is when the workload is at its replica count
-/// (mid-rollout the HPA's count differs; the README names the difference). Above 1 plus the
+/// (mid-rollout the HPA's count differs; docs/how-it-works.md names the difference). Above 1 plus the
 /// tolerance, the proposal is always more than the pods, so "up" does not depend on it.
 pub fn pod_metric_verdict(
     pods: &[PodState],

@@ -27,7 +27,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what the build needs (apt packages, pinned toolchains, bpf-linker, bpffs).
+    /// Install what the build and the tests need (apt packages, pinned toolchains, bpf-linker,
+    /// bpffs, the Kubernetes and node binaries), printing each step and its expected time first.
     /// Idempotent: a second run only checks.
     Setup,
     /// Run every check: rustfmt, clippy, unit tests and the privileged tests (root, real kernel,
