@@ -155,6 +155,16 @@ pub async fn evaluate(spec: &MetricSpec, sources: &Sources<'_>) -> (MetricReadin
     }
 }
 
+/// A metric left unread, and why (see the caller: no ready endpoint to measure).
+pub fn not_read(spec: &MetricSpec, why: &str) -> (MetricReading, MetricValue) {
+    let value = MetricValue {
+        name: name(spec),
+        error: Some(why.to_string()),
+        ..MetricValue::default()
+    };
+    (MetricReading::unavailable(why), value)
+}
+
 /// How long one call to the metrics APIs may take.
 const METRICS_API_TIMEOUT: Duration = Duration::from_secs(3);
 

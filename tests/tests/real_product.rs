@@ -42,6 +42,21 @@ fn walkthrough(p: &Product, client: &str, client_node: &str, model_node: &str) -
     start_client(c, client, client_node)?;
     let tokens_before = p.fake.stats()?.token_requests;
     let scaled_down = scale(c, 0)?;
+    c.wait_for(
+        "the decision NoReadyEndpoints",
+        Duration::from_secs(30),
+        || {
+            let s = md_status(c)?;
+            Ok(s["reason"] == "NoReadyEndpoints" && s["offloadPercent"] == 100)
+        },
+    )?;
+    // The controller's decision follows at once too (the metrics are not read without a ready
+    // endpoint, so a slow metrics API cannot hold it back).
+    let decided = scaled_down.elapsed().unwrap_or_default();
+    ensure!(
+        decided <= Duration::from_secs(2),
+        "the controller decided NoReadyEndpoints {decided:?} after kubectl scale (target 2 s)"
+    );
     c.wait_for("Route: beamlit", Duration::from_secs(30), || {
         Ok(answers(&client_log(c, client)?).iter().any(|a| a.beamlit))
     })?;
@@ -131,7 +146,8 @@ fn walkthrough(p: &Product, client: &str, client_node: &str, model_node: &str) -
     );
     println!(
         "client on {client_node}, model on {model_node}: {} requests, 0 failed, {remote} from \
-         Beamlit, first {delay:?} after the scale-down, {tokens} new token request(s)",
+         Beamlit, first {delay:?} after the scale-down (the controller's decision {decided:?}), \
+         {tokens} new token request(s)",
         all.len()
     );
     Ok(())
