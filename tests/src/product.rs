@@ -33,6 +33,8 @@ pub struct Product {
     pub cluster: RealCluster,
     pub fake: FakeBeamlit,
     pub dir: TestDir,
+    /// The project's images, as pushed to the registry.
+    pub images: Vec<crate::oci::ImageSpec>,
 }
 
 impl Product {
@@ -69,7 +71,12 @@ impl Product {
         })??;
         cluster.kubectl(&["create", "namespace", REMOTE_NS])?;
         cluster.apply(REMOTE_NS, &remote_service())?;
-        Ok(Self { cluster, fake, dir })
+        Ok(Self {
+            cluster,
+            fake,
+            dir,
+            images,
+        })
     }
 
     /// `helm package` + `helm push` to the cluster's registry, then the README's `helm install`

@@ -103,6 +103,33 @@ fn walkthrough(p: &Product, client: &str, client_node: &str, model_node: &str) -
         String::from_utf8_lossy(&host.stderr)
     );
 
+    // What the README says to debug with: `beamlit-agent inspect` in the agent's pod.
+    let agent_pod = c.kubectl(&[
+        "get",
+        "pods",
+        "-n",
+        "default",
+        "-l",
+        "app.kubernetes.io/component=agent",
+        "--field-selector",
+        &format!("spec.nodeName={client_node}"),
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
+    ])?;
+    let inspect = c.exec("default", &agent_pod, &["beamlit-agent", "inspect"])?;
+    ensure!(
+        inspect
+            .lines()
+            .any(|l| l.contains(&format!("{service_ip}:80"))
+                && l.contains("100.00%")
+                && l.contains("default/php-apache")),
+        "inspect does not show {service_ip}:80 offloaded 100% for default/php-apache:\n{inspect}"
+    );
+    ensure!(
+        inspect.matches("yes").count() >= PROGRAMS.len(),
+        "inspect does not show the six programs attached:\n{inspect}"
+    );
+
     let scaled_up = scale(c, 1)?;
     c.wait_pods_ready("default", "run=php-apache", 1, WAIT)?;
     c.wait_for("Route: local again", Duration::from_secs(60), || {
@@ -305,7 +332,8 @@ fn check_attachment(c: &RealCluster) -> Result<()> {
 /// Offload on metrics, end to end: load on php-apache (the seed's CPU metric through the
 /// chart's metrics-server) offloads `behavior.percentage` (50), measured at the client; load
 /// off, back to 0 after the stabilization window (the chart's 60 s).
-fn metric_offload(c: &RealCluster, load_node: &str) -> Result<()> {
+fn metric_offload(p: &Product, load_node: &str) -> Result<()> {
+    let c = &p.cluster;
     c.wait_pods_ready("default", "run=php-apache", 1, WAIT)?;
     c.wait_for("the metric is read (Healthy, below target)", WAIT, || {
         let s = md_status(c)?;
@@ -313,7 +341,7 @@ fn metric_offload(c: &RealCluster, load_node: &str) -> Result<()> {
     })
     .with_context(|| format!("{}", md_status(c).unwrap_or_default()))?;
     // Four clients back to back, bounded in time so that nothing outlives a failed test.
-    let load = "end=$(( $(date +%s) + 300 )); for i in 1 2 3 4; do (while [ $(date +%s) -lt $end ]; do curl -s -o /dev/null http://php-apache; done) & done; wait";
+    let load = "end=$(( $(date +%s) + 600 )); for i in 1 2 3 4; do (while [ $(date +%s) -lt $end ]; do curl -s -o /dev/null http://php-apache; done) & done; wait";
     let overrides = format!("{{\"apiVersion\":\"v1\",\"spec\":{{\"nodeName\":\"{load_node}\"}}}}");
     c.kubectl(&[
         "run",
@@ -356,6 +384,7 @@ fn metric_offload(c: &RealCluster, load_node: &str) -> Result<()> {
         (45.0..=55.0).contains(&share),
         "{share:.1}% of 600 new connections went to Beamlit, the decision is 50%"
     );
+    roll_agents(p, load_node)?;
     c.kubectl(&[
         "delete",
         "pod",
@@ -383,6 +412,151 @@ fn metric_offload(c: &RealCluster, load_node: &str) -> Result<()> {
     println!(
         "metrics: 50% offloaded {to_offload:?} after the load started, {share:.1}% of new \
          connections to Beamlit, back to 0 {back:?} after it stopped"
+    );
+    Ok(())
+}
+
+/// The id of each pinned link of `node`, by bpftool (`link show pinned`).
+fn link_ids(c: &RealCluster, node: &str) -> Result<Vec<(String, u64, u64)>> {
+    let root = c
+        .with_node(node, |n| n.init_pid())?
+        .context("the node is not running")?;
+    let mut ids = Vec::new();
+    for program in PROGRAMS {
+        let pin = format!("/proc/{root}/root/sys/fs/bpf/beamlit/links/{program}");
+        let out = check_output(
+            "bpftool link show pinned",
+            &Command::new("bpftool")
+                .args(["-j", "link", "show", "pinned", &pin])
+                .output()?,
+        )?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        ids.push((
+            program.to_string(),
+            v["id"].as_u64().context("link id")?,
+            v["prog_id"].as_u64().context("program id")?,
+        ));
+    }
+    Ok(ids)
+}
+
+/// While half the traffic is offloaded (the local pod answers the rest): the agent pod of
+/// `client_node` deleted, then the DaemonSet rolled to a new image tag with `helm upgrade`.
+/// The README's client on that node sees no failed request; every node keeps its links (same
+/// ids: adopted, not re-attached) with the new agent's programs in them.
+fn roll_agents(p: &Product, client_node: &str) -> Result<()> {
+    let c = &p.cluster;
+    let before: Vec<_> = c
+        .node_names()
+        .iter()
+        .map(|n| link_ids(c, n))
+        .collect::<Result<_>>()?;
+    start_client(c, "curl-roll", client_node)?;
+    let agent_selector = "app.kubernetes.io/component=agent";
+    let agent_pod = c.kubectl(&[
+        "get",
+        "pods",
+        "-n",
+        "default",
+        "-l",
+        agent_selector,
+        "--field-selector",
+        &format!("spec.nodeName={client_node}"),
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
+    ])?;
+    c.kubectl(&["delete", "pod", &agent_pod, "-n", "default"])?;
+    c.wait_pods_ready("default", agent_selector, 2, WAIT)?;
+
+    // A new tag of the same image: what an upgrade changes in the DaemonSet.
+    let mut next = p
+        .images
+        .iter()
+        .find(|i| i.name.ends_with("/beamlit-agent"))
+        .context("the agent image")?
+        .clone();
+    next.tag = format!("{}-next", next.tag);
+    c.push_images(std::slice::from_ref(&next))?;
+    check_output(
+        "helm upgrade",
+        &c.helm_in_network()
+            .args(["upgrade", RELEASE])
+            .arg(format!(
+                "oci://{}/beamlit/beamlit-controller-chart",
+                c.registry_addr()
+            ))
+            .args(["--version", env!("CARGO_PKG_VERSION"), "--plain-http"])
+            .args([
+                "--reuse-values",
+                "--set",
+                &format!("agent.image.tag={}", next.tag),
+            ])
+            .output()?,
+    )?;
+    check_output(
+        "kubectl rollout status",
+        &c.kubectl_output(&[
+            "rollout",
+            "status",
+            "daemonset/beamlit-controller-agent",
+            "-n",
+            "default",
+            "--timeout=180s",
+        ])?,
+    )?;
+    let images = c.kubectl(&[
+        "get",
+        "pods",
+        "-n",
+        "default",
+        "-l",
+        agent_selector,
+        "-o",
+        "jsonpath={.items[*].spec.containers[0].image}",
+    ])?;
+    ensure!(
+        images.split_whitespace().all(|i| i.ends_with(&next.tag)),
+        "agents after the roll: {images}"
+    );
+    // A few more answers through the new agents.
+    std::thread::sleep(Duration::from_secs(3));
+    let all = answers(&client_log(c, "curl-roll")?);
+    c.kubectl(&[
+        "delete",
+        "pod",
+        "curl-roll",
+        "-n",
+        "default",
+        "--wait=false",
+    ])?;
+    let bad = failed(&all);
+    ensure!(
+        bad.is_empty(),
+        "{} of {} requests failed while the agents were replaced: {:?}",
+        bad.len(),
+        all.len(),
+        bad.first().map(|a| a.text.as_str())
+    );
+    let remote = all.iter().filter(|a| a.beamlit).count();
+    ensure!(remote > 0, "no request offloaded during the roll");
+    for (node, before) in c.node_names().iter().zip(before) {
+        let after = link_ids(c, node)?;
+        for ((program, link, prog), (_, link_after, prog_after)) in before.iter().zip(&after) {
+            ensure!(
+                link == link_after,
+                "{node}: link of {program} replaced ({link} -> {link_after}): redirection had a gap"
+            );
+            ensure!(
+                prog != prog_after,
+                "{node}: {program} still runs the first agent's program {prog}"
+            );
+        }
+    }
+    println!(
+        "agent pod deleted and DaemonSet rolled to {}: {} requests, 0 failed, {remote} offloaded; \
+         links adopted on every node",
+        next.tag,
+        all.len()
     );
     Ok(())
 }
@@ -478,7 +652,7 @@ fn the_seed_readme_on_real_nodes_from_helm_install_to_uninstall() {
     );
     step(
         "offload on the CPU metric, and back after the window",
-        metric_offload(c, &other),
+        metric_offload(&p, &other),
     );
 
     step(
