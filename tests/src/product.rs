@@ -259,8 +259,8 @@ pub fn failed(answers: &[Answer]) -> Vec<&Answer> {
     answers.iter().filter(|a| !a.ok).collect()
 }
 
-/// Starts the README's client on `node` and waits until it has answers from the local pod.
-pub fn start_client(c: &RealCluster, name: &str, node: &str) -> Result<()> {
+/// `kubectl run <name> --image=curlimages/curl -- sh -c <script>` on `node`, detached.
+pub fn run_on_node(c: &RealCluster, name: &str, node: &str, script: &str) -> Result<()> {
     let overrides = format!("{{\"apiVersion\":\"v1\",\"spec\":{{\"nodeName\":\"{node}\"}}}}");
     c.kubectl(&[
         "run",
@@ -273,8 +273,42 @@ pub fn start_client(c: &RealCluster, name: &str, node: &str) -> Result<()> {
         "--",
         "sh",
         "-c",
-        SEED_CLIENT,
+        script,
     ])?;
+    Ok(())
+}
+
+/// Whether no pod of `selector` is left in the default namespace.
+pub fn pods_gone(c: &RealCluster, selector: &str) -> Result<bool> {
+    Ok(
+        c.kubectl(&["get", "pods", "-n", "default", "-l", selector, "-o", "name"])?
+            .trim()
+            .is_empty(),
+    )
+}
+
+/// The agent's pod on `node`.
+pub fn agent_pod(c: &RealCluster, node: &str) -> Result<String> {
+    c.kubectl(&[
+        "get",
+        "pods",
+        "-n",
+        "default",
+        "-l",
+        AGENT_SELECTOR,
+        "--field-selector",
+        &format!("spec.nodeName={node}"),
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
+    ])
+}
+
+/// The chart's label of the agent pods.
+pub const AGENT_SELECTOR: &str = "app.kubernetes.io/component=agent";
+
+/// Starts the README's client on `node` and waits until it has answers from the local pod.
+pub fn start_client(c: &RealCluster, name: &str, node: &str) -> Result<()> {
+    run_on_node(c, name, node, SEED_CLIENT)?;
     c.wait_for(&format!("{name} answered locally"), WAIT, || {
         let log = client_log(c, name).unwrap_or_default();
         Ok(answers(&log).iter().filter(|a| a.ok && !a.beamlit).count() >= 5)

@@ -17,7 +17,8 @@ use anyhow::{Context as _, Result, bail, ensure};
 use beamlit_testbed::cluster::RealCluster;
 use beamlit_testbed::cluster::real_cluster::check_output;
 use beamlit_testbed::product::{
-    Product, RELEASE, WAIT, answers, client_log, failed, md_status, scale, start_client,
+    AGENT_SELECTOR, Product, RELEASE, WAIT, agent_pod, answers, client_log, failed, md_status,
+    pods_gone, run_on_node, scale, start_client,
 };
 use beamlit_testbed::seed::PHP_APACHE;
 use beamlit_testbed::{OrPanic as _, require_privileges};
@@ -62,18 +63,7 @@ fn walkthrough(p: &Product, client: &str, client_node: &str, model_node: &str) -
     })?;
     // Offloaded for a while (and every pod gone: nothing local can answer).
     c.wait_for("php-apache pods gone", WAIT, || {
-        Ok(c.kubectl(&[
-            "get",
-            "pods",
-            "-n",
-            "default",
-            "-l",
-            "run=php-apache",
-            "-o",
-            "name",
-        ])?
-        .trim()
-        .is_empty())
+        pods_gone(c, "run=php-apache")
     })?;
     std::thread::sleep(Duration::from_secs(3));
 
@@ -104,18 +94,7 @@ fn walkthrough(p: &Product, client: &str, client_node: &str, model_node: &str) -
     );
 
     // What the README says to debug with: `beamlit-agent inspect` in the agent's pod.
-    let agent_pod = c.kubectl(&[
-        "get",
-        "pods",
-        "-n",
-        "default",
-        "-l",
-        "app.kubernetes.io/component=agent",
-        "--field-selector",
-        &format!("spec.nodeName={client_node}"),
-        "-o",
-        "jsonpath={.items[0].metadata.name}",
-    ])?;
+    let agent_pod = agent_pod(c, client_node)?;
     let inspect = c.exec("default", &agent_pod, &["beamlit-agent", "inspect"])?;
     ensure!(
         inspect
@@ -342,20 +321,7 @@ fn metric_offload(p: &Product, load_node: &str) -> Result<()> {
     .with_context(|| format!("{}", md_status(c).unwrap_or_default()))?;
     // Four clients back to back, bounded in time so that nothing outlives a failed test.
     let load = "end=$(( $(date +%s) + 600 )); for i in 1 2 3 4; do (while [ $(date +%s) -lt $end ]; do curl -s -o /dev/null http://php-apache; done) & done; wait";
-    let overrides = format!("{{\"apiVersion\":\"v1\",\"spec\":{{\"nodeName\":\"{load_node}\"}}}}");
-    c.kubectl(&[
-        "run",
-        "load",
-        "-n",
-        "default",
-        "--image=curlimages/curl",
-        "--restart=Never",
-        &format!("--overrides={overrides}"),
-        "--",
-        "sh",
-        "-c",
-        load,
-    ])?;
+    run_on_node(c, "load", load_node, load)?;
     let loaded = Instant::now();
     c.wait_for("MetricAboveTarget: the seed's 50%", WAIT, || {
         let s = md_status(c)?;
@@ -452,21 +418,9 @@ fn roll_agents(p: &Product, client_node: &str) -> Result<()> {
         .map(|n| link_ids(c, n))
         .collect::<Result<_>>()?;
     start_client(c, "curl-roll", client_node)?;
-    let agent_selector = "app.kubernetes.io/component=agent";
-    let agent_pod = c.kubectl(&[
-        "get",
-        "pods",
-        "-n",
-        "default",
-        "-l",
-        agent_selector,
-        "--field-selector",
-        &format!("spec.nodeName={client_node}"),
-        "-o",
-        "jsonpath={.items[0].metadata.name}",
-    ])?;
+    let agent_pod = agent_pod(c, client_node)?;
     c.kubectl(&["delete", "pod", &agent_pod, "-n", "default"])?;
-    c.wait_pods_ready("default", agent_selector, 2, WAIT)?;
+    c.wait_pods_ready("default", AGENT_SELECTOR, 2, WAIT)?;
 
     // A new tag of the same image: what an upgrade changes in the DaemonSet.
     let mut next = p
@@ -510,7 +464,7 @@ fn roll_agents(p: &Product, client_node: &str) -> Result<()> {
         "-n",
         "default",
         "-l",
-        agent_selector,
+        AGENT_SELECTOR,
         "-o",
         "jsonpath={.items[*].spec.containers[0].image}",
     ])?;
@@ -591,7 +545,7 @@ fn the_seed_readme_on_real_nodes_from_helm_install_to_uninstall() {
                 "--timeout=60s",
                 "crd/modeldeployments.deployment.beamlit.com",
             ])?;
-            c.wait_pods_ready("default", "app.kubernetes.io/component=agent", 2, WAIT)?;
+            c.wait_pods_ready("default", AGENT_SELECTOR, 2, WAIT)?;
             c.wait_pods_ready("default", "app.kubernetes.io/component=controller", 2, WAIT)?;
             Ok(())
         })(),
@@ -668,6 +622,26 @@ fn the_seed_readme_on_real_nodes_from_helm_install_to_uninstall() {
                 "default",
                 "--timeout=60s",
             ])?;
+            // The agents' logs to their end (their pods are gone when the checks run).
+            let mut followers = Vec::new();
+            let mut agent_logs = Vec::new();
+            for node in c.node_names() {
+                let pod = agent_pod(c, node)?;
+                let path = p.dir.join(format!("agent-{node}.log"));
+                let mut cmd = Command::new(c.binaries().kubectl());
+                cmd.arg(format!("--kubeconfig={}", c.kubeconfig().display()))
+                    .args(["logs", "-f", "-n", "default", &pod])
+                    .stdout(std::fs::File::create(&path)?);
+                followers.push(beamlit_testbed::spawn(cmd, None)?);
+                agent_logs.push(path);
+            }
+            let logs = || {
+                agent_logs
+                    .iter()
+                    .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+                    .collect::<Vec<_>>()
+                    .join("\n----\n")
+            };
             let started = SystemTime::now();
             check_output(
                 "helm uninstall",
@@ -675,25 +649,21 @@ fn the_seed_readme_on_real_nodes_from_helm_install_to_uninstall() {
                     .args(["uninstall", RELEASE, "--wait", "--timeout=120s"])
                     .output()?,
             )?;
-            c.wait_for("agents gone", WAIT, || {
-                Ok(c.kubectl(&[
-                    "get",
-                    "pods",
-                    "-n",
-                    "default",
-                    "-l",
-                    "app.kubernetes.io/component=agent",
-                    "-o",
-                    "name",
-                ])?
-                .trim()
-                .is_empty())
-            })?;
+            c.wait_for("agents gone", WAIT, || pods_gone(c, AGENT_SELECTOR))?;
+            drop(followers);
             for node in c.node_names() {
                 let left = attached(&kubepods(c, node)?)?;
-                ensure!(left.is_empty(), "still attached on {node}: {left:?}");
+                ensure!(
+                    left.is_empty(),
+                    "still attached on {node}: {left:?}\nthe agents' logs:\n{}",
+                    logs()
+                );
                 let pins = pinned_links(c, node)?;
-                ensure!(pins.is_empty(), "still pinned on {node}: {pins:?}");
+                ensure!(
+                    pins.is_empty(),
+                    "still pinned on {node}: {pins:?}\n{}",
+                    logs()
+                );
             }
             let deadline = Instant::now() + Duration::from_secs(3);
             while Instant::now() < deadline {
