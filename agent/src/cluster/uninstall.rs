@@ -66,7 +66,7 @@ impl Seen {
 pub struct Watch {
     api: Api<DaemonSet>,
     name: String,
-    deleted: Arc<AtomicBool>,
+    deleted: tokio::sync::watch::Receiver<bool>,
     existed: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -74,12 +74,16 @@ pub struct Watch {
 impl Watch {
     pub fn start(client: Client, namespace: &str, name: &str) -> Self {
         let api: Api<DaemonSet> = Api::namespaced(client, namespace);
-        let deleted = Arc::new(AtomicBool::new(false));
+        let (deleted_tx, deleted) = tokio::sync::watch::channel(false);
         let existed = Arc::new(AtomicBool::new(false));
         let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
         let stream = watcher::watcher(api.clone(), config);
-        let (d, e, n) = (deleted.clone(), existed.clone(), name.to_string());
+        let (e, n, get) = (existed.clone(), name.to_string(), api.clone());
         let task = tokio::spawn(async move {
+            // Known to exist from the start, even if the watch never gets going.
+            if let Ok(Some(_)) = get.get_opt(&n).await {
+                e.store(true, Ordering::Relaxed);
+            }
             let mut seen = Seen::default();
             let mut stream = std::pin::pin!(stream);
             let mut failing = false;
@@ -88,9 +92,12 @@ impl Watch {
                     Ok(event) => {
                         failing = false;
                         seen.on_event(&event);
-                        e.store(seen.existed, Ordering::Relaxed);
-                        if seen.deleted && !d.swap(true, Ordering::Relaxed) {
+                        if seen.existed {
+                            e.store(true, Ordering::Relaxed);
+                        }
+                        if seen.deleted && !*deleted_tx.borrow() {
                             info!(daemonset = %n, "the agents' DaemonSet is being deleted: this agent will remove its programs and pins when it stops");
+                            let _ = deleted_tx.send(true);
                         }
                     }
                     Err(err) => {
@@ -111,24 +118,33 @@ impl Watch {
         }
     }
 
-    /// Whether the DaemonSet is gone or going: what the watch saw, else one last GET.
-    pub async fn uninstalling(self) -> bool {
+    /// Whether the DaemonSet is gone or going: what the watch saw, else a GET (an existing
+    /// DaemonSet answers at once: a rolling update or a deleted pod stops without delay). When
+    /// the GET cannot tell (an uninstall may have deleted the agents' RBAC already), the watch
+    /// gets [`FINAL_CHECK_TIMEOUT`] more to deliver the deletion.
+    pub async fn uninstalling(mut self) -> bool {
+        let verdict = self.decide().await;
         self.task.abort();
-        if self.deleted.load(Ordering::Relaxed) {
+        verdict
+    }
+
+    async fn decide(&mut self) -> bool {
+        if *self.deleted.borrow() {
             return true;
         }
-        match tokio::time::timeout(FINAL_CHECK_TIMEOUT, self.api.get_opt(&self.name)).await {
-            Ok(Ok(None)) => self.existed.load(Ordering::Relaxed),
-            Ok(Ok(Some(ds))) => ds.metadata.deletion_timestamp.is_some(),
-            Ok(Err(e)) => {
-                warn!(daemonset = %self.name, "could not check the agents' DaemonSet at stop: {e}; keeping the programs and pins");
-                false
-            }
-            Err(_) => {
-                warn!(daemonset = %self.name, "checking the agents' DaemonSet at stop timed out; keeping the programs and pins");
-                false
-            }
+        let why =
+            match tokio::time::timeout(FINAL_CHECK_TIMEOUT, self.api.get_opt(&self.name)).await {
+                Ok(Ok(None)) => return self.existed.load(Ordering::Relaxed),
+                Ok(Ok(Some(ds))) => return ds.metadata.deletion_timestamp.is_some(),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "no answer".to_string(),
+            };
+        let delivered = tokio::time::timeout(FINAL_CHECK_TIMEOUT, self.deleted.wait_for(|d| *d));
+        if matches!(delivered.await, Ok(Ok(_))) {
+            return true;
         }
+        warn!(daemonset = %self.name, "could not tell whether the agents' DaemonSet is being deleted ({why}); keeping the programs and pins (`beamlit-agent cleanup` removes them)");
+        false
     }
 }
 
