@@ -329,9 +329,9 @@ fn metric_offload(p: &Product, load_node: &str) -> Result<()> {
     })
     .with_context(|| format!("{}", md_status(c).unwrap_or_default()))?;
     let to_offload = loaded.elapsed();
-    // The share clients see: 600 requests, each a new connection, counted by the remote's
+    // The share clients see: 1000 requests, each a new connection, counted by the remote's
     // header (50 ± 5 is over 3 standard deviations of a fair split).
-    let measure = "n=0; for i in $(seq 600); do curl -s -D - -o /dev/null http://php-apache | grep -qi '^cf-ray' && n=$((n+1)); done; echo remote=$n";
+    let measure = "n=0; for i in $(seq 1000); do curl -s -D - -o /dev/null http://php-apache | grep -qi '^cf-ray' && n=$((n+1)); done; echo remote=$n";
     let (ok, out) = c.run_pod(
         "default",
         "share",
@@ -345,10 +345,10 @@ fn metric_offload(p: &Product, load_node: &str) -> Result<()> {
         .find_map(|l| l.trim().strip_prefix("remote="))
         .context("no count")?
         .parse()?;
-    let share = f64::from(remote) / 6.0;
+    let share = f64::from(remote) / 10.0;
     ensure!(
         (45.0..=55.0).contains(&share),
-        "{share:.1}% of 600 new connections went to Beamlit, the decision is 50%"
+        "{share:.1}% of 1000 new connections went to Beamlit, the decision is 50%"
     );
     roll_agents(p, load_node)?;
     c.kubectl(&[
