@@ -74,21 +74,10 @@ pub enum CgroupError {
 
 /// The filesystem at `path`, by statfs.
 fn fs_type(path: &Path) -> Result<i64, CgroupError> {
-    let io_err = |error| CgroupError::Io {
+    crate::sys::fs_type(path).map_err(|error| CgroupError::Io {
         path: path.to_path_buf(),
         error,
-    };
-    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|e| io_err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
-    // SAFETY: statfs writes into a zeroed struct we own; cpath is NUL-terminated.
-    let (rc, st) = unsafe {
-        let mut st: libc::statfs = std::mem::zeroed();
-        (libc::statfs(cpath.as_ptr(), &mut st), st)
-    };
-    if rc != 0 {
-        return Err(io_err(io::Error::last_os_error()));
-    }
-    Ok(st.f_type)
+    })
 }
 
 fn fs_name(f_type: i64) -> &'static str {

@@ -171,14 +171,14 @@ impl Dataplane {
         }
         prepare_dir(&config.bpffs_dir)?;
         let links_dir = config.bpffs_dir.join("links");
-        fs::create_dir_all(&links_dir).map_err(|source| DataplaneError::Pin {
+        fs::create_dir_all(&links_dir).map_err(|error| DataplaneError::Pin {
             context: "creating",
             path: links_dir.clone(),
-            error: source,
+            error,
         })?;
-        let cgroup_err = |source| DataplaneError::Cgroup {
+        let cgroup_err = |error| DataplaneError::Cgroup {
             path: config.cgroup.clone(),
-            error: source,
+            error,
         };
         let cgroup = fs::File::open(&config.cgroup).map_err(cgroup_err)?;
         // A cgroup v2 directory's inode number is its cgroup id, which links report.
@@ -270,18 +270,18 @@ fn attach_program(
     // Adopt an existing link when there is a live one on our cgroup.
     match sys::obj_get(pin) {
         Ok(link) => {
-            let info = sys::cgroup_link_info(&link).map_err(|source| DataplaneError::Pin {
+            let info = sys::cgroup_link_info(&link).map_err(|error| DataplaneError::Pin {
                 context: "reading link",
                 path: pin.to_path_buf(),
-                error: source,
+                error,
             })?;
             if info.cgroup_id == cgroup_id {
                 let program_fd = program_fd(program).map_err(program_err)?;
-                sys::link_update(link.as_fd(), program_fd.as_fd()).map_err(|source| {
+                sys::link_update(link.as_fd(), program_fd.as_fd()).map_err(|error| {
                     DataplaneError::Pin {
                         context: "replacing the program of",
                         path: pin.to_path_buf(),
-                        error: source,
+                        error,
                     }
                 })?;
                 return Ok(Attachment::Replaced {
@@ -301,11 +301,11 @@ fn attach_program(
             remove_pin(pin)?;
         }
         Err(e) if e.kind() == ErrorKind::NotFound => {}
-        Err(source) => {
+        Err(error) => {
             return Err(DataplaneError::Pin {
                 context: "opening",
                 path: pin.to_path_buf(),
-                error: source,
+                error,
             });
         }
     }
@@ -381,10 +381,10 @@ fn roll_back(links_dir: &Path, done: &[(&'static str, Attachment)]) {
 }
 
 fn prepare_dir(dir: &Path) -> Result<(), DataplaneError> {
-    fs::create_dir_all(dir).map_err(|source| DataplaneError::Pin {
+    fs::create_dir_all(dir).map_err(|error| DataplaneError::Pin {
         context: "creating",
         path: dir.to_path_buf(),
-        error: source,
+        error,
     })?;
     if !is_bpffs(dir) {
         return Err(DataplaneError::NotBpffs(dir.to_path_buf()));
@@ -393,24 +393,17 @@ fn prepare_dir(dir: &Path) -> Result<(), DataplaneError> {
 }
 
 fn is_bpffs(path: &Path) -> bool {
-    let Ok(cpath) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs writes into a zeroed struct we own.
-    unsafe {
-        let mut st: libc::statfs = std::mem::zeroed();
-        libc::statfs(cpath.as_ptr(), &mut st) == 0 && st.f_type == BPF_FS_MAGIC
-    }
+    sys::fs_type(path).is_ok_and(|t| t == BPF_FS_MAGIC)
 }
 
 fn remove_pin(path: &Path) -> Result<(), DataplaneError> {
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(DataplaneError::Pin {
+        Err(error) => Err(DataplaneError::Pin {
             context: "removing",
             path: path.to_path_buf(),
-            error: source,
+            error,
         }),
     }
 }
@@ -434,11 +427,11 @@ pub fn cleanup(dir: &Path) -> Result<Vec<PathBuf>, DataplaneError> {
         match fs::remove_dir(d) {
             Ok(()) => {}
             Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(source) => {
+            Err(error) => {
                 return Err(DataplaneError::Pin {
                     context: "removing directory (it holds pins the agent did not make)",
                     path: d.to_path_buf(),
-                    error: source,
+                    error,
                 });
             }
         }

@@ -1,6 +1,7 @@
 //! The few bpf(2) commands aya 0.16 does not expose for pinned links: opening a pin as a raw fd,
 //! replacing a link's program in place (BPF_LINK_UPDATE, atomic for the attach point), and
-//! reading which cgroup a link is attached to.
+//! reading which cgroup a link is attached to; and statfs(2), which tells a bpffs or a cgroup2
+//! directory from a tmpfs.
 use std::{
     ffi::CString,
     io,
@@ -98,4 +99,19 @@ pub fn cgroup_link_info(link: impl AsFd) -> io::Result<CgroupLinkInfo> {
         program_id: info[1] as u32,
         cgroup_id: info[2],
     })
+}
+
+/// The filesystem type (statfs(2) `f_type`) of `path`.
+pub fn fs_type(path: &Path) -> io::Result<i64> {
+    let cpath = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: statfs writes into a zeroed struct we own; cpath is NUL-terminated.
+    let (rc, st) = unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        (libc::statfs(cpath.as_ptr(), &mut st), st)
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_type)
 }
