@@ -34,6 +34,14 @@ impl Netns {
         Ok(ns)
     }
 
+    /// A handle on a namespace another value owns (by name): dropping it deletes nothing.
+    pub fn handle(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            deleted: AtomicBool::new(true),
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -80,8 +80,9 @@ impl Product {
     }
 
     /// `helm package` + `helm push` to the cluster's registry, then the README's `helm install`
-    /// from there, with its flags; the rest points the remote at the fake.
-    pub fn helm_install(&self) -> Result<String> {
+    /// from there, with its flags; the rest points the remote at the fake. `extra` are more
+    /// `--set` values.
+    pub fn helm_install(&self, extra: &[&str]) -> Result<String> {
         let c = &self.cluster;
         let chart_dir = workspace_root().join("charts/beamlit-controller");
         let packaged = check_output(
@@ -154,6 +155,7 @@ impl Product {
             .args(["--set-file", &format!("beamlitApiCaBundle={ca}")])
             // The nodes' kubelets serve certificates of the test CA.
             .args(["--set", "metricsServer.extraArgs={--kubelet-insecure-tls}"])
+            .args(extra.iter().flat_map(|v| ["--set", v]))
             .output()?;
         check_output("helm install", &out)
     }

@@ -14,11 +14,12 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, Result, bail, ensure};
-use beamlit_testbed::cluster::RealCluster;
 use beamlit_testbed::cluster::real_cluster::check_output;
+use beamlit_testbed::cluster::real_nodes::Site;
+use beamlit_testbed::cluster::{RealCluster, RealNodesOptions};
 use beamlit_testbed::product::{
-    AGENT_SELECTOR, Product, RELEASE, WAIT, agent_pod, answers, client_log, failed, md_status,
-    pods_gone, run_on_node, scale, start_client,
+    AGENT_SELECTOR, Answer, Product, RELEASE, REMOTE_HOST, WAIT, agent_pod, answers, client_log,
+    failed, md_status, pods_gone, run_on_node, scale, start_client,
 };
 use beamlit_testbed::seed::PHP_APACHE;
 use beamlit_testbed::{OrPanic as _, require_privileges};
@@ -36,9 +37,54 @@ const CAP_NET_ADMIN: u32 = 12;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
-/// The README's walkthrough with the client on `client_node`: 0 failed requests, Beamlit
-/// within 1 s of the scale-down, local again after scaling back, one token request.
-fn walkthrough(p: &Product, client: &str, client_node: &str, model_node: &str) -> Result<()> {
+/// Where the walkthrough's offloaded requests go.
+enum Remote {
+    /// The fake Beamlit, with the chart's default credentials: the client prints
+    /// `Route: beamlit` (Beamlit's `Cf-Ray` header).
+    Beamlit,
+    /// A second cluster's php-apache behind a NodePort, with no credentials: the answer names
+    /// one of `pods` in `X-Served-By` (the client still prints `Route: local`, there being no
+    /// `Cf-Ray`).
+    Cluster { pods: Vec<String> },
+}
+
+impl Remote {
+    fn served(&self, a: &Answer) -> bool {
+        match self {
+            Remote::Beamlit => a.beamlit,
+            Remote::Cluster { pods } => pods
+                .iter()
+                .any(|pod| header(&a.text, "x-served-by") == Some(pod.as_str())),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Remote::Beamlit => "Beamlit",
+            Remote::Cluster { .. } => "the second cluster",
+        }
+    }
+}
+
+/// The value of the (last) header `name` in what curl printed, case-insensitive in the name.
+fn header<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+    text.lines()
+        .rev()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim())
+}
+
+/// The README's walkthrough with the client on `client_node`: 0 failed requests, the remote
+/// within 1 s of the scale-down, local again after scaling back, one token request to Beamlit
+/// (none for a remote without credentials).
+fn walkthrough(
+    p: &Product,
+    client: &str,
+    client_node: &str,
+    model_node: &str,
+    remote: &Remote,
+) -> Result<()> {
     let c = &p.cluster;
     start_client(c, client, client_node)?;
     let tokens_before = p.fake.stats()?.token_requests;
@@ -58,9 +104,15 @@ fn walkthrough(p: &Product, client: &str, client_node: &str, model_node: &str) -
         decided <= Duration::from_secs(2),
         "the controller decided NoReadyEndpoints {decided:?} after kubectl scale (target 2 s)"
     );
-    c.wait_for("Route: beamlit", Duration::from_secs(30), || {
-        Ok(answers(&client_log(c, client)?).iter().any(|a| a.beamlit))
-    })?;
+    c.wait_for(
+        &format!("answers from {}", remote.name()),
+        Duration::from_secs(30),
+        || {
+            Ok(answers(&client_log(c, client)?)
+                .iter()
+                .any(|a| remote.served(a)))
+        },
+    )?;
     // Offloaded for a while (and every pod gone: nothing local can answer).
     c.wait_for("php-apache pods gone", WAIT, || {
         pods_gone(c, "run=php-apache")
@@ -115,7 +167,7 @@ fn walkthrough(p: &Product, client: &str, client_node: &str, model_node: &str) -
         let log = client_log(c, client)?;
         Ok(answers(&log)
             .iter()
-            .filter(|a| a.at > scaled_up && a.ok && !a.beamlit)
+            .filter(|a| a.at > scaled_up && a.ok && !remote.served(a))
             .count()
             >= 10)
     })?;
@@ -132,29 +184,142 @@ fn walkthrough(p: &Product, client: &str, client_node: &str, model_node: &str) -
     );
     let first_remote = all
         .iter()
-        .find(|a| a.beamlit)
-        .context("no Route: beamlit")?;
+        .find(|a| remote.served(a))
+        .with_context(|| format!("no answer from {}", remote.name()))?;
     let delay = first_remote
         .at
         .duration_since(scaled_down)
         .unwrap_or_default();
     ensure!(
         delay <= Duration::from_secs(1),
-        "first Route: beamlit {delay:?} after kubectl scale (target 1 s)"
+        "first answer from {} {delay:?} after kubectl scale (target 1 s)",
+        remote.name()
     );
-    let remote = all.iter().filter(|a| a.beamlit).count();
+    let from_remote: Vec<&Answer> = all.iter().filter(|a| remote.served(a)).collect();
     let tokens = p.fake.stats()?.token_requests - tokens_before;
-    // The node's tunnel asks for a token once (possibly before: it fetches one as soon as it
-    // has the backend) and reuses it.
-    ensure!(
-        tokens <= 1,
-        "{tokens} OAuth token requests during the walkthrough (one tunnel, one token)"
-    );
+    match remote {
+        // The node's tunnel asks for a token once (possibly before: it fetches one as soon as
+        // it has the backend) and reuses it.
+        Remote::Beamlit => ensure!(
+            tokens <= 1,
+            "{tokens} OAuth token requests during the walkthrough (one tunnel, one token)"
+        ),
+        // No credentials at all: none fetched, none sent.
+        Remote::Cluster { .. } => {
+            ensure!(
+                tokens == 0,
+                "{tokens} OAuth token requests while offloading to a remote without credentials"
+            );
+            let with_auth: Vec<_> = from_remote
+                .iter()
+                .filter(|a| header(&a.text, "x-saw-authorization") != Some("no"))
+                .collect();
+            ensure!(
+                with_auth.is_empty(),
+                "{} of {} answers from the second cluster saw an Authorization header (or did \
+                 not say); first: {:?}",
+                with_auth.len(),
+                from_remote.len(),
+                with_auth.first().map(|a| a.text.as_str())
+            );
+        }
+    }
     println!(
-        "client on {client_node}, model on {model_node}: {} requests, 0 failed, {remote} from \
-         Beamlit, first {delay:?} after the scale-down (the controller's decision {decided:?}), \
-         {tokens} new token request(s)",
-        all.len()
+        "client on {client_node}, model on {model_node}: {} requests, 0 failed, {} from {}, \
+         first {delay:?} after the scale-down (the controller's decision {decided:?}), {tokens} \
+         new token request(s)",
+        all.len(),
+        from_remote.len(),
+        remote.name()
+    );
+    Ok(())
+}
+
+/// The seed's php-apache in the second cluster, and a NodePort in front of it.
+const NEIGHBOUR_NODE_PORT: u16 = 30080;
+
+/// The README's walkthrough with a second real-node cluster as the remote: its php-apache
+/// behind a NodePort, named by the ModelDeployment's `remoteBackend` (plain HTTP, no
+/// credentials), allowed by the chart's `config.allowedRemoteHosts`. The default remote comes
+/// back afterwards.
+fn offload_to_second_cluster(p: &Product, client_node: &str) -> Result<()> {
+    let c = &p.cluster;
+    let b = c.start_neighbour(
+        &RealNodesOptions {
+            nodes: 1,
+            metrics_server: false,
+        },
+        &[],
+    )?;
+    b.apply("default", PHP_APACHE)?;
+    b.apply(
+        "default",
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: php-apache-external\nspec:\n  \
+             type: NodePort\n  selector:\n    run: php-apache\n  ports:\n  - port: 80\n    \
+             nodePort: {NEIGHBOUR_NODE_PORT}\n"
+        ),
+    )?;
+    let pods = b.wait_pods_ready("default", "run=php-apache", 1, WAIT)?;
+    let host = format!("{}:{NEIGHBOUR_NODE_PORT}", Site::Neighbour.node_ip(1));
+    let set_remote = |patch: &str| -> Result<()> {
+        c.kubectl(&[
+            "patch",
+            "modeldeployment",
+            "php-apache",
+            "-n",
+            "default",
+            "--type=json",
+            "-p",
+            patch,
+        ])?;
+        Ok(())
+    };
+    let applied = |host: &str| -> Result<bool> {
+        let s = md_status(c)?;
+        Ok(s["remoteBackend"]["host"] == host
+            && s["agents"]["applied"] == s["agents"]["total"]
+            && s["agents"]["total"] == c.node_names().len())
+    };
+    set_remote(&format!(
+        r#"[{{"op":"add","path":"/spec/offloadingConfig/remoteBackend","value":{{"host":"{host}","scheme":"http"}}}}]"#
+    ))?;
+    c.wait_for(
+        "both agents apply the second cluster as remote",
+        WAIT,
+        || applied(&host),
+    )?;
+    let model = model_node(c)?;
+    walkthrough(
+        p,
+        "curl-check-b",
+        client_node,
+        &model,
+        &Remote::Cluster { pods },
+    )?;
+    set_remote(r#"[{"op":"remove","path":"/spec/offloadingConfig/remoteBackend"}]"#)?;
+    c.wait_for("both agents apply the default remote again", WAIT, || {
+        applied(REMOTE_HOST)
+    })?;
+
+    // The second cluster leaves nothing behind on the network it shared.
+    let netns = b.with_nodes(|n| {
+        n.nodes()
+            .iter()
+            .map(|node| node.netns().name().to_string())
+            .collect::<Vec<_>>()
+    })?;
+    drop(b);
+    for ns in &netns {
+        ensure!(
+            !Path::new("/run/netns").join(ns).exists(),
+            "the second cluster's node namespace {ns} is still there"
+        );
+    }
+    let links = c.with_nodes(|n| n.network().bridge().ip(&["-o", "link", "show"]))??;
+    ensure!(
+        !links.contains(": vb"),
+        "the second cluster's veths are still on the bridge:\n{links}"
     );
     Ok(())
 }
@@ -537,7 +702,11 @@ fn the_seed_readme_on_real_nodes_from_helm_install_to_uninstall() {
     step(
         "helm install from the registry",
         (|| {
-            let out = p.helm_install()?;
+            // The second cluster's node is a remote a ModelDeployment may name (by address).
+            let out = p.helm_install(&[&format!(
+                "config.allowedRemoteHosts={{{}}}",
+                Site::Neighbour.node_ip(1)
+            )])?;
             ensure!(out.contains("STATUS: deployed"), "{out}");
             c.kubectl(&[
                 "wait",
@@ -590,7 +759,7 @@ fn the_seed_readme_on_real_nodes_from_helm_install_to_uninstall() {
     let model = model_node(c).or_panic();
     step(
         "the walkthrough, client beside the model",
-        walkthrough(&p, "curl-check", &model, &model),
+        walkthrough(&p, "curl-check", &model, &model, &Remote::Beamlit),
     );
     // The new php-apache pod may have landed on either node.
     let model = model_node(c).or_panic();
@@ -602,7 +771,11 @@ fn the_seed_readme_on_real_nodes_from_helm_install_to_uninstall() {
         .clone();
     step(
         "the walkthrough, client on the node without the model",
-        walkthrough(&p, "curl-check-2", &other, &model),
+        walkthrough(&p, "curl-check-2", &other, &model, &Remote::Beamlit),
+    );
+    step(
+        "the walkthrough offloaded to a second cluster (NodePort, no credentials)",
+        offload_to_second_cluster(&p, &other),
     );
     step(
         "offload on the CPU metric, and back after the window",

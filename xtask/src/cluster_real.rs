@@ -120,7 +120,7 @@ pub(crate) fn daemon(dir: &Path, nodes: usize) -> Result<()> {
     )?;
     let kubeconfig = dir.join("kubeconfig");
     std::fs::copy(cluster.kubeconfig(), &kubeconfig)?;
-    let registry = cluster.with_nodes(|n| n.registry().addr())?;
+    let registry = cluster.with_nodes(|n| n.registry_addr())?;
     let images: Vec<String> = images.iter().map(|i| i.reference()).collect();
     std::fs::write(
         dir.join(STATE),

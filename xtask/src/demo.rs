@@ -433,7 +433,7 @@ fn run_real(args: &DemoArgs) -> Result<()> {
             "    --set config.defaultRemoteBackend.authConfig.oauthConfig.clientSecret=$CLIENT_SECRET",
         ],
         || {
-            p.helm_install()?;
+            p.helm_install(&[])?;
             let agent = "app.kubernetes.io/component=agent";
             let controller = "app.kubernetes.io/component=controller";
             c.wait_pods_ready("default", agent, c.node_names().len(), product::WAIT)?;

@@ -25,7 +25,8 @@ usage:
 
 ADDR is IP:PORT or [IPv6]:PORT. MARK is decimal or 0x-hex.
 IPv6 listeners are v6-only; pass --listen twice to serve both families.
-With --http, responses carry `X-Served-By: NAME`; the body is TEXT (default NAME).
+With --http, responses carry `X-Served-By: NAME` and `X-Saw-Authorization: yes|no` (whether
+the request had an Authorization header); the body is TEXT (default NAME).
 --name-env takes NAME from an environment variable (HOSTNAME: the pod's name).
 --burn N computes N square roots before each HTTP answer, as php-apache's index.php does
 (the image that stands in for registry.k8s.io/hpa-example: CPU metrics move under load).
@@ -356,6 +357,7 @@ fn serve_http(stream: TcpStream, name: &str, body: &str) -> io::Result<()> {
             .to_string();
         let mut keep_alive = version == "HTTP/1.1";
         let mut content_length: u64 = 0;
+        let mut authorization = false;
         loop {
             line.clear();
             if read_line_bounded(&mut reader, &mut line)? == 0 {
@@ -367,6 +369,7 @@ fn serve_http(stream: TcpStream, name: &str, body: &str) -> io::Result<()> {
             }
             if let Some((k, v)) = header.split_once(':') {
                 let v = v.trim();
+                authorization |= k.eq_ignore_ascii_case("authorization");
                 if k.eq_ignore_ascii_case("connection") {
                     if v.eq_ignore_ascii_case("close") {
                         keep_alive = false;
@@ -380,9 +383,11 @@ fn serve_http(stream: TcpStream, name: &str, body: &str) -> io::Result<()> {
         }
         io::copy(&mut (&mut reader).take(content_length), &mut io::sink())?;
         burn_cpu();
+        // Whether credentials reached the model (tests of a remote that must get none).
         let response = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Served-By: {name}\r\nConnection: {}\r\n\r\n{body}",
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Served-By: {name}\r\nX-Saw-Authorization: {}\r\nConnection: {}\r\n\r\n{body}",
             body.len(),
+            if authorization { "yes" } else { "no" },
             if keep_alive { "keep-alive" } else { "close" },
         );
         writer.write_all(response.as_bytes())?;

@@ -53,7 +53,7 @@ use kube::{Api, Client, Config};
 use serde_json::json;
 
 pub use control_plane::{ClusterState, ControlPlane, ControlPlaneOptions, SERVICE_CIDR};
-pub use real_cluster::{RealCluster, RealNamespace};
+pub use real_cluster::{Neighbour, RealCluster, RealNamespace};
 pub use real_nodes::RealNodesOptions;
 pub use tools::{HELM_VERSION, KUBERNETES_VERSION, KubeBinaries};
 

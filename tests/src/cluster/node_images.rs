@@ -5,7 +5,8 @@
 //! - `registry.k8s.io/pause`, `registry.k8s.io/coredns/coredns` and
 //!   `registry.k8s.io/metrics-server/metrics-server`: the binaries of [`NodeBinaries`].
 //! - `registry.k8s.io/hpa-example`: a stand-in for the seed's php-apache image. `netprobe serve`
-//!   on port 80 answers `OK!` like the real index.php, names the pod in `X-Served-By`, and
+//!   on port 80 answers `OK!` like the real index.php, names the pod in `X-Served-By` (and whether
+//!   the request carried an `Authorization` header in `X-Saw-Authorization`), and
 //!   computes a million square roots per request as index.php does, so CPU metrics move.
 //! - `docker.io/curlimages/curl`: Debian's curl with its libraries and busybox's shell and
 //!   applets, with the real image's `/entrypoint.sh` behaviour (`curl` when the first argument

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
-use super::real_nodes::{ClusterNetwork, ControlPlaneView, RealNode, RealNodes, RealNodesOptions};
+use super::real_nodes::{
+    ApiserverNetwork, ClusterNetwork, ControlPlaneView, RealNode, RealNodes, RealNodesOptions,
+};
 use super::{ControlPlane, ControlPlaneOptions, DEFAULT_WAIT, KubeBinaries, pki, run_with_stdin};
 use crate::oci::ImageSpec;
 use crate::tempdir::TestDir;
@@ -28,6 +30,20 @@ pub struct RealCluster {
     /// The bridge namespace's name (the cluster network: registry, relay).
     bridge: String,
     registry: std::net::SocketAddr,
+}
+
+/// A second cluster on a [`RealCluster`]'s network ([`RealCluster::start_neighbour`]); torn down
+/// on drop, before the cluster it borrows.
+pub struct Neighbour<'a> {
+    cluster: RealCluster,
+    _main: std::marker::PhantomData<&'a RealCluster>,
+}
+
+impl std::ops::Deref for Neighbour<'_> {
+    type Target = RealCluster;
+    fn deref(&self) -> &RealCluster {
+        &self.cluster
+    }
 }
 
 impl std::fmt::Debug for RealCluster {
@@ -49,11 +65,40 @@ impl RealCluster {
 
     /// Like [`Self::start`] in a directory of the caller's (`cargo xtask cluster up`).
     pub fn start_in(dir: TestDir, opts: &RealNodesOptions, images: &[ImageSpec]) -> Result<Self> {
+        Self::start_on(dir, opts, images, ClusterNetwork::create)
+    }
+
+    /// A second cluster on this one's network, as a neighbouring cluster of the same data
+    /// centre: a control plane, `opts.nodes` nodes (`neighbour-node-<i>`, 10.250.0.(20+i), pods
+    /// 10.245.<i>.0/24) and CoreDNS of its own; its nodes reach this cluster's nodes on-link and
+    /// pull from this cluster's registry (`images` are pushed there). Borrowing `self` keeps it
+    /// from outliving the bridge it is on.
+    pub fn start_neighbour(
+        &self,
+        opts: &RealNodesOptions,
+        images: &[ImageSpec],
+    ) -> Result<Neighbour<'_>> {
+        let bridge = self.bridge.clone();
+        let cluster = Self::start_on(TestDir::new("rneighbour")?, opts, images, |dir| {
+            ClusterNetwork::neighbour(&bridge, dir)
+        })?;
+        Ok(Neighbour {
+            cluster,
+            _main: std::marker::PhantomData,
+        })
+    }
+
+    fn start_on(
+        dir: TestDir,
+        opts: &RealNodesOptions,
+        images: &[ImageSpec],
+        network: impl FnOnce(&Path) -> Result<(ClusterNetwork, ApiserverNetwork)>,
+    ) -> Result<Self> {
         let started = Instant::now();
         let binaries = KubeBinaries::ensure()?;
         super::node_tools::NodeBinaries::ensure()?;
         pki::generate(dir.path())?;
-        let (net, apiserver_net) = ClusterNetwork::create(dir.path())?;
+        let (net, apiserver_net) = network(dir.path())?;
         let control_plane = ControlPlane::start(
             binaries.clone(),
             ControlPlaneOptions {
@@ -98,7 +143,7 @@ impl RealCluster {
             helm_home: dir.path().join("helm"),
             network_kubeconfig,
             bridge: nodes.network().bridge().name().to_string(),
-            registry: nodes.registry().addr(),
+            registry: nodes.registry_addr(),
             parts: Mutex::new(Some((nodes, control_plane, dir))),
         };
         eprintln!(

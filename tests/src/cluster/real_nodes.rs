@@ -10,7 +10,13 @@
 //!                                          registry 10.250.0.1:5000 (mirror of registry.k8s.io,
 //!                                                                     docker.io, ghcr.io)
 //!      node i: netns + mount ns + pid ns, eth0 10.250.0.(10+i) on br0, pods 10.244.i.0/24 (cni0)
+//!      a neighbour cluster's node i (its own control plane, relay, egress proxy and CoreDNS):
+//!               eth0 10.250.0.(20+i) on the same br0, pods 10.245.i.0/24
 //! ```
+//!
+//! A neighbour ([`Site::Neighbour`]) is a second cluster on the same network, as two clusters
+//! of one data centre are: its nodes reach the first cluster's nodes on-link (and back), each
+//! cluster's pods and Services stay its own, and it pulls from the first cluster's registry.
 //!
 //! What keeps the machine untouched:
 //! - no namespace has a default route: node namespaces route only the node network, the other
@@ -53,27 +59,68 @@ pub const APISERVER_ADDR: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
 pub const REGISTRY_PORT: u16 = 5000;
 /// CoreDNS's Service address (kubelet's `clusterDNS`).
 pub const CLUSTER_DNS: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-pub const POD_CIDR: &str = "10.244.0.0/16";
 const NODE_NET_PREFIX: u8 = 24;
 /// Registries whose pulls go to the cluster's registry instead.
 const MIRRORED: [&str; 3] = ["registry.k8s.io", "docker.io", "ghcr.io"];
 const NODE_READY_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// The address of node `i` (1-based).
-pub fn node_ip(i: usize) -> Ipv4Addr {
-    Ipv4Addr::new(10, 250, 0, 10 + i as u8)
+/// Where a real-node cluster sits on the cluster network: the first one owns the bridge and the
+/// registry; a neighbour joins that bridge with node addresses, pod CIDRs and node names of its
+/// own (for offloading from one cluster to another).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Site {
+    #[default]
+    Main,
+    Neighbour,
 }
 
-/// The pod CIDR of node `i` (1-based).
-pub fn node_pod_cidr(i: usize) -> String {
-    format!("10.244.{i}.0/24")
+impl Site {
+    fn index(self) -> u8 {
+        match self {
+            Site::Main => 0,
+            Site::Neighbour => 1,
+        }
+    }
+
+    /// The address of node `i` (1-based): 10.250.0.(10+i), a neighbour's 10.250.0.(20+i).
+    pub fn node_ip(self, i: usize) -> Ipv4Addr {
+        Ipv4Addr::new(10, 250, 0, 10 * (self.index() + 1) + i as u8)
+    }
+
+    /// Every pod CIDR of the cluster (kube-proxy's `clusterCIDR`).
+    pub fn pod_cidr(self) -> String {
+        format!("10.{}.0.0/16", 244 + self.index())
+    }
+
+    /// The pod CIDR of node `i` (1-based).
+    pub fn node_pod_cidr(self, i: usize) -> String {
+        format!("10.{}.{i}.0/24", 244 + self.index())
+    }
+
+    /// Node `i`'s name.
+    pub fn node_name(self, i: usize) -> String {
+        match self {
+            Site::Main => format!("beamlit-node-{i}"),
+            Site::Neighbour => format!("neighbour-node-{i}"),
+        }
+    }
+
+    /// The bridge side of node `i`'s veth (unique on the bridge: interface names are per
+    /// namespace, and every site's nodes share one).
+    fn veth(self, i: usize) -> String {
+        let tag = match self {
+            Site::Main => "vn",
+            Site::Neighbour => "vb",
+        };
+        format!("{tag}{i}-{}", std::process::id() % 100_000)
+    }
 }
 
-/// Whether `ip` is an address of the cluster's own networks (nodes and pods): the only ones the
-/// egress proxy dials.
+/// Whether `ip` is an address of the cluster network (nodes, and every site's pods): the only
+/// ones the egress proxies dial.
 pub fn in_cluster_network(ip: Ipv4Addr) -> bool {
     let o = ip.octets();
-    (o[0] == 10 && o[1] == 250 && o[2] == 0) || (o[0] == 10 && o[1] == 244)
+    (o[0] == 10 && o[1] == 250 && o[2] == 0) || (o[0] == 10 && (o[1] == 244 || o[1] == 245))
 }
 
 /// What the control plane needs to know before it starts, for real nodes.
@@ -87,9 +134,12 @@ pub struct ApiserverNetwork {
     pub proxy_client: (PathBuf, PathBuf),
 }
 
-/// The cluster network: the bridge namespace with the API server relay, and the egress proxy.
+/// The cluster network as one cluster sees it: the bridge namespace (its own, or the main
+/// cluster's for a neighbour), its API server's relay on it, and its API server's egress proxy.
 pub struct ClusterNetwork {
+    /// A neighbour's is a handle on the main cluster's (dropping it deletes nothing).
     bridge: Netns,
+    site: Site,
     egress: EgressProxy,
     relay: Option<super::relay::ApiRelay>,
 }
@@ -111,6 +161,16 @@ impl ClusterNetwork {
         bridge.ip(&["link", "set", "br0", "up"])?;
         // Between nodes' pod CIDRs and toward pods from the egress proxy; per namespace.
         bridge.sysctl("net.ipv4.ip_forward", "1")?;
+        Self::on_bridge(bridge, Site::Main, dir)
+    }
+
+    /// The network of a neighbour cluster (its CA in `dir/pki`) on the main cluster's bridge
+    /// namespace `bridge`, which must outlive it.
+    pub fn neighbour(bridge: &str, dir: &Path) -> Result<(Self, ApiserverNetwork)> {
+        Self::on_bridge(Netns::handle(bridge), Site::Neighbour, dir)
+    }
+
+    fn on_bridge(bridge: Netns, site: Site, dir: &Path) -> Result<(Self, ApiserverNetwork)> {
         let socket = dir.join("egress.sock");
         let egress = EgressProxy::start(&socket, bridge.name())?;
         let config = dir.join("egress-selector.yaml");
@@ -142,6 +202,7 @@ impl ClusterNetwork {
         Ok((
             Self {
                 bridge,
+                site,
                 egress,
                 relay: None,
             },
@@ -151,6 +212,10 @@ impl ClusterNetwork {
                 proxy_client,
             },
         ))
+    }
+
+    pub fn site(&self) -> Site {
+        self.site
     }
 
     /// Relays `APISERVER_ADDR:<port>` in the cluster network to the API server on loopback.
@@ -289,17 +354,21 @@ fn serve_connect(client: UnixStream, bridge: &str, refused: &Mutex<Vec<String>>)
     Ok(())
 }
 
+/// Where the main cluster's registry serves, on the bridge (every site's nodes pull from it).
+pub fn registry_addr() -> SocketAddr {
+    SocketAddr::from((APISERVER_ADDR, REGISTRY_PORT))
+}
+
 /// The cluster's registry (distribution), in the bridge namespace.
 pub struct Registry {
     _proc: ChildGuard,
-    addr: SocketAddr,
 }
 
 impl Registry {
     pub fn start(bins: &NodeBinaries, net: &ClusterNetwork, dir: &Path) -> Result<Self> {
         let root = dir.join("registry");
         std::fs::create_dir_all(&root)?;
-        let addr = SocketAddr::from((APISERVER_ADDR, REGISTRY_PORT));
+        let addr = registry_addr();
         let config = root.join("config.yml");
         std::fs::write(
             &config,
@@ -341,11 +410,7 @@ impl Registry {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        Ok(Self { _proc: proc, addr })
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+        Ok(Self { _proc: proc })
     }
 }
 
@@ -588,7 +653,8 @@ pub struct RealNodes {
     // Field order is drop order: nodes first (their processes use the network), then the
     // registry and scheduler, then the network.
     nodes: Vec<RealNode>,
-    registry: Registry,
+    /// The main cluster's; a neighbour pulls from it.
+    _registry: Option<Registry>,
     _scheduler: ChildGuard,
     net: ClusterNetwork,
     dir: PathBuf,
@@ -604,7 +670,8 @@ pub struct ControlPlaneView<'a> {
 }
 
 impl RealNodes {
-    /// Starts the registry (and pushes `images` plus the node images), kube-scheduler and the
+    /// Starts the registry (and pushes `images` plus the node images; a neighbour pushes only
+    /// `images`, to the main cluster's registry), kube-scheduler and the
     /// nodes, waits until every node is Ready, then installs CoreDNS (and metrics-server).
     pub fn start(
         mut net: ClusterNetwork,
@@ -628,16 +695,23 @@ impl RealNodes {
         let cluster_server = format!("https://{APISERVER_ADDR}:{}", apiserver.port());
         let ca_pem = std::fs::read_to_string(cp.dir.join("pki/ca.crt"))?;
 
-        let registry = Registry::start(&node_bins, &net, &dir)?;
-        let netprobe = crate::try_netprobe_bin()?;
-        let info = BuildInfo::from_git(&super::workspace_root())?;
-        let mut all = node_images::node_images(&node_bins, &netprobe, &info)?;
+        let (registry, mut all) = match net.site {
+            Site::Main => {
+                let netprobe = crate::try_netprobe_bin()?;
+                let info = BuildInfo::from_git(&super::workspace_root())?;
+                (
+                    Some(Registry::start(&node_bins, &net, &dir)?),
+                    node_images::node_images(&node_bins, &netprobe, &info)?,
+                )
+            }
+            Site::Neighbour => (None, Vec::new()),
+        };
         all.extend(images.iter().cloned());
         for spec in &all {
-            node_images::push(&net.bridge, registry.addr(), spec)
+            node_images::push(&net.bridge, registry_addr(), spec)
                 .with_context(|| format!("pushing {}", spec.reference()))?;
         }
-        tracing::info!("registry {} holds {} images", registry.addr(), all.len());
+        tracing::info!("pushed {} images to {}", all.len(), registry_addr());
 
         let sched = pki::sign(cp.dir, "system:kube-scheduler", None, Usage::Client)?;
         let sched_kc = dir.join("scheduler.kubeconfig");
@@ -678,7 +752,7 @@ impl RealNodes {
         }
         let this = Self {
             nodes,
-            registry,
+            _registry: registry,
             _scheduler: scheduler,
             net,
             dir,
@@ -702,8 +776,9 @@ impl RealNodes {
         &self.net
     }
 
-    pub fn registry(&self) -> &Registry {
-        &self.registry
+    /// The registry's address (the main cluster's, for a neighbour too).
+    pub fn registry_addr(&self) -> SocketAddr {
+        registry_addr()
     }
 
     pub fn dir(&self) -> &Path {
@@ -716,7 +791,7 @@ impl RealNodes {
 
     /// Pushes one more image (the project's, after a rebuild).
     pub fn push(&self, spec: &ImageSpec) -> Result<()> {
-        node_images::push(&self.net.bridge, self.registry.addr(), spec)
+        node_images::push(&self.net.bridge, registry_addr(), spec)
     }
 
     fn wait_nodes_ready(&self, kube: &KubeBinaries, kubeconfig: &Path) -> Result<()> {
@@ -855,8 +930,9 @@ fn start_node(
     server: &str,
     ca_pem: &str,
 ) -> Result<RealNode> {
-    let name = format!("beamlit-node-{i}");
-    let ip = node_ip(i);
+    let site = net.site;
+    let name = site.node_name(i);
+    let ip = site.node_ip(i);
     let netns = Netns::new(&format!("node{i}"))?;
     let dir = cluster_dir.join(&name);
     for d in [
@@ -878,7 +954,7 @@ fn start_node(
 
     // Network: eth0 on the bridge; routes to the node network, the other nodes' pods and the
     // Service CIDR (kube-proxy rewrites those), nothing else.
-    let veth = format!("vn{i}-{}", std::process::id() % 100_000);
+    let veth = site.veth(i);
     net.bridge.ip(&[
         "link",
         "add",
@@ -914,14 +990,19 @@ fn start_node(
             netns.ip(&[
                 "route",
                 "add",
-                &node_pod_cidr(j),
+                &site.node_pod_cidr(j),
                 "via",
-                &node_ip(j).to_string(),
+                &site.node_ip(j).to_string(),
             ])?;
         }
     }
-    net.bridge
-        .ip(&["route", "add", &node_pod_cidr(i), "via", &ip.to_string()])?;
+    net.bridge.ip(&[
+        "route",
+        "add",
+        &site.node_pod_cidr(i),
+        "via",
+        &ip.to_string(),
+    ])?;
     netns.sysctl("net.ipv4.ip_forward", "1")?;
 
     // Identities: kubelet's client (Node authorizer) and serving certificates, kube-proxy's.
@@ -952,7 +1033,7 @@ fn start_node(
         crate::naming::CGROUP_PREFIX,
         &format!("node{i}"),
     ))?;
-    write_node_configs(i, &name, ip, &dir, bins, &cgroups.root)?;
+    write_node_configs(site, i, &name, ip, &dir, bins, &cgroups.root)?;
 
     let script = dir.join("node.sh");
     std::fs::write(&script, node_script(&dir, &name, ip, bins, kube, &cgroups)?)?;
@@ -991,6 +1072,7 @@ fn start_node(
 }
 
 fn write_node_configs(
+    site: Site,
     i: usize,
     name: &str,
     ip: Ipv4Addr,
@@ -1031,7 +1113,7 @@ state = "/run/containerd"
     );
     containerd.push('\n');
     std::fs::write(dir.join("containerd.toml"), containerd)?;
-    let mirror = format!("http://{APISERVER_ADDR}:{REGISTRY_PORT}");
+    let mirror = format!("http://{}", registry_addr());
     // `_default` too: no pull of any other registry leaves the cluster network either.
     for host in MIRRORED.iter().chain(&["_default"]) {
         let hd = dir.join("certs.d").join(host);
@@ -1059,9 +1141,9 @@ state = "/run/containerd"
                     "ipam": {
                         "type": "host-local",
                         "dataDir": format!("{d}/lib-cni/networks"),
-                        "ranges": [[{"subnet": node_pod_cidr(i)}]],
+                        "ranges": [[{"subnet": site.node_pod_cidr(i)}]],
                         "routes": [
-                            {"dst": POD_CIDR},
+                            {"dst": site.pod_cidr()},
                             {"dst": SERVICE_CIDR},
                             {"dst": format!("10.250.0.0/{NODE_NET_PREFIX}")},
                         ],
@@ -1114,7 +1196,7 @@ registerNode: true
 maxPods: 110
 podCIDR: {pod_cidr}
 "#,
-            pod_cidr = node_pod_cidr(i)
+            pod_cidr = site.node_pod_cidr(i)
         ),
     )?;
     // kube-proxy, nftables: conntrack settings at 0 so it writes no (machine-wide) sysctl.
@@ -1124,7 +1206,7 @@ podCIDR: {pod_cidr}
             r#"apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
 mode: nftables
-clusterCIDR: {POD_CIDR}
+clusterCIDR: {pod_cidrs}
 bindAddress: {ip}
 nodePortAddresses: ["{ip}/32"]
 metricsBindAddress: 127.0.0.1:10249
@@ -1139,7 +1221,8 @@ conntrack:
   tcpCloseWaitTimeout: 0s
   udpTimeout: 0s
   udpStreamTimeout: 0s
-"#
+"#,
+            pod_cidrs = site.pod_cidr()
         ),
     )?;
     // The machine-wide sysctls kubelet sets (pkg/kubelet/cm: setupKernelTunables), already
@@ -1448,11 +1531,28 @@ mod tests {
         assert!(!in_cluster_network(Ipv4Addr::new(127, 0, 0, 1)));
         assert!(!in_cluster_network(Ipv4Addr::new(8, 8, 8, 8)));
         assert!(!in_cluster_network(Ipv4Addr::new(10, 250, 1, 1)));
+        assert!(in_cluster_network(Ipv4Addr::new(10, 245, 1, 3)));
+        assert!(!in_cluster_network(Ipv4Addr::new(10, 246, 1, 3)));
     }
 
     #[test]
     fn node_addresses() {
-        assert_eq!(node_ip(1), Ipv4Addr::new(10, 250, 0, 11));
-        assert_eq!(node_pod_cidr(2), "10.244.2.0/24");
+        assert_eq!(Site::Main.node_ip(1), Ipv4Addr::new(10, 250, 0, 11));
+        assert_eq!(Site::Main.node_pod_cidr(2), "10.244.2.0/24");
+        assert_eq!(Site::Main.pod_cidr(), "10.244.0.0/16");
+        assert_eq!(Site::Neighbour.node_ip(1), Ipv4Addr::new(10, 250, 0, 21));
+        assert_eq!(Site::Neighbour.node_pod_cidr(1), "10.245.1.0/24");
+        assert_eq!(Site::Neighbour.node_name(1), "neighbour-node-1");
+        // Every site's pods inside what the egress proxies dial.
+        for site in [Site::Main, Site::Neighbour] {
+            let net: Ipv4Addr = site
+                .node_pod_cidr(9)
+                .split('/')
+                .next()
+                .and_then(|a| a.parse().ok())
+                .expect("an address");
+            assert!(in_cluster_network(net), "{site:?}");
+            assert!(in_cluster_network(site.node_ip(9)), "{site:?}");
+        }
     }
 }
