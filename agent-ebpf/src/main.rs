@@ -20,15 +20,18 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_ANY, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock, bpf_sock_addr},
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_prandom_u32, bpf_get_socket_cookie,
+        bpf_ktime_get_ns,
+    },
     macros::{btf_map, cgroup_sock, cgroup_sock_addr, sock_ops},
     programs::{SockAddrContext, SockContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use beamlit_common::{
     AgentConfig, FAMILY_INET, FAMILY_INET6, FLAG_TUNNEL_HEARTBEAT, FLAG_TUNNEL_READY, FlowKey,
-    MAX_REDIRECTED_SOCKETS, MAX_SERVICES, OriginalDest, PROTO_TCP, SHARE_SCALE, ServiceCounters,
-    ServiceEntry, ServiceKey, TUNNEL_HEARTBEAT_TIMEOUT_NS,
+    MAX_CGROUP_DEPTH, MAX_EXEMPT_CGROUPS, MAX_REDIRECTED_SOCKETS, MAX_SERVICES, OriginalDest,
+    PROTO_TCP, SHARE_SCALE, ServiceCounters, ServiceEntry, ServiceKey, TUNNEL_HEARTBEAT_TIMEOUT_NS,
 };
 
 /// Return value that lets the syscall proceed (with whatever address the program left).
@@ -56,6 +59,12 @@ static FLOWS: LruHashMap<FlowKey, OriginalDest, { MAX_REDIRECTED_SOCKETS as usiz
 
 #[btf_map(name = "config", pin_by_name)]
 static CONFIG: Array<AgentConfig, 1> = Array::new();
+
+/// Cgroup v2 ids (of pods' directories) whose processes are never redirected, whatever
+/// `services` says: the agent's own pod and the controller's pods on this node, so that no entry
+/// can cut them off from the API server or Beamlit. Written by the agent only (value unused).
+#[btf_map(name = "exempt_cgroups", pin_by_name)]
+static EXEMPT_CGROUPS: HashMap<u64, u8, { MAX_EXEMPT_CGROUPS as usize }> = HashMap::new();
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
@@ -204,8 +213,8 @@ fn decide(
             return Outcome::Local;
         }
     }
-    // Only connections that would be redirected need the exemption check.
-    if is_bypassed(sa) {
+    // Only connections that would be redirected need the exemption checks.
+    if is_bypassed(sa) || in_exempt_cgroup() {
         return Outcome::Bypassed;
     }
     if entry.flags & FLAG_TUNNEL_READY == 0 {
@@ -280,6 +289,24 @@ fn is_bypassed(sa: *mut bpf_sock_addr) -> bool {
         let sk = (*sa).__bindgen_anon_1.sk;
         !sk.is_null() && core::ptr::read_volatile(&(*sk).mark) == config.bypass_mark
     }
+}
+
+/// Whether the connecting task's cgroup, or one of its ancestors, is in `exempt_cgroups`. Walks
+/// from the root down and stops below the task's own cgroup (the helper returns 0 there).
+#[inline(always)]
+fn in_exempt_cgroup() -> bool {
+    for level in 1..MAX_CGROUP_DEPTH {
+        // SAFETY: the helper has no preconditions; an out-of-range level gives 0.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 {
+            return false;
+        }
+        // SAFETY: only presence is read.
+        if unsafe { EXEMPT_CGROUPS.get(&id) }.is_some() {
+            return true;
+        }
+    }
+    false
 }
 
 #[inline(always)]

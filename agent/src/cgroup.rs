@@ -149,6 +149,15 @@ fn is_pod_dir(name: &str, uid: &str) -> bool {
     name.starts_with("kubepods") && name.ends_with(&systemd)
 }
 
+/// The cgroup v2 directory of pod `uid` below `within` (the pods cgroup), if the kubelet has
+/// made it, and its cgroup id (the directory's inode number, what the programs' helpers return).
+pub fn pod_cgroup(within: &Path, uid: &str) -> Option<(PathBuf, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = find_dir(within, |name| is_pod_dir(name, uid))?;
+    let id = fs::metadata(&dir).ok()?.ino();
+    Some((dir, id))
+}
+
 fn is_kubepods(name: &str) -> bool {
     name == "kubepods" || name == "kubepods.slice"
 }
@@ -310,6 +319,19 @@ mod tests {
             let got = pods_cgroup(&tree.0, Some(UID)).expect("found");
             assert_eq!(got, tree.0.join(want), "{dirs:?}");
         }
+    }
+
+    #[test]
+    fn a_pod_cgroup_is_found_by_uid_with_its_id() {
+        use std::os::unix::fs::MetadataExt as _;
+        let tree = Tree::new(&[
+            "kubepods/besteffort/podother/c",
+            &format!("kubepods/burstable/pod{UID}/c1"),
+        ]);
+        let (dir, id) = pod_cgroup(&tree.0.join("kubepods"), UID).expect("found");
+        assert_eq!(dir, tree.0.join(format!("kubepods/burstable/pod{UID}")));
+        assert_eq!(id, fs::metadata(&dir).expect("stat").ino());
+        assert!(pod_cgroup(&tree.0.join("kubepods"), "missing-uid").is_none());
     }
 
     #[test]

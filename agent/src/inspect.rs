@@ -13,6 +13,11 @@ pub struct Report {
     /// Redirected sockets still open (records in the `sockets` map).
     pub redirected_sockets: usize,
     pub bypass_mark: u32,
+    /// Cgroup ids never redirected (`exempt_cgroups`: the agent's own pod, the controller's).
+    pub exempt_cgroups: Vec<u64>,
+    /// Cluster mode: the pods behind those ids, as `name (cgroup id)`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub exempt_pods: Vec<String>,
     /// Milliseconds since the agent's tunnel last beat (`None`: never). Services whose tunnel is
     /// the agent's fail open once this passes 500 ms.
     pub tunnel_heartbeat_age_ms: Option<u64>,
@@ -113,6 +118,11 @@ pub fn report(dir: &Path, state_dir: &Path) -> anyhow::Result<Report> {
         services,
         redirected_sockets: maps.redirected_sockets()?,
         bypass_mark: config.bypass_mark,
+        exempt_cgroups: maps.exempt_cgroups()?.into_iter().collect(),
+        exempt_pods: state
+            .as_ref()
+            .map(|s| s.exempt_pods.clone())
+            .unwrap_or_default(),
         tunnel_heartbeat_age_ms: (config.tunnel_heartbeat_ns != 0).then(|| {
             crate::maps::monotonic_ns().saturating_sub(config.tunnel_heartbeat_ns) / 1_000_000
         }),
@@ -177,8 +187,16 @@ pub fn render(report: &Report) -> String {
             format!("{ms} ms ago ({state})")
         },
     );
+    let exempt = if !report.exempt_pods.is_empty() {
+        report.exempt_pods.join(", ")
+    } else if report.exempt_cgroups.is_empty() {
+        "none".to_string()
+    } else {
+        let ids: Vec<String> = report.exempt_cgroups.iter().map(u64::to_string).collect();
+        format!("cgroups {}", ids.join(", "))
+    };
     out.push_str(&format!(
-        "\nlive redirected sockets: {}\nbypass mark: {:#x}\ntunnel heartbeat: {heartbeat}\npins: {}\n\n",
+        "\nlive redirected sockets: {}\nbypass mark: {:#x}\nnever redirected: {exempt}\ntunnel heartbeat: {heartbeat}\npins: {}\n\n",
         report.redirected_sockets, report.bypass_mark, report.bpffs_dir
     ));
     let mut programs = vec![

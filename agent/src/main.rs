@@ -4,7 +4,7 @@ use anyhow::Context as _;
 use beamlit_agent::{
     apply::Applier,
     cgroup::{self, AttachTo},
-    cluster::{Cluster, ClusterConfig, desired::TunnelAddresses},
+    cluster::{Cluster, ClusterConfig, desired::TunnelAddresses, exempt::ExemptPod},
     dataplane::{self, Dataplane, DataplaneConfig, EbpfLogLevel},
     inspect, routes,
     standalone::{self, Standalone},
@@ -119,6 +119,12 @@ struct RunArgs {
     /// leaving them for the next agent; a rolling update keeps them.
     #[arg(long, env = "AGENT_DAEMONSET")]
     daemonset: Option<String>,
+    /// Cluster mode: a label selector of pods in --namespace (the controller's) whose
+    /// connections are never redirected on this node, whatever a ModelDeployment says: their
+    /// pod cgroups go into the `exempt_cgroups` map (the agent's own pod, from --pod-uid, is
+    /// always there). Empty: only the agent's own.
+    #[arg(long)]
+    exempt_pods: Option<String>,
     /// SO_MARK that exempts a socket from redirection (the agent's own tunnel sockets).
     /// Decimal or 0x-hex; 0 disables the exemption.
     #[arg(long, default_value = "0xbe", value_parser = parse_mark)]
@@ -244,7 +250,7 @@ fn main() -> anyhow::Result<()> {
 /// What `run` will do, decided (and validated) before anything touches the kernel.
 enum Mode {
     Standalone(PathBuf),
-    Cluster(ClusterConfig),
+    Cluster(Box<ClusterConfig>),
 }
 
 fn mode(args: &RunArgs, state_dir: &std::path::Path) -> anyhow::Result<Mode> {
@@ -287,7 +293,7 @@ fn mode(args: &RunArgs, state_dir: &std::path::Path) -> anyhow::Result<Mode> {
     if let Some(ca) = &args.ca_file {
         std::fs::metadata(ca).with_context(|| format!("--ca-file {}", ca.display()))?;
     }
-    Ok(Mode::Cluster(ClusterConfig {
+    Ok(Mode::Cluster(Box::new(ClusterConfig {
         node_name,
         namespace: args.namespace.clone(),
         model_namespaces: args.model_namespaces.clone(),
@@ -295,11 +301,23 @@ fn mode(args: &RunArgs, state_dir: &std::path::Path) -> anyhow::Result<Mode> {
         extra_ca_file: args.ca_file.clone(),
         state_dir: state_dir.to_path_buf(),
         daemonset: args.daemonset.clone().filter(|d| !d.trim().is_empty()),
-    }))
+        exempt_pods: args.exempt_pods.clone().filter(|s| !s.trim().is_empty()),
+        own_pod: args
+            .pod_uid
+            .as_deref()
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|uid| ExemptPod {
+                name: "this agent's pod".into(),
+                uid: uid.to_string(),
+            }),
+        // Set once the cgroup to attach to is chosen.
+        pods_cgroup: PathBuf::new(),
+    })))
 }
 
 fn run(bpffs: &std::path::Path, state_dir: &std::path::Path, args: RunArgs) -> anyhow::Result<()> {
-    let mode = mode(&args, state_dir)?;
+    let mut mode = mode(&args, state_dir)?;
     if args.check_config {
         println!("configuration valid");
         return Ok(());
@@ -313,6 +331,9 @@ fn run(bpffs: &std::path::Path, state_dir: &std::path::Path, args: RunArgs) -> a
     .context("choosing the cgroup to attach to; nothing was loaded or attached")?;
     let cgroup = target.path;
     info!(cgroup = %cgroup.display(), "attaching to {}", target.how);
+    if let Mode::Cluster(c) = &mut mode {
+        c.pods_cgroup = cgroup.clone();
+    }
     let config = DataplaneConfig {
         bpffs_dir: bpffs.to_path_buf(),
         cgroup: cgroup.clone(),
@@ -360,7 +381,7 @@ fn run(bpffs: &std::path::Path, state_dir: &std::path::Path, args: RunArgs) -> a
                     // Marked like the tunnel's sockets: never redirected by the node's eBPF.
                     let client =
                         beamlit_agent::cluster::api_client::infer(args.bypass_mark).await?;
-                    Cluster::new(config, client, applier)
+                    Cluster::new(*config, client, applier)
                         .run(&mut dp, bpffs)
                         .await
                 }

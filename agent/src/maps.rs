@@ -1,7 +1,7 @@
 //! Typed access to the pinned maps. Both the running agent and `inspect`/`cleanup` open the maps
 //! from their pins, so every reader sees the same objects whether or not an agent is running.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
 };
 
@@ -32,6 +32,7 @@ pub struct PinnedMaps {
     // aya reads LRU hash maps through its HashMap type.
     sockets: HashMap<MapData, u64, OriginalDest>,
     config: Array<MapData, AgentConfig>,
+    exempt: HashMap<MapData, u64, u8>,
 }
 
 impl PinnedMaps {
@@ -42,6 +43,7 @@ impl PinnedMaps {
             counters: open(dir, map_names::SERVICE_COUNTERS)?,
             sockets: open(dir, map_names::SOCKETS)?,
             config: open(dir, map_names::CONFIG)?,
+            exempt: open(dir, map_names::EXEMPT_CGROUPS)?,
         })
     }
 
@@ -95,6 +97,33 @@ impl PinnedMaps {
     pub fn set_config(&mut self, config: AgentConfig) -> Result<(), MapsError> {
         let result = self.config.set(0, &config, 0);
         result.map_err(|source| self.err(map_names::CONFIG, source))
+    }
+
+    /// The cgroup ids never redirected ([`crate::exempt`]).
+    pub fn exempt_cgroups(&self) -> Result<BTreeSet<u64>, MapsError> {
+        self.exempt
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|source| self.err(map_names::EXEMPT_CGROUPS, source))
+    }
+
+    /// Makes `ids` the exempt cgroups: adds the new ones first, then removes the others.
+    pub fn set_exempt_cgroups(&mut self, ids: &BTreeSet<u64>) -> Result<(), MapsError> {
+        let now = self.exempt_cgroups()?;
+        for id in ids.difference(&now) {
+            self.exempt
+                .insert(id, &1, 0)
+                .map_err(|source| self.err(map_names::EXEMPT_CGROUPS, source))?;
+        }
+        for id in now.difference(ids) {
+            match self.exempt.remove(id) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(source) => return Err(self.err(map_names::EXEMPT_CGROUPS, source)),
+            }
+        }
+        Ok(())
     }
 
     /// Applies changes from [`crate::plan::plan`]. A fresh counter slot is zeroed before the

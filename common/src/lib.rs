@@ -14,6 +14,7 @@ pub mod map_names {
     pub const SOCKETS: &str = "sockets";
     pub const FLOWS: &str = "flows";
     pub const CONFIG: &str = "config";
+    pub const EXEMPT_CGROUPS: &str = "exempt_cgroups";
 }
 
 /// Capacities. Userspace validates against these before it writes.
@@ -21,6 +22,14 @@ pub const MAX_SERVICES: u32 = 65_536;
 /// Per-socket records of redirected connections. Entries are deleted at socket release; the LRU
 /// eviction only matters if a release is ever missed.
 pub const MAX_REDIRECTED_SOCKETS: u32 = 262_144;
+
+/// Cgroups whose processes are never redirected (`exempt_cgroups`): the agent's own pod and the
+/// controller's pods on the node, a few per node.
+pub const MAX_EXEMPT_CGROUPS: u32 = 256;
+/// How many ancestor levels of a connecting task's cgroup v2 the programs look up in
+/// `exempt_cgroups` (a pod's directory is a few levels below the pods cgroup; deeper levels are
+/// not looked at).
+pub const MAX_CGROUP_DEPTH: i32 = 16;
 
 /// Offload share unit: basis points, 0..=10000.
 pub const SHARE_SCALE: u16 = 10_000;
@@ -89,7 +98,8 @@ pub struct ServiceCounters {
     /// mismatch, or the rewrite failed).
     pub fail_open: u64,
     /// Connects that the draw would have redirected but that came from the agent's own sockets
-    /// (marked with the bypass mark), so went the local way.
+    /// (marked with the bypass mark) or from an exempt pod (`exempt_cgroups`), so went the local
+    /// way.
     pub bypassed: u64,
 }
 

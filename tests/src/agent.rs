@@ -322,38 +322,13 @@ impl AgentFixture {
         share_bp: u16,
         counter_slot: u32,
     ) -> Result<()> {
-        let mut key = [0u8; 20];
-        key[..4].copy_from_slice(&service.ip().octets());
-        key[16..18].copy_from_slice(&service.port().to_le_bytes());
-        key[18] = 6; // PROTO_TCP
-        key[19] = 4; // FAMILY_INET
-        let mut value = [0u8; 32];
-        value[..4].copy_from_slice(&tunnel.ip().octets());
-        value[16..20].copy_from_slice(&1u32.to_le_bytes()); // generation
-        value[20..22].copy_from_slice(&share_bp.to_le_bytes());
-        value[22..24].copy_from_slice(&tunnel.port().to_le_bytes());
-        value[24..26].copy_from_slice(&1u16.to_le_bytes()); // FLAG_TUNNEL_READY
-        value[26] = 4; // tunnel family
-        value[28..32].copy_from_slice(&counter_slot.to_le_bytes());
-        let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>();
-        let out = Command::new("bpftool")
-            .args(["map", "update", "pinned"])
-            .arg(self.bpffs.join("services"))
-            .arg("key")
-            .arg("hex")
-            .args(hex(&key))
-            .arg("value")
-            .arg("hex")
-            .args(hex(&value))
-            .output()
-            .context("running bpftool")?;
-        if !out.status.success() {
-            bail!(
-                "bpftool map update: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(())
+        write_service_entry(
+            &self.bpffs.join("services"),
+            service,
+            tunnel,
+            share_bp,
+            counter_slot,
+        )
     }
 
     /// Starts the agent again (after [`Self::kill9`]); it adopts the pinned state.
@@ -427,4 +402,70 @@ impl Drop for AgentFixture {
         }
         let _ = fs::remove_dir_all(&self.workdir);
     }
+}
+
+/// The `services` key of an IPv4 TCP Service address, as bytes (`ServiceKey`'s layout).
+pub fn service_key(service: std::net::SocketAddrV4) -> [u8; 20] {
+    let mut key = [0u8; 20];
+    key[..4].copy_from_slice(&service.ip().octets());
+    key[16..18].copy_from_slice(&service.port().to_le_bytes());
+    key[18] = 6; // PROTO_TCP
+    key[19] = 4; // FAMILY_INET
+    key
+}
+
+/// Bytes as bpftool's `hex` arguments.
+pub fn hex(bytes: &[u8]) -> Vec<String> {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether the pinned `services` map `map` has an entry for `service`.
+pub fn has_service_entry(map: &Path, service: std::net::SocketAddrV4) -> Result<bool> {
+    let out = Command::new("bpftool")
+        .args(["map", "lookup", "pinned"])
+        .arg(map)
+        .args(["key", "hex"])
+        .args(hex(&service_key(service)))
+        .output()
+        .context("running bpftool")?;
+    Ok(out.status.success())
+}
+
+/// Writes a `services` entry with bpftool into the pinned map `map`, as an operator (or an
+/// attacker with root) could: connects to `service` from the attached cgroup go to `tunnel`
+/// for `share_bp` basis points, tunnel marked ready, no heartbeat required.
+pub fn write_service_entry(
+    map: &Path,
+    service: std::net::SocketAddrV4,
+    tunnel: std::net::SocketAddrV4,
+    share_bp: u16,
+    counter_slot: u32,
+) -> Result<()> {
+    let key = service_key(service);
+    let mut value = [0u8; 32];
+    value[..4].copy_from_slice(&tunnel.ip().octets());
+    value[16..20].copy_from_slice(&1u32.to_le_bytes()); // generation
+    value[20..22].copy_from_slice(&share_bp.to_le_bytes());
+    value[22..24].copy_from_slice(&tunnel.port().to_le_bytes());
+    value[24..26].copy_from_slice(&1u16.to_le_bytes()); // FLAG_TUNNEL_READY
+    value[26] = 4; // tunnel family
+    value[28..32].copy_from_slice(&counter_slot.to_le_bytes());
+    let out = Command::new("bpftool")
+        .args(["map", "update", "pinned"])
+        .arg(map)
+        .arg("key")
+        .arg("hex")
+        .args(hex(&key))
+        .arg("value")
+        .arg("hex")
+        .args(hex(&value))
+        .output()
+        .context("running bpftool")?;
+    if !out.status.success() {
+        bail!(
+            "bpftool map update: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
 }

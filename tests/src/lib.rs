@@ -52,7 +52,7 @@ mod tempdir;
 pub mod tls;
 mod topology;
 
-pub use agent::AgentFixture;
+pub use agent::{AgentFixture, has_service_entry, write_service_entry};
 pub use cgroup::TestCgroup;
 pub use fake_beamlit::{FakeBeamlit, FakeBeamlitOptions, FakeStats};
 pub use naming::{cgroup_prefix, cleanup_stale, netns_prefix};

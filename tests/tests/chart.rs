@@ -958,6 +958,10 @@ fn the_seed_install_works_and_its_service_accounts_suffice() -> Result<()> {
         (agent_sa, &["list", "secrets", "-n", "default"], false),
         (agent_sa, &["get", "secrets/any", "-n", "models"], false),
         (agent_sa, &["list", "services", "-A"], false),
+        // The release's pods (the controller's are exempt from redirection), nothing else.
+        (agent_sa, &["watch", "pods", "-n", "default"], true),
+        (agent_sa, &["list", "pods", "-n", "models"], false),
+        (agent_sa, &["get", "pods", "-n", "default"], false),
     ];
     let mut wrong = Vec::new();
     for (sa, args, expected) in expectations {

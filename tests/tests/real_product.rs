@@ -175,11 +175,25 @@ fn walkthrough(
     c.kubectl(&["delete", "pod", client, "-n", "default", "--wait=false"])?;
 
     let bad = failed(&all);
+    // When, against the scale-down and -up (which race each one lost).
+    let since = |a: &Answer| {
+        let rel = |t: SystemTime| match a.at.duration_since(t) {
+            Ok(d) => format!("+{d:.2?}"),
+            Err(e) => format!("-{:.2?}", e.duration()),
+        };
+        format!(
+            "{} after the scale-down, {} after the scale-up",
+            rel(scaled_down),
+            rel(scaled_up)
+        )
+    };
     ensure!(
         bad.is_empty(),
-        "{} of {} requests failed (client on {client_node}, model on {model_node}); first: {:?}",
+        "{} of {} requests failed (client on {client_node}, model on {model_node}), at {:?}; \
+         first: {:?}",
         bad.len(),
         all.len(),
+        bad.iter().map(|a| since(a)).collect::<Vec<_>>(),
         bad.first().map(|a| a.text.as_str())
     );
     let first_remote = all
@@ -321,6 +335,197 @@ fn offload_to_second_cluster(p: &Product, client_node: &str) -> Result<()> {
         !links.contains(": vb"),
         "the second cluster's veths are still on the bridge:\n{links}"
     );
+    Ok(())
+}
+
+/// A pinned map of the agent on `node`, from the machine (through the node's mount namespace).
+fn node_map(c: &RealCluster, node: &str, name: &str) -> Result<PathBuf> {
+    let root = c
+        .with_node(node, |n| n.init_pid())?
+        .context("the node is not running")?;
+    Ok(PathBuf::from(format!(
+        "/proc/{root}/root/sys/fs/bpf/beamlit/{name}"
+    )))
+}
+
+/// A container's cgroup (unified hierarchy, as the machine sees it) of the pod `uid` on `node`:
+/// the first child of the pod's directory that has processes.
+fn container_cgroup(c: &RealCluster, node: &str, uid: &str) -> Result<PathBuf> {
+    let kubepods = kubepods(c, node)?;
+    let pod_dir = [kubepods.clone()]
+        .into_iter()
+        .chain(
+            std::fs::read_dir(&kubepods)?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_dir()),
+        )
+        .map(|d| d.join(format!("pod{uid}")))
+        .find(|d| d.is_dir())
+        .with_context(|| format!("no cgroup of pod {uid} below {}", kubepods.display()))?;
+    let mut children: Vec<PathBuf> = std::fs::read_dir(&pod_dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    children.sort();
+    children
+        .into_iter()
+        .find(|d| {
+            std::fs::read_to_string(d.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty())
+        })
+        .with_context(|| {
+            format!(
+                "no container cgroup with processes in {}",
+                pod_dir.display()
+            )
+        })
+}
+
+/// The cgroup ids in the agent's `exempt_cgroups` on `node` (bpftool's JSON, with BTF).
+fn exempt_ids(c: &RealCluster, node: &str) -> Result<BTreeSet<u64>> {
+    let out = check_output(
+        "bpftool map dump",
+        &Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(node_map(c, node, "exempt_cgroups")?)
+            .output()?,
+    )?;
+    let entries: Vec<serde_json::Value> = serde_json::from_str(&out)?;
+    entries
+        .iter()
+        .map(|e| {
+            e["formatted"]["key"]
+                .as_u64()
+                .or_else(|| e["key"].as_u64())
+                .with_context(|| format!("no key in {e}"))
+        })
+        .collect()
+}
+
+/// The API server's Service with a hand-written `services` entry on each controller's node
+/// (every connect to it sent to a closed port): a process in a plain pod's container cgroup is
+/// redirected and refused; one in the controller's container cgroup on the same node reaches
+/// the API server, because the agent put the controller's pod (and its own) in
+/// `exempt_cgroups`. So no ModelDeployment, nor any entry, cuts the controller off.
+fn controllers_never_redirected(c: &RealCluster) -> Result<()> {
+    use std::net::SocketAddrV4;
+    let api_ip = c.kubectl(&[
+        "get",
+        "service",
+        "kubernetes",
+        "-n",
+        "default",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ])?;
+    let api: SocketAddrV4 = format!("{api_ip}:443").parse()?;
+    let nowhere: SocketAddrV4 = "127.0.0.1:1".parse()?;
+    let pods = |selector: &str| -> Result<Vec<(String, String, String)>> {
+        let out = c.kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            "default",
+            "-l",
+            selector,
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name} {.metadata.uid} {.spec.nodeName}{\"\\n\"}{end}",
+        ])?;
+        Ok(out
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split_whitespace().map(str::to_string);
+                Some((f.next()?, f.next()?, f.next()?))
+            })
+            .collect())
+    };
+    let controllers = pods("app.kubernetes.io/component=controller")?;
+    ensure!(!controllers.is_empty(), "no controller pod");
+    let pod_dir_id = |node: &str, uid: &str| -> Result<u64> {
+        use std::os::unix::fs::MetadataExt as _;
+        let ctr = container_cgroup(c, node, uid)?;
+        Ok(std::fs::metadata(ctr.parent().context("a pod directory")?)?.ino())
+    };
+    for (pod, uid, node) in &controllers {
+        // The agent's view: this controller's pod and the agent's own, by cgroup id.
+        let agent = pods(AGENT_SELECTOR)?
+            .into_iter()
+            .find(|(_, _, n)| n == node)
+            .with_context(|| format!("no agent on {node}"))?;
+        let want = [pod_dir_id(node, uid)?, pod_dir_id(node, &agent.1)?];
+        c.wait_for(
+            &format!("{node}'s agent exempts {pod} and itself"),
+            Duration::from_secs(30),
+            || {
+                let ids = exempt_ids(c, node)?;
+                Ok(want.iter().all(|w| ids.contains(w)))
+            },
+        )?;
+
+        let probe = format!("probe-{node}");
+        if pods(&format!("run={probe}"))?.is_empty() {
+            run_on_node(c, &probe, node, "sleep 600")?;
+        }
+        let probe_uid = c
+            .wait_pods_ready("default", &format!("run={probe}"), 1, WAIT)
+            .and_then(|_| pods(&format!("run={probe}")))?
+            .first()
+            .map(|p| p.1.clone())
+            .context("the probe pod")?;
+        let plain = container_cgroup(c, node, &probe_uid)?;
+        let controller = container_cgroup(c, node, uid)?;
+        let netns = c.with_node(node, |n| n.netns().name().to_string())?;
+        let curl = |cgroup: &Path| -> Result<Option<i32>> {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", &netns])
+                .args(["curl", "-sk", "-m", "3", "-o", "/dev/null"])
+                .arg(format!("https://{api}/version"));
+            Ok(beamlit_testbed::run_in(Some(cgroup), cmd)?.status.code())
+        };
+        let services = node_map(c, node, "services")?;
+        // The agent removes entries nobody asked for at its next sync (at most 10 s): both
+        // dials must happen while the entry is there, or the round is tried again.
+        let mut rounds = 0;
+        let (refused, reached) = loop {
+            rounds += 1;
+            beamlit_testbed::write_service_entry(&services, api, nowhere, 10_000, 65_535)?;
+            let refused = curl(&plain)?;
+            let reached = curl(&controller)?;
+            if beamlit_testbed::has_service_entry(&services, api)? || rounds == 5 {
+                break (refused, reached);
+            }
+        };
+        ensure!(
+            refused == Some(7),
+            "a plain pod's process on {node} dialling {api} with the hand-written entry should be \
+             redirected to {nowhere} and refused (curl exit 7), got {refused:?}"
+        );
+        ensure!(
+            reached == Some(0),
+            "the controller {pod}'s container on {node} dialling {api} with the hand-written \
+             entry should reach the API server (exempt), got curl exit {reached:?}"
+        );
+        c.wait_for(
+            &format!("{node}'s agent removes the hand-written entry"),
+            Duration::from_secs(30),
+            || Ok(!beamlit_testbed::has_service_entry(&services, api)?),
+        )?;
+        println!(
+            "{node}: with a hand-written entry for {api}, a plain pod is redirected (refused), the \
+             controller {pod} is not (exempt cgroup), {rounds} round(s)"
+        );
+    }
+    for (_, _, node) in &controllers {
+        let _ = c.kubectl(&[
+            "delete",
+            "pod",
+            &format!("probe-{node}"),
+            "-n",
+            "default",
+            "--wait=false",
+        ]);
+    }
     Ok(())
 }
 
@@ -754,6 +959,10 @@ fn the_seed_readme_on_real_nodes_from_helm_install_to_uninstall() {
     step(
         "programs on the pods cgroup, pins in the node's bpffs",
         check_attachment(c),
+    );
+    step(
+        "the controllers' connections are never redirected, whatever a map says",
+        controllers_never_redirected(c),
     );
 
     let model = model_node(c).or_panic();

@@ -12,6 +12,7 @@
 pub mod ack;
 pub mod api_client;
 pub mod desired;
+pub mod exempt;
 pub mod uninstall;
 
 use std::{
@@ -23,7 +24,10 @@ use std::{
 
 use beamlit_api::{ModelDeployment, NamespacedSecretKeyRef, endpoints::SERVICE_NAME_LABEL};
 use futures::StreamExt as _;
-use k8s_openapi::api::{core::v1::Secret as KubeSecret, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Pod, Secret as KubeSecret},
+    discovery::v1::EndpointSlice,
+};
 use kube::{
     Api, Client,
     runtime::{
@@ -62,6 +66,13 @@ pub struct ClusterConfig {
     /// The agents' DaemonSet in `namespace`: its deletion (uninstall) makes a stopping agent
     /// remove what it attached and pinned ([`uninstall`]).
     pub daemonset: Option<String>,
+    /// Label selector of the pods in `namespace` (the controller's) whose connections are never
+    /// redirected, on this node ([`exempt`]).
+    pub exempt_pods: Option<String>,
+    /// This agent's own pod, never redirected either.
+    pub own_pod: Option<exempt::ExemptPod>,
+    /// The cgroup the programs are attached to (where pod cgroups are looked for).
+    pub pods_cgroup: PathBuf,
 }
 
 /// What `inspect` reads: why each service address is redirected as it is.
@@ -72,6 +83,9 @@ pub struct NodeState {
     pub services: Vec<Origin>,
     /// ModelDeployments not applied on this node, and why.
     pub problems: Vec<String>,
+    /// Pods never redirected (their cgroups are in `exempt_cgroups`), as `name (cgroup id)`.
+    #[serde(default)]
+    pub exempt_pods: Vec<String>,
 }
 
 pub const STATE_FILE: &str = "services.json";
@@ -228,12 +242,16 @@ pub struct Cluster {
     unready_at: HashMap<(String, String), Instant>,
     /// The earliest end of a hold, when the maps must be recomputed.
     hold_ends: Option<Instant>,
+    exemptions: exempt::Exemptions,
 }
 
 impl Cluster {
     pub fn new(config: ClusterConfig, client: Client, applier: Applier) -> Self {
         let lease = ack::LeaseWriter::new(client.clone(), &config.namespace, &config.node_name);
+        let exemptions =
+            exempt::Exemptions::new(config.pods_cgroup.clone(), config.own_pod.clone());
         Self {
+            exemptions,
             config,
             client,
             applier,
@@ -282,7 +300,10 @@ impl Cluster {
         let changed = Arc::new(tokio::sync::Notify::new());
         let (models, models_writer) = reflector::store::<ModelDeployment>();
         let (slices, slices_writer) = reflector::store::<EndpointSlice>();
-        let watches = [
+        let (exempt_pods, exempt_writer) = reflector::store::<Pod>();
+        // The agent's own pod first, before anything can be redirected.
+        self.exemptions.update(&mut dataplane.maps, &[]);
+        let mut watches = vec![
             tokio::spawn(watch(
                 match self.config.model_namespaces.as_slice() {
                     [one] => Api::<ModelDeployment>::namespaced(self.client.clone(), one),
@@ -301,6 +322,17 @@ impl Cluster {
                 "EndpointSlices",
             )),
         ];
+        if let Some(selector) = &self.config.exempt_pods {
+            watches.push(tokio::spawn(watch(
+                Api::<Pod>::namespaced(self.client.clone(), &self.config.namespace),
+                watcher::Config::default()
+                    .labels(selector)
+                    .fields(&format!("spec.nodeName={}", self.config.node_name)),
+                exempt_writer,
+                changed.clone(),
+                "exempt pods",
+            )));
+        }
         info!(node = %self.config.node_name, "cluster mode: waiting for the first list of ModelDeployments and EndpointSlices");
         let listed = async {
             let _ = models.wait_until_ready().await;
@@ -312,7 +344,9 @@ impl Cluster {
             _ = sigterm.recv() => return self.stop(dataplane, &watches).await,
         }
         info!("listed; applying");
-        let services = self.sync(dataplane, &models, &slices, true).await;
+        let services = self
+            .sync(dataplane, &models, &slices, &exempt_pods, true)
+            .await;
         info!(
             services,
             elapsed_ms = started.elapsed().as_millis() as u64,
@@ -330,7 +364,8 @@ impl Cluster {
                 _ = sigterm.recv() => break,
             };
             dataplane.flush_logs();
-            self.sync(dataplane, &models, &slices, renew).await;
+            self.sync(dataplane, &models, &slices, &exempt_pods, renew)
+                .await;
         }
         self.stop(dataplane, &watches).await
     }
@@ -354,8 +389,11 @@ impl Cluster {
         dataplane: &mut Dataplane,
         models: &Store<ModelDeployment>,
         slices: &Store<EndpointSlice>,
+        exempt_pods: &Store<Pod>,
         periodic: bool,
     ) -> usize {
+        self.exemptions
+            .update(&mut dataplane.maps, &exempt_pods.state());
         let scope = &self.config.model_namespaces;
         let models: Vec<Arc<ModelDeployment>> = models
             .state()
@@ -418,6 +456,7 @@ impl Cluster {
             node: self.config.node_name.clone(),
             services,
             problems,
+            exempt_pods: self.exemptions.describe(),
         };
         let dir = &self.config.state_dir;
         let result = std::fs::create_dir_all(dir).and_then(|()| {

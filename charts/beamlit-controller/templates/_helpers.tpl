@@ -212,6 +212,8 @@ by the kubelet from the environment below.
 - --tunnel-ipv4=$(HOST_IP):{{ $a.tunnelPort }}
 - --metrics-addr=0.0.0.0:{{ $a.metricsPort }}
 - --bypass-mark={{ $a.bypassMark }}
+# The controller's pods on this node are never redirected (nor this agent's own pod).
+- --exempt-pods=app.kubernetes.io/name={{ include "beamlit.name" . }},app.kubernetes.io/instance={{ .Release.Name }},app.kubernetes.io/component=controller
 - --ebpf-log-level={{ $a.ebpfLogLevel }}
 - --tunnel-header-timeout-ms={{ int $a.tunnelLimits.headerTimeoutMs }}
 - --tunnel-idle-timeout-ms={{ int $a.tunnelLimits.idleTimeoutMs }}
