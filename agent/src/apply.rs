@@ -17,7 +17,10 @@ use crate::{
     dataplane::Dataplane,
     plan,
     routes::RouteSet,
-    tunnel::{Tunnel, TunnelConfig, backend::RemoteBackend, limits::Limits, metrics::Metrics},
+    tunnel::{
+        Tunnel, TunnelConfig, backend::RemoteBackend, control::TunnelProcess, limits::Limits,
+        metrics::Metrics,
+    },
 };
 
 /// Service → (tunnel address, remote backend): what the agent's tunnel serves.
@@ -30,9 +33,18 @@ pub struct Applier {
     pub metrics: Arc<Metrics>,
     pub tunnel_workers: usize,
     pub tunnel_limits: Limits,
-    tunnel: Option<Tunnel>,
+    /// The tunnel runs in a process of its own (`beamlit-agent tunnel`), reached on this unix
+    /// socket; `None`: in this process.
+    pub tunnel_socket: Option<PathBuf>,
+    tunnel: Option<TunnelHandle>,
     /// The routes last applied to the maps.
     applied: Option<RouteSet>,
+}
+
+/// The tunnel in this process, or a tunnel process driven over its control socket.
+enum TunnelHandle {
+    Local(Tunnel),
+    Process(TunnelProcess),
 }
 
 /// What one apply changed.
@@ -57,9 +69,16 @@ impl Applier {
             metrics,
             tunnel_workers,
             tunnel_limits,
+            tunnel_socket: None,
             tunnel: None,
             applied: None,
         }
+    }
+
+    /// Drives a tunnel process listening on `socket` instead of running the tunnel here.
+    pub fn with_tunnel_socket(mut self, socket: Option<PathBuf>) -> Self {
+        self.tunnel_socket = socket;
+        self
     }
 
     /// Makes the maps (and the tunnel) hold exactly `set`; on error the maps keep what they had.
@@ -117,20 +136,36 @@ impl Applier {
             return Ok(BTreeSet::new());
         }
         if self.tunnel.is_none() {
-            let config = TunnelConfig {
-                netns: self.tunnel_netns.clone(),
-                bpffs_dir: self.bpffs_dir.clone(),
-                extra_ca_file: set.extra_ca_file.clone(),
-                workers: self.tunnel_workers,
-                limits: self.tunnel_limits,
-            };
-            self.tunnel = Some(Tunnel::start(&config, self.metrics.clone())?);
-            info!("egress tunnel started");
+            self.tunnel = Some(match &self.tunnel_socket {
+                Some(socket) => TunnelHandle::Process(TunnelProcess::new(
+                    socket.clone(),
+                    self.bpffs_dir.clone(),
+                )),
+                None => {
+                    let config = TunnelConfig {
+                        netns: self.tunnel_netns.clone(),
+                        bpffs_dir: self.bpffs_dir.clone(),
+                        extra_ca_file: set.extra_ca_file.clone(),
+                        workers: self.tunnel_workers,
+                        limits: self.tunnel_limits,
+                    };
+                    let tunnel = Tunnel::start(&config, self.metrics.clone())?;
+                    info!("egress tunnel started");
+                    TunnelHandle::Local(tunnel)
+                }
+            });
         }
-        match &self.tunnel {
-            Some(tunnel) => Ok(tunnel.update(backends, also_listen).await),
+        match &mut self.tunnel {
+            Some(TunnelHandle::Local(tunnel)) => Ok(tunnel.update(backends, also_listen).await),
+            Some(TunnelHandle::Process(process)) => Ok(process.update(backends, also_listen).await),
             None => Ok(BTreeSet::new()),
         }
+    }
+
+    /// Whether the last apply could not reach the tunnel process (its services fail open):
+    /// the caller should apply again soon, not only at the next change.
+    pub fn tunnel_unreachable(&self) -> bool {
+        matches!(&self.tunnel, Some(TunnelHandle::Process(p)) if !p.connected())
     }
 
     /// Before the tunnel goes away, its services stop being redirected (fail open to the local

@@ -49,12 +49,13 @@ pub const PROGRAMS: [&str; 6] = [
     "connect4",
     "connect6",
 ];
-const MAPS: [&str; 5] = [
+const MAPS: [&str; 6] = [
     map_names::SERVICES,
     map_names::SERVICE_COUNTERS,
     map_names::SOCKETS,
     map_names::FLOWS,
     map_names::CONFIG,
+    map_names::EXEMPT_CGROUPS,
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]

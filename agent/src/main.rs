@@ -61,6 +61,45 @@ enum Command {
     },
     /// Detach the programs and remove every map and link the agent pinned.
     Cleanup,
+    /// Run the egress tunnel alone, driven by `beamlit-agent run --tunnel-socket` over a unix
+    /// socket: the agent pod's unprivileged container (non-root, no capabilities). It needs no
+    /// bpffs and no privilege: it asks the agent which Service each accepted connection was
+    /// redirected from (the flows map), so it still serves only redirected connections.
+    Tunnel(TunnelArgs),
+    /// Exit 0 if GET http://ADDR/healthz answers 200 within 2 s (an exec probe for a container
+    /// whose /metrics listens on localhost only).
+    Healthz {
+        /// The agent's or tunnel's --metrics-addr.
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+    },
+}
+
+#[derive(clap::Args)]
+struct TunnelArgs {
+    /// Unix socket to listen on for the agent (in a volume the agent's container shares).
+    #[arg(long)]
+    control_socket: PathBuf,
+    /// CA bundle (PEM) trusted besides the system roots, for private remote backends.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Worker threads (default: the CPUs available, at most 4).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Per-client limit: time from accepting a connection (or finishing a response on it) to a
+    /// complete request head; also closes idle keep-alive connections.
+    #[arg(long, default_value_t = 10_000)]
+    header_timeout_ms: u64,
+    /// Per-client limit: a raw TCP or upgraded (WebSocket) connection with no byte either way
+    /// for this long is closed.
+    #[arg(long, default_value_t = 600_000)]
+    idle_timeout_ms: u64,
+    /// Per-client limit: connections open at once from one client address; more are reset.
+    #[arg(long, default_value_t = 1024)]
+    max_connections_per_client: usize,
+    /// Serve the tunnel's Prometheus /metrics (and /healthz) on this address.
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(clap::Args)]
@@ -139,6 +178,11 @@ struct RunArgs {
     /// its sockets. Default: the agent's own (hostNetwork in Kubernetes).
     #[arg(long)]
     tunnel_netns: Option<PathBuf>,
+    /// The egress tunnel runs in a process of its own (`beamlit-agent tunnel`, the agent pod's
+    /// unprivileged container), driven over this unix socket; the --tunnel-* limits and
+    /// workers are then that process's flags. Default: the tunnel runs in this process.
+    #[arg(long)]
+    tunnel_socket: Option<PathBuf>,
     /// Worker threads of the egress tunnel (default: the CPUs available, at most 4).
     #[arg(long)]
     tunnel_workers: Option<usize>,
@@ -157,6 +201,63 @@ struct RunArgs {
     /// Serve Prometheus /metrics (and /healthz) on this address, e.g. 0.0.0.0:9464.
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
+}
+
+fn tunnel(args: TunnelArgs) -> anyhow::Result<()> {
+    let metrics = std::sync::Arc::new(Metrics::new());
+    if let Some(addr) = args.metrics_addr {
+        let metrics = metrics.clone();
+        std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                match runtime {
+                    Ok(rt) => {
+                        if let Err(e) = rt.block_on(standalone::serve_metrics(addr, metrics)) {
+                            tracing::error!("{e:#}");
+                        }
+                    }
+                    Err(e) => tracing::error!("metrics runtime: {e}"),
+                }
+            })?;
+    }
+    let config = beamlit_agent::tunnel::TunnelConfig {
+        netns: None,
+        bpffs_dir: PathBuf::new(),
+        extra_ca_file: args.ca_file,
+        workers: args
+            .workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get().min(4))),
+        limits: Limits {
+            header_timeout: Duration::from_millis(args.header_timeout_ms.max(1)),
+            idle_timeout: Duration::from_millis(args.idle_timeout_ms.max(1)),
+            max_connections_per_client: args.max_connections_per_client.max(1),
+        },
+    };
+    beamlit_agent::tunnel::control::serve(&args.control_socket, config, metrics)
+}
+
+fn healthz(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    use std::io::{Read as _, Write as _};
+    let timeout = Duration::from_secs(2);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("connecting to {addr}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(
+        format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )?;
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    if answer.starts_with("HTTP/1.1 200") {
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "{addr}/healthz answered {:?}",
+            answer.lines().next().unwrap_or("nothing")
+        )
+    }
 }
 
 fn parse_mark(s: &str) -> Result<u32, String> {
@@ -244,6 +345,8 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Tunnel(args) => tunnel(args),
+        Command::Healthz { addr } => healthz(addr),
     }
 }
 
@@ -354,7 +457,8 @@ fn run(bpffs: &std::path::Path, state_dir: &std::path::Path, args: RunArgs) -> a
             idle_timeout: Duration::from_millis(args.tunnel_idle_timeout_ms.max(1)),
             max_connections_per_client: args.tunnel_max_connections_per_client.max(1),
         },
-    );
+    )
+    .with_tunnel_socket(args.tunnel_socket.clone());
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?

@@ -54,11 +54,24 @@ impl Standalone {
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut tick = tokio::time::interval(self.reload_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut retry_at: Option<std::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = tick.tick() => {
                     dataplane.flush_logs();
                     match std::fs::read_to_string(&self.routes_path) {
+                        // An unreachable tunnel process is tried again with the same routes,
+                        // at most once a second.
+                        Ok(text)
+                            if text == last_text
+                                && self.applier.tunnel_unreachable()
+                                && retry_at.is_none_or(|at| std::time::Instant::now() >= at) =>
+                        {
+                            retry_at = Some(std::time::Instant::now() + Duration::from_secs(1));
+                            if let Err(e) = self.apply_text(dataplane, &text).await {
+                                error!("{e:#}; keeping the last good routes");
+                            }
+                        }
                         Ok(text) if text != last_text => {
                             if let Err(e) = self.apply_text(dataplane, &text).await {
                                 error!("{e:#}; keeping the last good routes");

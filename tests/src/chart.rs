@@ -206,6 +206,12 @@ impl Rendered {
         Workload::new(&daemonset["spec"]["template"]["spec"], "agent")
     }
 
+    /// The agent pod's `tunnel` container (`beamlit-agent tunnel`).
+    pub fn agent_tunnel(&self) -> Result<Workload> {
+        let daemonset = self.component("DaemonSet", "agent")?;
+        Workload::new(&daemonset["spec"]["template"]["spec"], "tunnel")
+    }
+
     /// A container of the `helm test` pod (`controller` or `agent`).
     pub fn helm_test(&self, container: &str) -> Result<Workload> {
         let pod = self
@@ -271,6 +277,8 @@ pub enum Volume {
         optional: bool,
     },
     EmptyDir,
+    /// A projected volume (the agent's API token).
+    Projected,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -485,6 +493,8 @@ impl Workload {
             })
         } else if v.get("emptyDir").is_some() {
             Ok(Volume::EmptyDir)
+        } else if v.get("projected").is_some() {
+            Ok(Volume::Projected)
         } else {
             bail!("volume {name}: unknown source {v}")
         }
@@ -528,7 +538,9 @@ impl Workload {
                         ),
                     }
                 }
-                (None, Volume::EmptyDir) => {
+                // A projected volume (the agent's API token) is empty here: tests give the
+                // agent a KUBECONFIG.
+                (None, Volume::EmptyDir | Volume::Projected) => {
                     let dir = host.dir.join(&mount.volume);
                     std::fs::create_dir_all(&dir)
                         .with_context(|| format!("creating {}", dir.display()))?;

@@ -340,11 +340,45 @@ fn the_agent_daemonset_is_shaped_for_every_node() -> Result<()> {
         .find(|m| m.volume == "cgroup2")
         .context("cgroup")?;
     assert!(cgroup.read_only);
-    // Probes on the agent's /healthz; the controller's on /healthz and /readyz.
+    // Probes on the agent's /healthz, on the node's loopback (exec), the tunnel's over HTTP;
+    // the controller's on /healthz and /readyz.
+    let probe = agent.container["livenessProbe"]["exec"]["command"].clone();
+    assert_eq!(probe[0], "beamlit-agent", "{probe}");
+    assert_eq!(probe[1], "healthz", "{probe}");
+    assert!(
+        agent
+            .args()
+            .iter()
+            .any(|a| a.starts_with("--metrics-addr=127.0.0.1:")),
+        "the privileged container listens beyond the loopback: {:?}",
+        agent.args()
+    );
+    // What parses pods' bytes: its own container, non-root, no capability, no API token.
+    let tunnel = r.agent_tunnel()?;
+    assert_eq!(tunnel.args()[0], "tunnel");
+    let security = &tunnel.container["securityContext"];
+    assert_eq!(security["runAsNonRoot"], true);
+    assert_eq!(security["runAsUser"], 65532);
+    assert_eq!(security["allowPrivilegeEscalation"], false);
+    assert_eq!(security["readOnlyRootFilesystem"], true);
+    assert_eq!(security["capabilities"]["drop"][0], "ALL");
+    assert!(security["capabilities"].get("add").is_none(), "{security}");
+    assert_eq!(security["seccompProfile"]["type"], "RuntimeDefault");
     assert_eq!(
-        agent.container["livenessProbe"]["httpGet"]["path"],
+        tunnel.container["livenessProbe"]["httpGet"]["path"],
         "/healthz"
     );
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    let token_in = |w: &chart::Workload| w.mounts().iter().any(|m| m.volume == "api-token");
+    assert!(token_in(&agent) && !token_in(&tunnel));
+    let control = |w: &chart::Workload| {
+        w.mounts()
+            .into_iter()
+            .find(|m| m.volume == "tunnel-control")
+            .map(|m| m.container_path)
+    };
+    assert_eq!(control(&agent), control(&tunnel));
+    assert!(control(&agent).is_some());
     let controller = r.controller()?;
     assert_eq!(
         controller.container["livenessProbe"]["httpGet"]["path"],
@@ -528,6 +562,33 @@ fn the_binaries_accept_the_rendered_configuration() -> Result<()> {
         );
         let out = agent.command(&agent_bin()).arg("--check-config").output()?;
         assert!(out.status.success(), "{name}: agent: {out:?}");
+        // The tunnel container's command line starts and listens where the agent's points.
+        let mut tunnel = r.agent_tunnel()?.command_line(&r, &host)?;
+        tunnel.replace_flag("--metrics-addr", "127.0.0.1:0")?;
+        let socket = tunnel
+            .flag("--control-socket")
+            .map(std::path::PathBuf::from)
+            .context("--control-socket")?;
+        assert_eq!(
+            agent.flag("--tunnel-socket").map(std::path::PathBuf::from),
+            Some(socket.clone()),
+            "{name}"
+        );
+        let _ = std::fs::remove_file(&socket);
+        let mut cmd = tunnel.command(&agent_bin());
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let mut child = beamlit_testbed::spawn(cmd, None)?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(
+                std::time::Instant::now() < deadline && child.try_wait()?.is_none(),
+                "{name}: the tunnel container's command did not listen on {}",
+                socket.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        child.kill()?;
         let test = r.helm_test("agent")?.command_line(&r, &host)?;
         assert!(test.args.contains(&"--check-config".to_string()));
         let out = test.command(&agent_bin()).output()?;

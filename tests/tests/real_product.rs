@@ -591,6 +591,19 @@ fn pod_processes(kubepods: &Path, comm: &str) -> Vec<u32> {
         .collect()
 }
 
+/// Whether the process's root mount is read-only.
+fn root_read_only(pid: u32) -> Result<bool> {
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))?;
+    let root = mountinfo
+        .lines()
+        .find(|l| l.split_whitespace().nth(4) == Some("/"))
+        .context("the root mount")?;
+    Ok(root
+        .split_whitespace()
+        .nth(5)
+        .is_some_and(|o| o.split(',').any(|x| x == "ro")))
+}
+
 fn status_field(pid: u32, field: &str) -> Result<String> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
@@ -600,17 +613,87 @@ fn status_field(pid: u32, field: &str) -> Result<String> {
         .with_context(|| format!("no {field} in /proc/{pid}/status"))
 }
 
+/// argv[1] of a process (`run` for the agent, `tunnel` for the tunnel container).
+fn subcommand(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| {
+            c.split(|b| *b == 0)
+                .nth(1)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .unwrap_or_default()
+        })
+        .unwrap_or_default()
+}
+
 /// The agent runs as the chart says: root, exactly BPF, NET_ADMIN and PERFMON, no new
-/// privileges, under the runtime's default seccomp profile; the controller as non-root on a
-/// read-only root filesystem.
+/// privileges, under the runtime's default seccomp profile, listening on nothing but the
+/// node's loopback; the tunnel beside it (what parses pods' bytes) as a non-root user with no
+/// capability at all, read-only root, seccomp; the controller as non-root on a read-only root
+/// filesystem.
 fn check_security_context(c: &RealCluster) -> Result<()> {
     let expected = (1u64 << CAP_BPF) | (1u64 << CAP_NET_ADMIN) | (1u64 << CAP_PERFMON);
     let mut controllers = 0;
     for node in c.node_names() {
         let pods = kubepods(c, node)?;
-        let agents = pod_processes(&pods, "beamlit-agent");
-        ensure!(agents.len() == 1, "agent processes on {node}: {agents:?}");
+        let processes = pod_processes(&pods, "beamlit-agent");
+        let of = |sub: &str| -> Vec<u32> {
+            processes
+                .iter()
+                .copied()
+                .filter(|p| subcommand(*p) == sub)
+                .collect()
+        };
+        let (agents, tunnels) = (of("run"), of("tunnel"));
+        ensure!(
+            agents.len() == 1 && tunnels.len() == 1,
+            "on {node}: agent processes {agents:?}, tunnel processes {tunnels:?}"
+        );
+        let tunnel = tunnels[0];
+        let uid = status_field(tunnel, "Uid:")?;
+        ensure!(
+            uid.split_whitespace().all(|u| u == "65532"),
+            "tunnel uid {uid}"
+        );
+        for field in ["CapEff:", "CapPrm:", "CapBnd:", "CapAmb:"] {
+            let caps = status_field(tunnel, field)?;
+            ensure!(
+                u64::from_str_radix(&caps, 16)? == 0,
+                "the tunnel on {node} holds capabilities: {field} {caps}"
+            );
+        }
+        ensure!(status_field(tunnel, "Seccomp:")? == "2", "tunnel seccomp");
+        ensure!(
+            status_field(tunnel, "NoNewPrivs:")? == "1",
+            "tunnel no_new_privs"
+        );
+        ensure!(
+            root_read_only(tunnel)?,
+            "the tunnel's root filesystem is writable"
+        );
         let pid = agents[0];
+        // What the agent listens on (the node's network namespace is the pod's: hostNetwork).
+        let netns = c.with_node(node, |n| n.netns().name().to_string())?;
+        let ss = check_output(
+            "ss",
+            &Command::new("ip")
+                .args(["netns", "exec", &netns, "ss", "-Hltnp"])
+                .output()?,
+        )?;
+        let listening: Vec<&str> = ss
+            .lines()
+            .filter(|l| l.contains(&format!("pid={pid},")))
+            .collect();
+        ensure!(
+            !listening.is_empty(),
+            "the agent on {node} serves no /healthz:\n{ss}"
+        );
+        ensure!(
+            listening.iter().all(|l| l
+                .split_whitespace()
+                .nth(3)
+                .is_some_and(|a| a.starts_with("127.0.0.1:"))),
+            "the agent on {node} listens beyond the node's loopback: {listening:?}"
+        );
         let eff = u64::from_str_radix(&status_field(pid, "CapEff:")?, 16)?;
         ensure!(
             eff == expected,
@@ -626,16 +709,9 @@ fn check_security_context(c: &RealCluster) -> Result<()> {
             controllers += 1;
             let uid = status_field(pid, "Uid:")?;
             ensure!(uid.starts_with("65532\t"), "controller uid {uid}");
-            let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))?;
-            let root = mountinfo
-                .lines()
-                .find(|l| l.split_whitespace().nth(4) == Some("/"))
-                .context("the controller's root mount")?;
             ensure!(
-                root.split_whitespace()
-                    .nth(5)
-                    .is_some_and(|o| o.split(',').any(|x| x == "ro")),
-                "the controller's root filesystem is writable: {root}"
+                root_read_only(pid)?,
+                "the controller's root filesystem is writable"
             );
             ensure!(status_field(pid, "Seccomp:")? == "2");
         }
@@ -1044,6 +1120,16 @@ fn the_seed_readme_on_real_nodes_from_helm_install_to_uninstall() {
                 ensure!(
                     pins.is_empty(),
                     "still pinned on {node}: {pins:?}\n{}",
+                    logs()
+                );
+                // Maps too: the agent's bpffs directory is gone.
+                let dir = node_map(c, node, "")?;
+                ensure!(
+                    !dir.exists(),
+                    "{} still exists on {node}: {:?}\n{}",
+                    dir.display(),
+                    std::fs::read_dir(&dir)
+                        .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>()),
                     logs()
                 );
             }

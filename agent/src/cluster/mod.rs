@@ -229,6 +229,9 @@ where
     }
 }
 
+/// How soon an unreachable tunnel process is tried again.
+const TUNNEL_RETRY: Duration = Duration::from_secs(1);
+
 pub struct Cluster {
     config: ClusterConfig,
     client: Client,
@@ -356,9 +359,15 @@ impl Cluster {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let hold_ends = self.hold_ends;
+            // A tunnel process that did not answer (restarting, say) is tried again each second.
+            let retry = self
+                .applier
+                .tunnel_unreachable()
+                .then(|| Instant::now() + TUNNEL_RETRY);
             let renew = tokio::select! {
                 () = changed.notified() => false,
                 () = sleep_until(hold_ends) => false,
+                () = sleep_until(retry) => false,
                 _ = tick.tick() => true,
                 _ = tokio::signal::ctrl_c() => break,
                 _ = sigterm.recv() => break,

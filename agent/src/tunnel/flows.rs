@@ -23,6 +23,10 @@ impl FlowTable {
         let path = bpffs_dir.join(map_names::FLOWS);
         let data = MapData::from_pin(&path)
             .map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
+        Self::from_data(data)
+    }
+
+    fn from_data(data: MapData) -> anyhow::Result<Self> {
         let map = HashMap::try_from(Map::from_map_data(data)?)?;
         Ok(Self {
             map: Mutex::new(map),

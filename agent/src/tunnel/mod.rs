@@ -12,6 +12,7 @@
 pub mod auth;
 pub mod backend;
 pub mod client;
+pub mod control;
 pub mod dial;
 pub mod flows;
 pub mod h1;
@@ -92,7 +93,7 @@ struct Shared {
     /// Routes removed less than [`RETIRED_ROUTE_GRACE`] ago, with when.
     retired: Mutex<HashMap<SocketAddr, (Arc<Route>, std::time::Instant)>>,
     listeners: Mutex<BTreeMap<SocketAddr, tokio::task::AbortHandle>>,
-    flows: FlowTable,
+    flows: Flows,
     tls: rustls::ClientConfig,
     bypass_mark: u32,
     /// hyper's pooled clients, one per connect timeout in use (the timeout is the dialer's).
@@ -105,12 +106,54 @@ struct Shared {
     slots: Arc<ClientSlots>,
 }
 
+/// Where the tunnel learns which Service an accepted connection was redirected from.
+pub enum Flows {
+    /// The pinned `flows` map, read here (the tunnel in the agent's process).
+    Map(FlowTable),
+    /// Asked of the agent over the control socket (a tunnel process of its own, which has no
+    /// bpf() under the runtime's default seccomp profile).
+    Agent(Arc<control::AgentLink>),
+}
+
+impl Flows {
+    async fn take(&self, client: SocketAddr, tunnel: SocketAddr) -> Option<SocketAddr> {
+        match self {
+            Flows::Map(table) => table.take(client, tunnel),
+            Flows::Agent(link) => link.flow(client, tunnel).await,
+        }
+    }
+}
+
+/// Called on the tunnel's runtime every [`HEARTBEAT_INTERVAL`]: writes the data plane's
+/// heartbeat (in the agent), or tells the agent (in a tunnel process of its own).
+pub type Heartbeat = Box<dyn FnMut() -> Result<(), String> + Send>;
+
 impl Tunnel {
+    /// The tunnel in the agent's process: the flows and the heartbeat from the pinned maps.
     pub fn start(config: &TunnelConfig, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
         let flows = FlowTable::open(&config.bpffs_dir)?;
-        let mut heartbeat = crate::maps::PinnedMaps::open(&config.bpffs_dir)?;
+        let mut maps = crate::maps::PinnedMaps::open(&config.bpffs_dir)?;
         // The data plane's own setting: the mark its programs let through.
-        let bypass_mark = heartbeat.config()?.bypass_mark;
+        let bypass_mark = maps.config()?.bypass_mark;
+        Self::start_with(
+            config,
+            metrics,
+            Flows::Map(flows),
+            bypass_mark,
+            Box::new(move || maps.beat().map_err(|e| e.to_string())),
+        )
+    }
+
+    /// The tunnel with its flows and heartbeat given: what a tunnel process of its own
+    /// (`beamlit-agent tunnel`) gets from the agent. `bypass_mark` 0 sets no mark (no
+    /// CAP_NET_ADMIN there; the agent's pod cgroup is exempt instead).
+    pub fn start_with(
+        config: &TunnelConfig,
+        metrics: Arc<Metrics>,
+        flows: Flows,
+        bypass_mark: u32,
+        mut beat: Heartbeat,
+    ) -> anyhow::Result<Self> {
         let tls = client::tls_config(config.extra_ca_file.as_deref())?;
         let (handle, stop) = runtime_in_netns(config.netns.as_deref(), config.workers.max(1))?;
         // The heartbeat runs on the tunnel's own runtime: it proves that runtime is alive, not
@@ -119,7 +162,7 @@ impl Tunnel {
             let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
             loop {
                 tick.tick().await;
-                if let Err(e) = heartbeat.beat() {
+                if let Err(e) = beat() {
                     warn!("tunnel heartbeat: {e}");
                 }
             }
@@ -326,7 +369,7 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared)
     let Ok(local) = stream.local_addr() else {
         return;
     };
-    let Some(service) = shared.flows.take(peer, local) else {
+    let Some(service) = shared.flows.take(peer, local).await else {
         // Not redirected by this node's eBPF: refuse with a reset, so the client sees it at once.
         shared.metrics.refused();
         warn!(client = %peer, tunnel = %local, "refused a connection this node did not redirect");

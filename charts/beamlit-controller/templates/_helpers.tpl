@@ -210,14 +210,13 @@ by the kubelet from the environment below.
 - --cgroup-root=/run/beamlit/cgroup2
 - --attach-to={{ $a.attachTo }}
 - --tunnel-ipv4=$(HOST_IP):{{ $a.tunnelPort }}
-- --metrics-addr=0.0.0.0:{{ $a.metricsPort }}
+# The tunnel runs in the pod's `tunnel` container (beamlit.agent.tunnelArgs), driven here.
+- --tunnel-socket=/run/beamlit-tunnel/control.sock
+- --metrics-addr=127.0.0.1:{{ $a.metricsPort }}
 - --bypass-mark={{ $a.bypassMark }}
 # The controller's pods on this node are never redirected (nor this agent's own pod).
 - --exempt-pods=app.kubernetes.io/name={{ include "beamlit.name" . }},app.kubernetes.io/instance={{ .Release.Name }},app.kubernetes.io/component=controller
 - --ebpf-log-level={{ $a.ebpfLogLevel }}
-- --tunnel-header-timeout-ms={{ int $a.tunnelLimits.headerTimeoutMs }}
-- --tunnel-idle-timeout-ms={{ int $a.tunnelLimits.idleTimeoutMs }}
-- --tunnel-max-connections-per-client={{ int $a.tunnelLimits.maxConnectionsPerClient }}
 {{- with .Values.allowedNamespaces }}
 - --model-namespaces={{ join "," . }}
 {{- end }}
@@ -226,6 +225,20 @@ by the kubelet from the environment below.
 {{- end }}
 {{- with $a.extraArgs }}
 {{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* The tunnel container's arguments: `beamlit-agent tunnel`, listening for the agent. */}}
+{{- define "beamlit.agent.tunnelArgs" -}}
+{{- $a := .Values.agent -}}
+- tunnel
+- --control-socket=/run/beamlit-tunnel/control.sock
+- --metrics-addr=$(HOST_IP):{{ $a.tunnelMetricsPort }}
+- --header-timeout-ms={{ int $a.tunnelLimits.headerTimeoutMs }}
+- --idle-timeout-ms={{ int $a.tunnelLimits.idleTimeoutMs }}
+- --max-connections-per-client={{ int $a.tunnelLimits.maxConnectionsPerClient }}
+{{- if $a.caBundle }}
+- --ca-file=/etc/beamlit/ca/ca.pem
 {{- end }}
 {{- end -}}
 
