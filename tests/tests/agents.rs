@@ -272,8 +272,12 @@ fn an_api_server_outage_changes_nothing_and_the_agent_resyncs() -> Result<()> {
     Ok(())
 }
 
-/// A restarted agent adopts its pins and resyncs without a gap: during the restart, connections
-/// keep being answered (local while the tunnel's heartbeat is stale; the maps are not cleared).
+/// A restarted agent adopts its pins and resyncs without a gap. While no agent runs (SIGKILL:
+/// its tunnel's heartbeat goes stale), the programs stay attached and the pinned entry stays as
+/// it was: a client's connections keep being answered and keep being counted in the pinned
+/// counters. The restarted agent takes that entry over: its counters go on from where they
+/// were (a map made anew would start at zero), its generation is unchanged and nothing is
+/// rewritten once it is in sync, and it follows the next change.
 #[test]
 fn an_agent_restart_adopts_its_maps_and_resyncs() -> Result<()> {
     if !require_privileges() {
@@ -288,19 +292,84 @@ fn an_agent_restart_adopts_its_maps_and_resyncs() -> Result<()> {
     bed.wait_applied("applied on 1 of 1", |s| s["agents"]["applied"] == 1)?;
     let svc = bed.service_address()?;
     agent.wait_share(&svc, 0, WAIT)?;
-    let before = agent.service(&svc)?["generation"].clone();
+    let client = cluster.add_unmanaged_pod("client")?;
+    const FIRST: u64 = 5;
+    all_answered_by(&client, &node, &svc, FIRST, is_local)?;
+    let before = agent.service(&svc)?;
+    let local = |row: &serde_json::Value| row["local"].as_u64().unwrap_or(0);
+    assert!(
+        local(&before) >= FIRST,
+        "the connects were not counted: {before}"
+    );
+
+    // Connections every 50 ms across the kill, the time without agent and the restart.
+    let stop = bed.dir.join("stop-requests");
+    let mut loop_opts = http_probe(&svc, 0)?;
+    loop_opts.interval_ms = Some(50);
+    loop_opts.until_file = Some(stop.clone());
+    let requests = spawn_probe(&client.netns, Some(node.path()), &loop_opts)?;
+    std::thread::sleep(Duration::from_millis(500));
+    agent.kill9()?;
+    let killed = agent.service(&svc)?;
+    // Down until the tunnel's heartbeat is stale (the agent is really gone) and connections
+    // made since the kill were counted (the programs still run, on the pinned maps).
+    let down = Instant::now();
+    let while_down = loop {
+        let report = agent.inspect()?;
+        let row = agent.service(&svc)?;
+        let stale = report["tunnel_heartbeat_age_ms"]
+            .as_u64()
+            .is_some_and(|age| age >= 600);
+        if stale && local(&row) > local(&killed) {
+            break row;
+        }
+        if down.elapsed() > Duration::from_secs(10) {
+            bail!("while no agent ran: {report}\nat the kill: {killed}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        (&while_down["share_bp"], &while_down["generation"]),
+        (&before["share_bp"], &before["generation"]),
+        "the entry changed while no agent ran: {while_down}"
+    );
+
     agent.restart()?;
-    agent.wait_log("listed; applying", Duration::from_secs(20))?;
+    // "listed; applying" comes before the first sync; this line after it.
+    agent.wait_log("in sync with the cluster", Duration::from_secs(20))?;
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::write(&stop, "")?;
+    let report = finish_probe(requests, Duration::from_secs(30))?;
+    println!("across the restart: {report:?}");
+    assert_eq!(report.failed, 0, "{report:?}");
+    assert_eq!(report.count("beamlit"), 0, "{report:?}");
     let after = agent.service(&svc)?;
     assert_eq!(
-        after["generation"], before,
+        after["generation"], before["generation"],
         "an unchanged route must not be rewritten on restart: {after}"
+    );
+    // Every connect of this test, before, during and after the restart, is in the adopted
+    // counters: a map created anew by the restarted agent would hold only those since.
+    assert!(
+        local(&after) >= FIRST + report.attempts,
+        "counters lost across the restart ({FIRST} + {} connects): {after}",
+        report.attempts
     );
     assert!(
         !agent.log().contains("maps updated"),
         "a restart with nothing changed rewrote the maps:\n{}",
         agent.log()
     );
+
+    // The restarted agent follows the cluster: the next change moves the adopted entry on.
+    scale(cluster, bed.ns(), 0)?;
+    agent.wait_share(&svc, 10_000, WAIT)?;
+    let moved = agent.service(&svc)?;
+    assert!(
+        moved["generation"].as_u64() > before["generation"].as_u64(),
+        "{moved}"
+    );
+    assert!(local(&moved) >= local(&after), "{moved}");
     Ok(())
 }
 

@@ -177,6 +177,19 @@ fn input_errors_become_conditions_and_events_and_recover() -> Result<()> {
     Ok(())
 }
 
+/// Lines of the namespace's Events with this reason.
+fn events_with_reason(cluster: &TestCluster, ns: &str, reason: &str) -> Result<usize> {
+    Ok(events(cluster, ns)?
+        .lines()
+        .filter(|l| l.split_whitespace().next() == Some(reason))
+        .count())
+}
+
+/// A restarted controller continues from the decision it finds in status. The new process
+/// does reconcile the object (it reports the generation of a spec change made while no
+/// controller ran, which nothing else writes), and keeps the 100% decision as it was: the same
+/// `since` (a decision made anew would be dated now), the same `decisionGeneration` (the agents
+/// are not asked to apply it again) and no second Event for it.
 #[test]
 fn a_restarted_controller_keeps_the_decision() -> Result<()> {
     if !require_privileges() {
@@ -197,11 +210,63 @@ fn a_restarted_controller_keeps_the_decision() -> Result<()> {
         |s| s["offloadPercent"] == 100,
     )
     .with_context(|| controller.log())?;
+    // The Event follows the status write: wait for it, so the count below is not racing it.
+    let started = Instant::now();
+    while events_with_reason(cluster, ns.name(), "NoReadyEndpoints")? != 1 {
+        if started.elapsed() > Duration::from_secs(10) {
+            bail!(
+                "no single NoReadyEndpoints Event: {}",
+                events(cluster, ns.name())?
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let before = status(cluster, ns.name(), "php-apache")?;
+    controller.kill()?;
+
+    // While no controller runs, a spec change the decision does not depend on (the share of a
+    // metric-driven offload; without ready endpoints everything is offloaded anyway).
+    cluster.kubectl(&[
+        "patch",
+        "modeldeployment",
+        "php-apache",
+        "-n",
+        ns.name(),
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"offloadingConfig":{"behavior":{"percentage":40}}}}"#,
+    ])?;
+    let generation: i64 = cluster
+        .kubectl(&[
+            "get",
+            "modeldeployment",
+            "php-apache",
+            "-n",
+            ns.name(),
+            "-o",
+            "jsonpath={.metadata.generation}",
+        ])?
+        .trim()
+        .parse()
+        .context("metadata.generation")?;
+    assert!(
+        before["observedGeneration"]
+            .as_i64()
+            .is_some_and(|g| g < generation),
+        "the patch did not move the generation past {}: {generation}",
+        before["observedGeneration"]
+    );
 
     controller.restart()?;
-    // Several resyncs of the new controller.
-    std::thread::sleep(Duration::from_secs(5));
+    wait_status(
+        cluster,
+        ns.name(),
+        "php-apache",
+        Duration::from_secs(30),
+        "the new generation observed",
+        |s| s["observedGeneration"] == generation,
+    )
+    .with_context(|| controller.log())?;
     let after = status(cluster, ns.name(), "php-apache")?;
     assert_eq!(after["offloadPercent"], 100, "{after}");
     assert_eq!(after["reason"], before["reason"], "{after}");
@@ -209,9 +274,18 @@ fn a_restarted_controller_keeps_the_decision() -> Result<()> {
         after["since"], before["since"],
         "the decision was made anew: {after}"
     );
-    assert!(
-        controller.log().contains("serving /metrics"),
-        "{}",
+    assert_eq!(
+        after["decisionGeneration"], before["decisionGeneration"],
+        "the agents were asked to apply an unchanged decision again: {after}"
+    );
+    // A reconcile of the new process has passed (the status write above); any Event for the
+    // decision comes from that reconcile, after its write.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        events_with_reason(cluster, ns.name(), "NoReadyEndpoints")?,
+        1,
+        "the restarted controller announced the kept decision again: {}\n{}",
+        events(cluster, ns.name())?,
         controller.log()
     );
     Ok(())

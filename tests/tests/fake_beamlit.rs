@@ -676,3 +676,153 @@ fn start_reports_why_the_fake_could_not_listen() -> Result<()> {
     assert!(FakeBeamlit::start(&remote.netns, FakeBeamlitOptions::default()).is_err());
     Ok(())
 }
+
+/// RFC 6455's example key (§1.3) and the accept value it gives.
+const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
+/// Sends `head` (request line and headers, without the blank line) on a new connection from
+/// `ns`; returns the response's status, its lowercased header block and the connection.
+fn raw_handshake(ns: &Netns, addr: SocketAddr, head: &str) -> Result<(u16, String, TcpStream)> {
+    let request = format!("{head}\r\n\r\n");
+    ns.enter(move || -> Result<(u16, String, TcpStream)> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(request.as_bytes())?;
+        // Byte by byte: what follows a 101 is the echo's, not the head's.
+        let mut got = Vec::new();
+        let mut byte = [0u8; 1];
+        while !got.ends_with(b"\r\n\r\n") {
+            if s.read(&mut byte)? == 0 {
+                bail!("closed before the end of the response head: {got:?}");
+            }
+            got.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .with_context(|| format!("no status in {head:?}"))?;
+        Ok((status, head, s))
+    })?
+}
+
+/// The upgrade endpoint is a WebSocket server as strict as real ones: a handshake missing any
+/// of `Connection: upgrade`, `Upgrade: websocket`, a 16-byte `Sec-WebSocket-Key` or
+/// `Sec-WebSocket-Version: 13` is refused (400, or 426 naming version 13, as RFC 6455 §4.4
+/// says), so a tunnel that drops or mangles one of them fails the tests that go through it. A
+/// complete one gets `101` with the key's `Sec-WebSocket-Accept`, then an echo.
+#[test]
+fn websocket_handshakes_missing_a_header_are_refused() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let (_topo, client, remote) = bed("fbws")?;
+    let fake = FakeBeamlit::start(&remote.netns, options(&remote))?;
+    let addr = fake.addresses().http[0];
+    let headers = |connection: &str, upgrade: &str, key: &str, version: &str| {
+        let mut head = format!("GET /ws/upgrade HTTP/1.1\r\nHost: {addr}");
+        for (name, value) in [
+            ("Connection", connection),
+            ("Upgrade", upgrade),
+            ("Sec-WebSocket-Key", key),
+            ("Sec-WebSocket-Version", version),
+        ] {
+            if !value.is_empty() {
+                head.push_str(&format!("\r\n{name}: {value}"));
+            }
+        }
+        head
+    };
+
+    // Complete, with the tokens in lists and in other cases.
+    for (connection, upgrade) in [
+        ("Upgrade", "websocket"),
+        ("keep-alive, UPGRADE", "WebSocket"),
+    ] {
+        let (status, head, mut s) = raw_handshake(
+            &client.netns,
+            addr,
+            &headers(connection, upgrade, WS_KEY, "13"),
+        )?;
+        assert_eq!(status, 101, "{connection} / {upgrade}: {head}");
+        assert!(
+            head.contains(&format!(
+                "sec-websocket-accept: {}",
+                WS_ACCEPT.to_ascii_lowercase()
+            )),
+            "{head}"
+        );
+        assert!(head.contains("upgrade: websocket"), "{head}");
+        s.write_all(b"ping\n")?;
+        let mut echoed = [0u8; 5];
+        s.read_exact(&mut echoed)?;
+        assert_eq!(&echoed, b"ping\n");
+    }
+
+    let fifteen_bytes = "AAAAAAAAAAAAAAAAAAAA";
+    let refused = [
+        ("no Connection", headers("", "websocket", WS_KEY, "13"), 400),
+        (
+            "Connection without upgrade",
+            headers("keep-alive", "websocket", WS_KEY, "13"),
+            400,
+        ),
+        ("no Upgrade", headers("Upgrade", "", WS_KEY, "13"), 400),
+        (
+            "Upgrade of another protocol",
+            headers("Upgrade", "echo", WS_KEY, "13"),
+            400,
+        ),
+        ("no key", headers("Upgrade", "websocket", "", "13"), 400),
+        (
+            "a key of 15 bytes",
+            headers("Upgrade", "websocket", fifteen_bytes, "13"),
+            400,
+        ),
+        (
+            "a key that is not base64",
+            headers("Upgrade", "websocket", "not base64 at all!!!", "13"),
+            400,
+        ),
+        (
+            "two keys",
+            format!(
+                "{}\r\nSec-WebSocket-Key: {WS_KEY}",
+                headers("Upgrade", "websocket", WS_KEY, "13")
+            ),
+            400,
+        ),
+        (
+            "no version",
+            headers("Upgrade", "websocket", WS_KEY, ""),
+            426,
+        ),
+        (
+            "version 8",
+            headers("Upgrade", "websocket", WS_KEY, "8"),
+            426,
+        ),
+        (
+            "HTTP/1.0",
+            headers("Upgrade", "websocket", WS_KEY, "13").replacen("HTTP/1.1", "HTTP/1.0", 1),
+            400,
+        ),
+    ];
+    for (what, head, want) in refused {
+        let (status, response, _) = raw_handshake(&client.netns, addr, &head)?;
+        assert_eq!(status, want, "{what}: {response}");
+        assert!(
+            !response.contains("sec-websocket-accept"),
+            "{what}: {response}"
+        );
+        if want == 426 {
+            assert!(
+                response.contains("sec-websocket-version: 13"),
+                "{what}: {response}"
+            );
+        }
+    }
+    Ok(())
+}

@@ -465,7 +465,7 @@ fn connection_upgrades_are_spliced_through_to_an_http1_remote() -> Result<()> {
         r#"
 import socket
 s = socket.create_connection(("10.96.0.10", 80), timeout=5)
-s.sendall(b"GET /upgrade HTTP/1.1\r\nHost: 10.96.0.10\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+s.sendall(b"GET /upgrade HTTP/1.1\r\nHost: 10.96.0.10\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
 buf = b""
 while b"\r\n\r\n" not in buf:
     chunk = s.recv(4096)
@@ -473,7 +473,9 @@ while b"\r\n\r\n" not in buf:
         break
     buf += chunk
 head, _, rest = buf.partition(b"\r\n\r\n")
-print(head.split(b"\r\n")[0].decode())
+lines = head.split(b"\r\n")
+print(lines[0].decode())
+print([l.split(b":", 1)[1].strip().decode() for l in lines[1:] if l.lower().startswith(b"sec-websocket-accept:")])
 s.sendall(b"{payload}\n")
 got = rest
 while b"\n" not in got:
@@ -495,6 +497,13 @@ print(got.decode().strip())
         Some("HTTP/1.1 101 Switching Protocols"),
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    // The key is RFC 6455's example (§1.3), whose accept value it gives: the handshake's
+    // end-to-end headers crossed the tunnel both ways.
+    assert_eq!(
+        lines.next(),
+        Some("['s3pPLMBiTxaQ9kYGzzhZRbK+xOo=']"),
+        "{stdout}"
     );
     assert_eq!(lines.next(), Some("ping through the tunnel"), "{stdout}");
     Ok(())
@@ -849,7 +858,7 @@ fn an_upgraded_connection_idle_beyond_the_idle_timeout_is_closed() -> Result<()>
     let script = r#"
 import socket, time
 s = socket.create_connection(("10.96.0.10", 80), timeout=10)
-s.sendall(b"GET /upgrade HTTP/1.1\r\nHost: 10.96.0.10\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+s.sendall(b"GET /upgrade HTTP/1.1\r\nHost: 10.96.0.10\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
 buf = b""
 while b"\r\n\r\n" not in buf:
     buf += s.recv(4096)

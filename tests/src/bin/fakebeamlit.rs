@@ -12,9 +12,12 @@
 //! - `GET .../sse`: 10 server-sent events, 100 ms apart, each flushed;
 //! - `POST|PUT .../upload`: streams the body through SHA-256;
 //! - `/status/<code>` (after any prefix): that status;
-//! - `GET .../upgrade` with `Upgrade: echo` and `Connection: upgrade` (both required, as real
-//!   WebSocket servers do): `101 Switching Protocols`, then echoes raw bytes (HTTP/1.1 only, as
-//!   upgrades are);
+//! - `GET .../upgrade`: a WebSocket opening handshake, as strict as real servers (RFC 6455
+//!   §4.2): HTTP/1.1, `Connection` naming `upgrade`, `Upgrade` naming `websocket`, one
+//!   `Sec-WebSocket-Key` of 16 bytes in base64 (else 400) and `Sec-WebSocket-Version: 13`
+//!   (else 426 naming 13); then `101 Switching Protocols` with the key's `Sec-WebSocket-Accept`,
+//!   and the raw bytes the client sends echoed back (not parsed as frames: what a tunnel must
+//!   do is pass them through untouched);
 //! - anything else: a JSON echo of the request;
 //!
 //! plus a raw TCP echo. Observations go to a stats file (rewritten atomically
@@ -923,29 +926,81 @@ fn sse() -> Response<Body> {
     resp
 }
 
-/// `Upgrade: echo`: switch protocols, then echo whatever the client sends on the raw stream.
-fn upgrade(mut req: Request<Incoming>) -> Response<Body> {
-    let wants_echo = req
-        .headers()
-        .get(hyper::header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("echo"));
-    // Strict, as real WebSocket servers are (RFC 6455 §4.2.1): an Upgrade header counts only
-    // when `Connection` names it; a proxy that drops `Connection: upgrade` is caught here.
-    let connection_upgrade = req
-        .headers()
-        .get_all(hyper::header::CONNECTION)
+/// RFC 6455 §1.3: appended to the client's key before hashing.
+const WEBSOCKET_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// Whether a comma-separated token of any `name` header is `token` (case-insensitive), as
+/// `Connection: keep-alive, Upgrade` names `upgrade`.
+fn has_token(headers: &hyper::HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    if !wants_echo || !connection_upgrade {
-        let mut resp = Response::new(full(Bytes::from_static(
-            b"send Upgrade: echo with Connection: upgrade\n",
-        )));
-        *resp.status_mut() = StatusCode::BAD_REQUEST;
-        return resp;
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// RFC 6455 §4.2.2: base64 of the SHA-1 of the key and the GUID.
+fn websocket_accept(key: &str) -> String {
+    let digest = ring::digest::digest(
+        &ring::digest::SHA1_FOR_LEGACY_USE_ONLY,
+        format!("{key}{WEBSOCKET_GUID}").as_bytes(),
+    );
+    base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
+}
+
+/// Checks a WebSocket opening handshake as real servers do (RFC 6455 §4.2.1, §4.4): the
+/// `Sec-WebSocket-Accept` to answer, or the status and reason to refuse it with.
+fn websocket_handshake(req: &Request<Incoming>) -> Result<String, (StatusCode, &'static str)> {
+    let h = req.headers();
+    let bad = StatusCode::BAD_REQUEST;
+    if req.version() != Version::HTTP_11 {
+        return Err((bad, "a WebSocket handshake is an HTTP/1.1 request"));
     }
+    // A proxy that drops `Connection: upgrade` (a hop-by-hop header) is caught here.
+    if !has_token(h, header::CONNECTION, "upgrade") {
+        return Err((bad, "Connection must name upgrade"));
+    }
+    if !has_token(h, header::UPGRADE, "websocket") {
+        return Err((bad, "Upgrade must name websocket"));
+    }
+    let mut keys = h.get_all(header::SEC_WEBSOCKET_KEY).iter();
+    let key = match (keys.next(), keys.next()) {
+        (Some(key), None) => key.to_str().unwrap_or_default().trim(),
+        _ => return Err((bad, "send one Sec-WebSocket-Key")),
+    };
+    let nonce = base64::engine::general_purpose::STANDARD.decode(key);
+    if !nonce.is_ok_and(|n| n.len() == 16) {
+        return Err((bad, "Sec-WebSocket-Key must be 16 bytes in base64"));
+    }
+    let version = h.get(header::SEC_WEBSOCKET_VERSION);
+    if version.is_none_or(|v| v.as_bytes().trim_ascii() != b"13") {
+        return Err((
+            StatusCode::UPGRADE_REQUIRED,
+            "Sec-WebSocket-Version must be 13",
+        ));
+    }
+    Ok(websocket_accept(key))
+}
+
+/// A WebSocket handshake ([`websocket_handshake`] says what it takes): switch protocols, then
+/// echo whatever the client sends on the raw stream.
+fn upgrade(mut req: Request<Incoming>) -> Response<Body> {
+    let accept = match websocket_handshake(&req) {
+        Ok(accept) => accept,
+        Err((status, why)) => {
+            let mut resp = Response::new(full(format!("{why}\n")));
+            *resp.status_mut() = status;
+            if status == StatusCode::UPGRADE_REQUIRED {
+                // RFC 6455 §4.4: the versions the server speaks.
+                resp.headers_mut().insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
+            }
+            return resp;
+        }
+    };
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         match on_upgrade.await {
@@ -961,12 +1016,12 @@ fn upgrade(mut req: Request<Incoming>) -> Response<Body> {
     });
     let mut resp = Response::new(full(Bytes::new()));
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    resp.headers_mut()
-        .insert(hyper::header::UPGRADE, HeaderValue::from_static("echo"));
-    resp.headers_mut().insert(
-        hyper::header::CONNECTION,
-        HeaderValue::from_static("upgrade"),
-    );
+    let h = resp.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(accept) = HeaderValue::from_str(&accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
     resp
 }
 
