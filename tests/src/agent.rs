@@ -469,3 +469,50 @@ pub fn write_service_entry(
     }
     Ok(())
 }
+
+/// The uid and gid the chart's tunnel container runs as.
+pub const TUNNEL_UID: u32 = 65532;
+
+/// Starts `beamlit-agent tunnel --control-socket <socket> <args>` in the network namespace
+/// `netns` as the chart's tunnel container runs: uid/gid [`TUNNEL_UID`], every capability set
+/// emptied, no_new_privs (`setpriv`). Waits until it listens; stdout and stderr go to `log`.
+pub fn start_tunnel_process(
+    netns: &str,
+    socket: &Path,
+    args: &[&str],
+    log: &Path,
+) -> Result<ChildGuard> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", netns, "setpriv"])
+        .arg(format!("--reuid={TUNNEL_UID}"))
+        .arg(format!("--regid={TUNNEL_UID}"))
+        .args([
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--ambient-caps=-all",
+            "--bounding-set=-all",
+            "--no-new-privs",
+            "--",
+        ])
+        .arg(agent_bin())
+        .arg("tunnel")
+        .arg("--control-socket")
+        .arg(socket)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(log)?);
+    let child = spawn(cmd, None)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if Instant::now() > deadline {
+            bail!(
+                "the tunnel process did not listen on {}: {}",
+                socket.display(),
+                fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(child)
+}

@@ -52,7 +52,9 @@ mod tempdir;
 pub mod tls;
 mod topology;
 
-pub use agent::{AgentFixture, has_service_entry, write_service_entry};
+pub use agent::{
+    AgentFixture, TUNNEL_UID, has_service_entry, start_tunnel_process, write_service_entry,
+};
 pub use cgroup::TestCgroup;
 pub use fake_beamlit::{FakeBeamlit, FakeBeamlitOptions, FakeStats};
 pub use naming::{cgroup_prefix, cleanup_stale, netns_prefix};

@@ -3,18 +3,17 @@
 //! network namespace, driven by `beamlit-agent run --tunnel-socket` (root, the eBPF part) over
 //! a unix socket, which answers its questions about each accepted connection's flow. Clients
 //! are curl in a pod namespace inside the test cgroup.
-use std::{path::Path, process::Command, time::Duration};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use beamlit_testbed::{
-    AgentFixture, ChildGuard, FakeBeamlit, FakeBeamlitOptions, TestCgroup, TestDir, Topology,
-    agent_bin, require_privileges, run_in, spawn, start_server_multi,
+    AgentFixture, FakeBeamlit, FakeBeamlitOptions, TUNNEL_UID, TestCgroup, TestDir, Topology,
+    require_privileges, run_in, start_server_multi, start_tunnel_process,
 };
 
 const SVC: &str = "10.96.0.10:80";
 const TUNNEL: &str = "10.200.0.1:15001";
 const CLIENT_SECRET: &str = "s3cret-split";
-const NOBODY: u32 = 65532;
 
 fn status_field(pid: u32, field: &str) -> Result<String> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -37,38 +36,6 @@ fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> Result<bool>)
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// Starts `beamlit-agent tunnel` in `netns`, as uid/gid 65532 with every capability set
-/// emptied and no_new_privs, listening on `socket`.
-fn start_tunnel_process(netns: &str, socket: &Path, ca: &Path, log: &Path) -> Result<ChildGuard> {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", netns, "setpriv"])
-        .arg(format!("--reuid={NOBODY}"))
-        .arg(format!("--regid={NOBODY}"))
-        .args([
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--ambient-caps=-all",
-            "--bounding-set=-all",
-            "--no-new-privs",
-            "--",
-        ])
-        .arg(agent_bin())
-        .arg("tunnel")
-        .arg("--control-socket")
-        .arg(socket)
-        .arg("--ca-file")
-        .arg(ca)
-        .stdout(std::fs::File::create(log)?)
-        .stderr(std::fs::File::create(log.with_extension("err"))?);
-    let child = spawn(cmd, None)?;
-    wait_for(
-        "the tunnel process listens",
-        Duration::from_secs(10),
-        || Ok(socket.exists()),
-    )?;
-    Ok(child)
 }
 
 #[test]
@@ -108,7 +75,7 @@ fn an_unprivileged_tunnel_process_serves_redirected_connections_only() -> Result
     let socket = volume.join("control.sock");
     let log = dir.join("tunnel.log");
     let node = topology.node().name().to_string();
-    let tunnel_log = || std::fs::read_to_string(log.with_extension("err")).unwrap_or_default();
+    let tunnel_log = || std::fs::read_to_string(&log).unwrap_or_default();
 
     let remote_addr = format!("{}:8443", remote.ipv4);
     let routes = format!(
@@ -140,7 +107,8 @@ fn an_unprivileged_tunnel_process_serves_redirected_connections_only() -> Result
         "without a tunnel process the service must fail open to the local pod"
     );
 
-    let mut tunnel = start_tunnel_process(&node, &socket, fake.ca_pem(), &log)?;
+    let ca = fake.ca_pem().display().to_string();
+    let mut tunnel = start_tunnel_process(&node, &socket, &["--ca-file", &ca], &log)?;
     let pid = tunnel.pid();
     // What the kernel says the tunnel process may do.
     ensure!(
@@ -149,7 +117,7 @@ fn an_unprivileged_tunnel_process_serves_redirected_connections_only() -> Result
     );
     let uid = status_field(pid, "Uid")?;
     ensure!(
-        uid.split_whitespace().all(|u| u == NOBODY.to_string()),
+        uid.split_whitespace().all(|u| u == TUNNEL_UID.to_string()),
         "Uid {uid}"
     );
     for field in ["CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb"] {
@@ -203,7 +171,7 @@ fn an_unprivileged_tunnel_process_serves_redirected_connections_only() -> Result
         || Ok(curl(&format!("http://{SVC}/"))?.1.contains("local")),
     )?;
     // A new tunnel process (a restarted container): the agent connects again by itself.
-    let _tunnel = start_tunnel_process(&node, &socket, fake.ca_pem(), &log)?;
+    let _tunnel = start_tunnel_process(&node, &socket, &["--ca-file", &ca], &log)?;
     wait_for(
         "requests served by the restarted tunnel process",
         Duration::from_secs(10),

@@ -5,7 +5,12 @@
 //! the same client pod with wrk (keep-alive connections): directly; through the Service address,
 //! redirected by eBPF to the agent's tunnel (plain HTTP upstream, so TLS does not blur the
 //! comparison); and through Debian's nginx configured as a reverse proxy with upstream keep-alive.
-//! Rounds alternate the order. Then the agent's peak memory with 1000 open client connections.
+//! Rounds alternate the order; the tunnel and nginx are also measured with a new connection per
+//! request. Then the tunnel's peak memory with 1000 open client connections.
+//!
+//! The tunnel runs as the chart deploys it: `beamlit-agent tunnel` in a process of its own, as
+//! uid 65532 with no capability, driven by the agent over a unix socket (which it asks about
+//! each accepted connection's flow). `--in-process` measures the tunnel inside the agent.
 use std::{
     fmt::Write as _,
     fs,
@@ -18,7 +23,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use beamlit_testbed::{AgentFixture, TestCgroup, Topology};
+use beamlit_testbed::{AgentFixture, TestCgroup, Topology, start_tunnel_process};
 
 use crate::bench::{Nginx, Wrk, WrkResult, cpu_time_us, static_server, verdict, wrk};
 
@@ -41,9 +46,23 @@ pub struct TunnelArgs {
     /// Passed to the agent as --tunnel-workers (default: the agent's own default).
     #[arg(long)]
     tunnel_workers: Option<usize>,
-    /// Only the memory part: the agent's RSS with 1000 open client connections.
+    /// Only the memory part: the tunnel's RSS with 1000 open client connections.
     #[arg(long)]
     memory_only: bool,
+    /// The tunnel inside the agent's process (`--tunnel-socket` unset) instead of the chart's
+    /// default, a tunnel process of its own.
+    #[arg(long)]
+    in_process: bool,
+}
+
+/// VmHWM of `pid`, in KiB.
+fn vm_hwm_kib(pid: u32) -> Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no VmHWM for pid {pid}"))
 }
 
 /// The agent's memory, from /proc/PID/status, in KiB.
@@ -169,13 +188,66 @@ pub fn tunnel(args: &TunnelArgs) -> Result<()> {
          offloadPercent: 100\n    remote:\n      scheme: http\n      host: \"{upstream}\"\n"
     );
     let workers = args.tunnel_workers.map(|n| n.to_string());
-    let mut agent_args = vec!["--tunnel-netns", node_netns.as_str()];
-    if let Some(n) = &workers {
-        agent_args.extend(["--tunnel-workers", n.as_str()]);
-    }
-    let mut agent = AgentFixture::start(cgroup.path(), &routes, &agent_args)?;
+    fs::create_dir_all(&workdir)?;
+    let socket_dir = workdir.join("tunnel-control");
+    fs::create_dir_all(&socket_dir)?;
+    fs::set_permissions(&socket_dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
+    let socket = socket_dir.join("control.sock");
+    let socket_arg = socket.display().to_string();
+    let (mut agent, tunnel_process) = if args.in_process {
+        let mut agent_args = vec!["--tunnel-netns", node_netns.as_str()];
+        if let Some(n) = &workers {
+            agent_args.extend(["--tunnel-workers", n.as_str()]);
+        }
+        (AgentFixture::start(cgroup.path(), &routes, &agent_args)?, None)
+    } else {
+        let mut tunnel_args = Vec::new();
+        if let Some(n) = &workers {
+            tunnel_args.extend(["--workers", n.as_str()]);
+        }
+        let tunnel = start_tunnel_process(
+            topology.node().name(),
+            &socket,
+            &tunnel_args,
+            &workdir.join("tunnel.log"),
+        )?;
+        let agent = AgentFixture::start(cgroup.path(), &routes, &["--tunnel-socket", &socket_arg])?;
+        (agent, Some(tunnel))
+    };
     let agent_pid = agent.pid().context("agent not running")?;
-    let idle = Memory::read(agent_pid)?;
+    // The process that proxies (and whose CPU and memory are reported).
+    let tunnel_pid = tunnel_process.as_ref().map_or(agent_pid, |t| t.pid());
+    println!(
+        "[bench] tunnel {} (pid {tunnel_pid})",
+        if args.in_process {
+            "inside the agent's process"
+        } else {
+            "in a process of its own, uid 65532, no capability (the chart's default)"
+        }
+    );
+    // Redirected requests reach the upstream before measuring (the agent may still be
+    // connecting to the tunnel process).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let probe = Wrk {
+            url: format!("http://{SERVICE}/"),
+            seconds: 1,
+            connections: 1,
+            close: true,
+        };
+        let served = wrk(&client.netns, cgroup.path(), &probe)
+            .is_ok_and(|r| r.requests_per_sec > 100.0);
+        if served {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the tunnel does not serve the Service:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let idle = Memory::read(tunnel_pid)?;
 
     let paths = [
         ("direct", format!("http://{upstream}/")),
@@ -183,7 +255,7 @@ pub fn tunnel(args: &TunnelArgs) -> Result<()> {
         ("nginx proxy", format!("http://{proxy_addr}/")),
     ];
     // The process doing the proxying on each path, whose CPU time per request is reported.
-    let proxying = [None, Some(agent_pid), Some(nginx_proxy.pid())];
+    let proxying = [None, Some(tunnel_pid), Some(nginx_proxy.pid())];
     let rounds = if args.memory_only {
         0
     } else {
@@ -221,6 +293,30 @@ pub fn tunnel(args: &TunnelArgs) -> Result<()> {
         }
     }
 
+    // A new connection per request: what each proxy does per connection (for the tunnel
+    // process, the agent's answer about the connection's flow) shows up here.
+    let mut fresh: Vec<Vec<WrkResult>> = vec![Vec::new(), Vec::new(), Vec::new()];
+    for round in 0..rounds {
+        for k in 0..2 {
+            let i = 1 + (k + round) % 2;
+            let w = Wrk {
+                url: paths[i].1.clone(),
+                seconds: args.seconds.max(1),
+                connections: args.connections,
+                close: true,
+            };
+            let r = wrk(&client.netns, cgroup.path(), &w)?;
+            println!(
+                "[bench] round {} {:>12} (new connection per request): {:>9.0} req/s, p50 {:.0} µs",
+                round + 1,
+                paths[i].0,
+                r.requests_per_sec,
+                r.p50_us
+            );
+            fresh[i].push(r);
+        }
+    }
+
     // Per-hop latency: one keep-alive connection, so queueing does not hide what each hop adds.
     let mut single: Vec<Vec<WrkResult>> = vec![Vec::new(), Vec::new(), Vec::new()];
     for round in 0..rounds {
@@ -251,10 +347,13 @@ pub fn tunnel(args: &TunnelArgs) -> Result<()> {
         connections: 1000,
         close: false,
     };
-    let sampler = MemorySampler::start(agent_pid);
+    let sampler = MemorySampler::start(tunnel_pid);
     let crowd_result = wrk(&client.netns, cgroup.path(), &crowd)?;
     let crowded = sampler.finish();
-    let peak_kib = agent.peak_rss_kib()?;
+    let peak_kib = match &tunnel_process {
+        Some(_) => vm_hwm_kib(tunnel_pid)?,
+        None => agent.peak_rss_kib()?,
+    };
     let peak_mib = peak_kib as f64 / 1024.0;
     let memory_met = peak_kib as f64 * 1024.0 <= RSS_TARGET_BYTES;
 
@@ -313,6 +412,25 @@ pub fn tunnel(args: &TunnelArgs) -> Result<()> {
             "tunnel req/s over nginx's, paired within each round: median {paired_median:.2} \
              (from {paired_min:.2} to {paired_max:.2})"
         )?;
+        let mut fresh_paired: Vec<f64> = fresh[1]
+            .iter()
+            .zip(&fresh[2])
+            .map(|(tunnel, nginx)| tunnel.requests_per_sec / nginx.requests_per_sec)
+            .collect();
+        let fresh_median = median(&mut fresh_paired);
+        writeln!(
+            out,
+            "new connection per request (wrk -c{}): tunnel {:.0} req/s (p50 {:.0} µs), nginx {:.0} \
+             req/s (p50 {:.0} µs); tunnel over nginx, paired: median {fresh_median:.2} (from {:.2} \
+             to {:.2})",
+            args.connections,
+            of(&fresh[1], |r| r.requests_per_sec),
+            of(&fresh[1], |r| r.p50_us),
+            of(&fresh[2], |r| r.requests_per_sec),
+            of(&fresh[2], |r| r.p50_us),
+            fresh_paired.first().copied().unwrap_or(f64::NAN),
+            fresh_paired.last().copied().unwrap_or(f64::NAN),
+        )?;
         writeln!(out, "\nper-hop latency, one keep-alive connection:")?;
         writeln!(
             out,
@@ -338,7 +456,15 @@ pub fn tunnel(args: &TunnelArgs) -> Result<()> {
             hop_p50(1) - hop_p50(0),
         )?;
     }
-    writeln!(out, "\nagent memory:")?;
+    writeln!(
+        out,
+        "\ntunnel memory ({}):",
+        if args.in_process {
+            "the agent's process"
+        } else {
+            "the tunnel process"
+        }
+    )?;
     writeln!(out, "  idle, after start:            {}", idle.describe())?;
     writeln!(
         out,
@@ -354,6 +480,7 @@ pub fn tunnel(args: &TunnelArgs) -> Result<()> {
     writeln!(out, "targets: RSS ≤ 64 MB: {}", verdict(memory_met))?;
     print!("{out}");
     drop(agent);
+    drop(tunnel_process);
     let _ = fs::remove_dir_all(&workdir);
     Ok(())
 }
