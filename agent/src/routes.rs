@@ -22,8 +22,9 @@
 //!                 clientSecretFile: /etc/beamlit/client-secret}
 //! ```
 //!
-//! Field checks live in `Deserialize` impls so that serde_yaml reports them with the field's
-//! path, line and column; checks across fields name the service and its line.
+//! Field checks live in `Deserialize` impls so that the parser reports them with the field's
+//! path, line and column; checks across fields name the service and the line and column the
+//! parser recorded for the address (or tunnel) at fault.
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
@@ -32,7 +33,9 @@ use std::{
     time::Duration,
 };
 
+use beamlit_api::yaml::YamlError;
 use serde::{Deserialize, Deserializer};
+use serde_saphyr::Spanned;
 
 use crate::{
     model::{Route, Share},
@@ -56,13 +59,15 @@ pub enum RoutesError {
         path: String,
         source: std::io::Error,
     },
-    /// serde_yaml's message already names the field path, line and column.
-    #[error("invalid routes file {path}: {message}")]
-    Syntax { path: String, message: String },
-    #[error("invalid routes file {path}, line {line}: {field}: {message}")]
+    /// The parser's error names the field path, line and column. Not a `source`: the message
+    /// holds it already, and `{:#}` would print it twice.
+    #[error("invalid routes file {path}: {error}")]
+    Syntax { path: String, error: YamlError },
+    #[error("invalid routes file {path}: {field}: {message} (line {line}, column {column})")]
     Invalid {
         path: String,
-        line: usize,
+        line: u64,
+        column: u64,
         field: String,
         message: String,
     },
@@ -73,7 +78,7 @@ pub enum RoutesError {
 struct RoutesFile {
     #[serde(default)]
     tunnel: Option<DefaultTunnel>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "beamlit_api::yaml::null_as_default")]
     services: Vec<ServiceSpec>,
 }
 
@@ -81,10 +86,10 @@ struct RoutesFile {
 #[serde(deny_unknown_fields)]
 #[serde(rename_all = "camelCase")]
 struct DefaultTunnel {
-    #[serde(default, deserialize_with = "tunnel_ipv4")]
-    ipv4: Option<SocketAddr>,
-    #[serde(default, deserialize_with = "tunnel_ipv6")]
-    ipv6: Option<SocketAddr>,
+    #[serde(default)]
+    ipv4: Option<Spanned<Address>>,
+    #[serde(default)]
+    ipv6: Option<Spanned<Address>>,
     #[serde(default)]
     ca_file: Option<PathBuf>,
 }
@@ -103,7 +108,7 @@ struct RemoteSpec {
     workspace: Option<String>,
     #[serde(default)]
     model: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "beamlit_api::yaml::null_as_default")]
     headers_to_add: BTreeMap<String, String>,
     #[serde(default)]
     auth: Option<AuthSpec>,
@@ -147,48 +152,38 @@ struct OAuthSpec {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct ServiceSpec {
-    #[serde(deserialize_with = "service_address")]
-    address: SocketAddr,
+    address: Spanned<Address>,
     offload_percent: Percent,
-    #[serde(default, deserialize_with = "service_tunnel")]
-    tunnel: Option<SocketAddr>,
+    #[serde(default)]
+    tunnel: Option<Spanned<Address>>,
     #[serde(default)]
     remote: Option<RemoteSpec>,
 }
 
-// serde_yaml locates an error raised after a string was read at the enclosing mapping, so each
-// address field names itself in its message.
-fn service_address<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
-    address("address", d)
-}
+/// Keys whose values are `Spanned`, for the error paths (see `beamlit_api::yaml::from_str`). The
+/// top-level `tunnel:` is not, but has no `value` key either.
+const SPANNED: &[&str] = &["address", "tunnel", "ipv4", "ipv6"];
 
-fn service_tunnel<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
-    address("tunnel", d).map(Some)
-}
+/// `IP:PORT`, port not 0. The error path names the field.
+#[derive(Debug, Clone, Copy)]
+struct Address(SocketAddr);
 
-fn tunnel_ipv4<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
-    address("tunnel.ipv4", d).map(Some)
-}
-
-fn tunnel_ipv6<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
-    address("tunnel.ipv6", d).map(Some)
-}
-
-/// `IP:PORT`, port not 0.
-fn address<'de, D: Deserializer<'de>>(field: &str, d: D) -> Result<SocketAddr, D::Error> {
-    let text = String::deserialize(d)?;
-    let addr: SocketAddr = text.parse().map_err(|_| {
-        serde::de::Error::custom(format_args!(
-            "{field}: `{text}` is not IP:PORT; write 10.96.0.10:80, or \"[fd00::10]:80\" for \
-             IPv6 (quoted in YAML)"
-        ))
-    })?;
-    if addr.port() == 0 {
-        return Err(serde::de::Error::custom(format_args!(
-            "{field}: `{text}` has port 0; give the port clients connect to"
-        )));
+impl<'de> Deserialize<'de> for Address {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let addr: SocketAddr = text.parse().map_err(|_| {
+            serde::de::Error::custom(format_args!(
+                "`{text}` is not IP:PORT; write 10.96.0.10:80, or \"[fd00::10]:80\" for IPv6 \
+                 (quoted in YAML)"
+            ))
+        })?;
+        if addr.port() == 0 {
+            return Err(serde::de::Error::custom(format_args!(
+                "`{text}` has port 0; give the port clients connect to"
+            )));
+        }
+        Ok(Address(addr))
     }
-    Ok(addr)
 }
 
 /// 0..=100, at most two decimals matter (the data plane counts in basis points).
@@ -206,7 +201,7 @@ impl<'de> Deserialize<'de> for Percent {
             fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Percent, E> {
                 Share::from_percent(v).map(Percent).ok_or_else(|| {
                     E::custom(format_args!(
-                        "{v} is out of range; offloadPercent is a number from 0 to 100"
+                        "{v} is out of range; give a number from 0 to 100"
                     ))
                 })
             }
@@ -230,23 +225,32 @@ pub fn parse(path_label: &str, text: &str) -> Result<RouteSet, RoutesError> {
             services: Vec::new(),
         }
     } else {
-        serde_yaml::from_str(text).map_err(|e| RoutesError::Syntax {
+        beamlit_api::yaml::from_str(text, SPANNED).map_err(|error| RoutesError::Syntax {
             path: path_label.to_string(),
-            message: e.to_string(),
+            error,
         })?
     };
     let mut seen = BTreeSet::new();
     let mut routes = Vec::with_capacity(file.services.len());
     let mut backends = BTreeMap::new();
-    let mut search_from = 0;
     for (index, spec) in file.services.iter().enumerate() {
-        let service = spec.address;
-        let line = line_of(text, service, &mut search_from);
-        let invalid = |field: &str, message: String| RoutesError::Invalid {
-            path: path_label.to_string(),
-            line,
-            field: format!("services[{index}].{field}"),
-            message,
+        let service = spec.address.value.0;
+        // At the line and column where the parser found the value at fault: the service's
+        // address, or the tunnel chosen for it.
+        let invalid_at =
+            |at: &serde_saphyr::Location, field: String, message: String| RoutesError::Invalid {
+                path: path_label.to_string(),
+                line: at.line(),
+                column: at.column(),
+                field,
+                message,
+            };
+        let invalid = |field: &str, message: String| {
+            invalid_at(
+                &spec.address.referenced,
+                format!("services[{index}].{field}"),
+                message,
+            )
         };
         if !seen.insert(service) {
             return Err(invalid(
@@ -254,12 +258,20 @@ pub fn parse(path_label: &str, text: &str) -> Result<RouteSet, RoutesError> {
                 format!("{service} is listed twice; keep one entry per Service address"),
             ));
         }
-        let default = file
-            .tunnel
-            .as_ref()
-            .and_then(|t| if service.is_ipv4() { t.ipv4 } else { t.ipv6 });
-        let Some(tunnel) = spec.tunnel.or(default) else {
-            let family = if service.is_ipv4() { "ipv4" } else { "ipv6" };
+        let family = if service.is_ipv4() { "ipv4" } else { "ipv6" };
+        let default = file.tunnel.as_ref().and_then(|t| {
+            if service.is_ipv4() {
+                t.ipv4.as_ref()
+            } else {
+                t.ipv6.as_ref()
+            }
+        });
+        // The field named in an error about the tunnel: the service's own, or the default.
+        let (chosen, tunnel_field) = match (&spec.tunnel, default) {
+            (Some(own), _) => (Some(own), format!("services[{index}].tunnel")),
+            (None, default) => (default, format!("tunnel.{family}")),
+        };
+        let Some(chosen) = chosen else {
             return Err(invalid(
                 "tunnel",
                 format!(
@@ -268,12 +280,14 @@ pub fn parse(path_label: &str, text: &str) -> Result<RouteSet, RoutesError> {
                 ),
             ));
         };
+        let tunnel = chosen.value.0;
         if tunnel.is_ipv4() != service.is_ipv4() {
-            return Err(invalid(
-                "tunnel",
+            return Err(invalid_at(
+                &chosen.referenced,
+                tunnel_field,
                 format!(
-                    "tunnel {tunnel} and service {service} are of different IP families; a \
-                     connection can only be redirected within its family"
+                    "tunnel {tunnel} and service {service} (services[{index}]) are of different \
+                     IP families; a connection can only be redirected within its family"
                 ),
             ));
         }
@@ -420,20 +434,6 @@ pub fn load(path: &Path) -> Result<RouteSet, RoutesError> {
     parse(&label, &text)
 }
 
-/// 1-based line of the service's `address:` entry: the first line from `from` on that mentions
-/// the address as written or in canonical form.
-fn line_of(text: &str, address: SocketAddr, from: &mut usize) -> usize {
-    let canonical = address.to_string();
-    let ip = address.ip().to_string();
-    for (n, line) in text.lines().enumerate().skip(*from) {
-        if line.contains("address") && (line.contains(&canonical) || line.contains(&ip)) {
-            *from = n + 1;
-            return n + 1;
-        }
-    }
-    0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -504,12 +504,13 @@ services:
                 .routes
                 .is_empty()
         );
-        assert!(
-            parse("r.yaml", "services: []\n")
-                .expect("valid")
-                .routes
-                .is_empty()
-        );
+        // Every entry commented out.
+        for text in ["services: []\n", "services:\n#  - address: 10.96.0.10:80\n"] {
+            assert!(
+                parse("r.yaml", text).expect(text).routes.is_empty(),
+                "{text}"
+            );
+        }
     }
 
     /// Each bad file must name the line and the field, and say how to fix it.
@@ -519,44 +520,98 @@ services:
             (
                 "percent out of range",
                 "tunnel: {ipv4: 10.200.0.1:15001}\nservices:\n  - address: 10.96.0.10:80\n    offloadPercent: 150\n",
-                &["services[0].offloadPercent", "line 4", "0 to 100"],
+                &[
+                    "services[0].offloadPercent",
+                    "line 4, column 21",
+                    "0 to 100",
+                ],
             ),
             (
                 "bad address",
                 "tunnel: {ipv4: 10.200.0.1:15001}\nservices:\n  - address: 10.96.0:80\n    offloadPercent: 10\n",
-                &["services[0]", "address: `10.96.0:80`", "line 3", "IP:PORT"],
+                &[
+                    "services[0].address: `10.96.0:80`",
+                    "line 3, column 14",
+                    "IP:PORT",
+                ],
             ),
             (
                 "typo in a field name",
                 "services:\n  - address: 10.96.0.10:80\n    ofloadPercent: 10\n",
-                &["services[0]", "ofloadPercent", "line 3"],
+                &[
+                    "services[0].ofloadPercent",
+                    "unknown field",
+                    "line 3, column 5",
+                ],
+            ),
+            (
+                "typo in a top-level key",
+                "tunnel: {ipv4: 10.200.0.1:15001}\nservics: []\n",
+                &[
+                    "servics",
+                    "unknown field",
+                    "expected one of tunnel, services",
+                    "line 2",
+                ],
+            ),
+            (
+                "typo in the tunnel section",
+                "tunnel: {ipv4: 10.200.0.1:15001, ipv: 10.200.0.1:15002}\n",
+                &["tunnel.ipv", "unknown field", "line 1"],
+            ),
+            (
+                "typo in a remote section",
+                "services:\n  - address: 10.96.0.10:80\n    offloadPercent: 1\n    remote:\n      host: h\n      hedersToAdd: {}\n",
+                &[
+                    "services[0].remote.hedersToAdd",
+                    "unknown field",
+                    "line 6, column 7",
+                ],
             ),
             (
                 "missing percent",
                 "tunnel: {ipv4: 10.200.0.1:15001}\nservices:\n  - address: 10.96.0.10:80\n",
-                &["offloadPercent", "line 3"],
+                &["services[0]: missing field `offloadPercent`", "line 3"],
             ),
             (
                 "no tunnel for the family",
                 "tunnel: {ipv4: 10.200.0.1:15001}\nservices:\n  - address: 10.96.0.10:80\n    offloadPercent: 1\n  - address: \"[fd00::1]:80\"\n    offloadPercent: 1\n",
-                &["services[1].tunnel", "line 5", "tunnel.ipv6"],
+                &["services[1].tunnel", "line 5, column 14", "tunnel.ipv6"],
             ),
             (
                 "family mismatch",
                 "services:\n  - address: 10.96.0.10:80\n    offloadPercent: 1\n    tunnel: \"[fd00::1]:1\"\n",
-                &["services[0].tunnel", "line 2", "different IP families"],
+                // At the tunnel (line 4); before serde-saphyr, at the service's address (line 2).
+                &[
+                    "services[0].tunnel",
+                    "line 4, column 13",
+                    "different IP families",
+                ],
+            ),
+            (
+                "family mismatch in the default tunnel",
+                "tunnel: {ipv4: \"[fd00::1]:1\"}\nservices:\n  - address: 10.96.0.10:80\n    offloadPercent: 1\n",
+                &[
+                    "tunnel.ipv4: tunnel [fd00::1]:1 and service 10.96.0.10:80 (services[0])",
+                    "line 1, column 16",
+                    "different IP families",
+                ],
             ),
             (
                 "duplicate",
                 "tunnel: {ipv4: 10.200.0.1:15001}\nservices:\n  - address: 10.96.0.10:80\n    offloadPercent: 1\n  - address: 10.96.0.10:80\n    offloadPercent: 2\n",
-                &["services[1].address", "line 5", "twice"],
+                &["services[1].address", "line 5, column 14", "twice"],
             ),
             (
                 "port 0",
                 "services:\n  - address: 10.96.0.10:0\n    offloadPercent: 1\n",
-                &["services[0]", "address: `10.96.0.10:0`", "line 2", "port 0"],
+                &[
+                    "services[0].address: `10.96.0.10:0`",
+                    "line 2, column 14",
+                    "port 0",
+                ],
             ),
-            ("not YAML", "services: [\n", &["line"]),
+            ("not YAML", "services: [\n", &["line 1, column 11"]),
         ];
         for (name, text, needles) in cases {
             let err = parse("r.yaml", text).expect_err(name).to_string();

@@ -107,7 +107,7 @@ pub fn grant_crd_yaml() -> anyhow::Result<String> {
     use kube::CustomResourceExt as _;
     Ok(format!(
         "# Generated from api/src/grant.rs by `cargo xtask crds`; do not edit.\n{}",
-        serde_yaml::to_string(&ModelDeploymentGrant::crd())?
+        crate::yaml::to_string(&ModelDeploymentGrant::crd())?
     ))
 }
 

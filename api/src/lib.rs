@@ -9,12 +9,14 @@
 //!   each ModelDeployment it has applied;
 //! - [`grant`]: the `ModelDeploymentGrant` a namespace writes to let ModelDeployments of other
 //!   namespaces name its Services and workloads;
-//! - [`validate`]: the field rules, shared by the CRD's CEL rules, the controller and the agents.
+//! - [`validate`]: the field rules, shared by the CRD's CEL rules, the controller and the agents;
+//! - [`yaml`]: reading the hand-written YAML files with the key path, line and column of an error.
 pub mod acknowledgement;
 pub mod endpoints;
 pub mod grant;
 pub mod model_deployment;
 pub mod validate;
+pub mod yaml;
 
 pub use model_deployment::*;
 

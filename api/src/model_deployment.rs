@@ -621,7 +621,7 @@ pub fn crd_yaml() -> anyhow::Result<String> {
     let crd = ModelDeployment::crd();
     Ok(format!(
         "# Generated from api/src/model_deployment.rs by `cargo xtask crds`; do not edit.\n{}",
-        serde_yaml::to_string(&crd)?
+        crate::yaml::to_string(&crd)?
     ))
 }
 
@@ -635,7 +635,7 @@ mod tests {
 
     #[test]
     fn the_seed_parses_with_its_values() {
-        let md: ModelDeployment = serde_yaml::from_str(SEED).expect("seed parses");
+        let md: ModelDeployment = serde_saphyr::from_str(SEED).expect("seed parses");
         let spec = &md.spec;
         assert_eq!(spec.model, "php-apache");
         assert!(spec.enabled, "enabled defaults to true");
@@ -653,7 +653,7 @@ mod tests {
 
     #[test]
     fn false_and_zero_survive_a_round_trip() {
-        let mut md: ModelDeployment = serde_yaml::from_str(SEED).expect("seed parses");
+        let mut md: ModelDeployment = serde_saphyr::from_str(SEED).expect("seed parses");
         md.spec.enabled = false;
         if let Some(o) = md.spec.offloading_config.as_mut() {
             o.behavior.percentage = 0;
@@ -667,7 +667,7 @@ mod tests {
 
     #[test]
     fn defaults_follow_the_reference() {
-        let md: ModelDeployment = serde_yaml::from_str(
+        let md: ModelDeployment = serde_saphyr::from_str(
             "apiVersion: deployment.beamlit.com/v1alpha1\nkind: ModelDeployment\nmetadata: {name: m}\n\
              spec:\n  model: m\n  modelSourceRef: {kind: Deployment, name: m}\n  offloadingConfig: {}\n",
         )

@@ -290,7 +290,7 @@ mod tests {
         } else {
             "  modelSourceRef: {kind: Deployment, name: llama}\n"
         };
-        let md: ModelDeployment = serde_yaml::from_str(&format!(
+        let md: ModelDeployment = serde_saphyr::from_str(&format!(
             "apiVersion: deployment.beamlit.com/v1alpha1\nkind: ModelDeployment\n\
              metadata: {{name: m, namespace: team-a}}\n\
              spec:\n  model: llama\n{workload}{yaml}"
@@ -300,7 +300,7 @@ mod tests {
     }
 
     fn default_backend() -> DefaultRemoteBackend {
-        serde_yaml::from_str(
+        serde_saphyr::from_str(
             "host: run.beamlit.com\nauthConfig:\n  oauthConfig:\n    clientId: cid\n    \
              clientSecretRef: {namespace: team-a, name: beamlit-credentials, key: clientSecret}\n",
         )

@@ -25,7 +25,7 @@ pub struct DefaultRemoteBackend {
     pub scheme: Scheme,
     #[serde(default = "default_path_prefix")]
     pub path_prefix: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "beamlit_api::yaml::null_as_default")]
     pub headers_to_add: BTreeMap<String, String>,
     #[serde(default)]
     pub auth_config: Option<DefaultAuthConfig>,
@@ -186,7 +186,7 @@ mod tests {
     use super::*;
 
     fn md(offloading: &str) -> ModelDeployment {
-        serde_yaml::from_str(&format!(
+        serde_saphyr::from_str(&format!(
             "apiVersion: deployment.beamlit.com/v1alpha1\nkind: ModelDeployment\n\
              metadata: {{name: m, namespace: models}}\n\
              spec:\n  model: llama\n  modelSourceRef: {{kind: Deployment, name: m}}\n{offloading}"
@@ -195,7 +195,7 @@ mod tests {
     }
 
     fn default_backend() -> DefaultRemoteBackend {
-        serde_yaml::from_str(
+        serde_saphyr::from_str(
             "authConfig:\n  oauthConfig:\n    clientId: cid\n    \
              clientSecretRef: {namespace: beamlit-system, name: creds, key: clientSecret}\n",
         )
@@ -293,7 +293,7 @@ mod tests {
 
     #[test]
     fn default_rejects_an_inline_secret_naming_the_key() {
-        let err = serde_yaml::from_str::<DefaultRemoteBackend>(
+        let err = serde_saphyr::from_str::<DefaultRemoteBackend>(
             "authConfig:\n  oauthConfig:\n    clientId: c\n    clientSecret: s\n",
         )
         .expect_err("inline secret refused");

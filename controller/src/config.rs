@@ -39,9 +39,9 @@ pub struct FileConfig {
     pub resync_seconds: Option<u64>,
     pub http_addr: Option<SocketAddr>,
     pub prometheus_url: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "beamlit_api::yaml::null_as_default")]
     pub namespaces: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "beamlit_api::yaml::null_as_default")]
     pub leader_election: LeaderElectionConfig,
     pub workspace: Option<String>,
     pub agent_namespace: Option<String>,
@@ -49,11 +49,11 @@ pub struct FileConfig {
     pub beamlit_api: Option<BeamlitApiFileConfig>,
     /// `namespace/name` or `namespace/*`: Services no ModelDeployment may offload, besides the
     /// built-in ones.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "beamlit_api::yaml::null_as_default")]
     pub protected_services: Vec<String>,
     /// Hosts a ModelDeployment's own remote backend (and token URL) may name, besides the
     /// default backend's; `*.example.com` for every name under example.com.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "beamlit_api::yaml::null_as_default")]
     pub allowed_remote_hosts: Vec<String>,
     /// Plain-http token URLs are accepted (test backends only).
     #[serde(default)]
@@ -103,7 +103,13 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
-    /// serde_yaml names the key path, line and column.
+    /// A value that did not deserialize: its key path, line and column. Not a `source`: the
+    /// message holds it already, and `{:#}` would print it twice.
+    #[error("invalid configuration file {path}: {error}")]
+    Syntax {
+        path: String,
+        error: beamlit_api::yaml::YamlError,
+    },
     #[error("invalid configuration file {path}: {message}")]
     Invalid { path: String, message: String },
 }
@@ -121,10 +127,11 @@ pub fn parse(label: &str, text: &str) -> Result<FileConfig, ConfigError> {
     if text.trim().is_empty() {
         return Ok(FileConfig::default());
     }
-    let config: FileConfig = serde_yaml::from_str(text).map_err(|e| ConfigError::Invalid {
-        path: label.to_string(),
-        message: e.to_string(),
-    })?;
+    let config: FileConfig =
+        beamlit_api::yaml::from_str(text, &[]).map_err(|error| ConfigError::Syntax {
+            path: label.to_string(),
+            error,
+        })?;
     let invalid = |message: String| ConfigError::Invalid {
         path: label.to_string(),
         message,
@@ -232,10 +239,16 @@ mod tests {
         let backend = c.default_remote_backend.expect("default backend");
         assert_eq!(backend.host, crate::backend::DEFAULT_HOST);
         assert_eq!(backend.path_prefix, crate::backend::DEFAULT_PATH_PREFIX);
-        assert_eq!(
-            parse("c.yaml", "").expect("empty is valid"),
-            FileConfig::default()
-        );
+        for empty in [
+            "",
+            "namespaces:\nleaderElection:\nprotectedServices:\nallowedRemoteHosts:\n",
+        ] {
+            assert_eq!(
+                parse("c.yaml", empty).expect("empty is valid"),
+                FileConfig::default(),
+                "{empty:?}"
+            );
+        }
         let c = parse(
             "c.yaml",
             "protectedServices: [ns/svc, infra/*]\nallowedRemoteHosts: [a.example, '*.b.example', '[fd00::9]']\n\
@@ -247,20 +260,26 @@ mod tests {
         assert_eq!(c.policy().protected_services, vec!["ns/svc", "infra/*"]);
     }
 
-    /// Each bad file names the key (and, from serde_yaml, the line).
+    /// Each bad file names the key (and, from the parser, the line).
     #[test]
     fn errors_name_the_key() {
         let cases: &[(&str, &[&str])] = &[
             (
                 "stabilisationWindowSeconds: 30\n",
+                // serde-saphyr lists the expected keys without backticks.
                 &[
                     "unknown field `stabilisationWindowSeconds`",
-                    "`stabilizationWindowSeconds`",
+                    "expected one of stabilizationWindowSeconds",
+                    "line 1, column 1",
                 ],
             ),
             (
                 "leaderElection:\n  leaseDuration: 5\n",
-                &["leaderElection", "unknown field `leaseDuration`", "line 2"],
+                &[
+                    "leaderElection.leaseDuration",
+                    "unknown field `leaseDuration`",
+                    "line 2, column 3",
+                ],
             ),
             ("resyncSeconds: -1\n", &["resyncSeconds", "line 1"]),
             ("resyncSeconds: 0\n", &["resyncSeconds: must be at least 1"]),

@@ -2027,7 +2027,7 @@ mod tests {
     #[test]
     fn requests_as_the_hpa_sums_them() {
         let pod = |yaml: &str| -> k8s_openapi::api::core::v1::Pod {
-            serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("{e}"))
+            serde_saphyr::from_str(yaml).unwrap_or_else(|e| panic!("{e}"))
         };
         let two = pod(
             "metadata: {name: p}\nspec:\n  containers:\n  - {name: a, resources: {requests: {cpu: 100m}}}\n  \

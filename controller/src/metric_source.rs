@@ -698,7 +698,7 @@ mod tests {
     #[test]
     fn prometheus_queries_from_a_name_and_selector_or_a_full_expression() {
         let metric = |yaml: &str| -> k8s_openapi::api::autoscaling::v2::MetricIdentifier {
-            serde_yaml::from_str(yaml).expect("test metric")
+            serde_saphyr::from_str(yaml).expect("test metric")
         };
         let cases = [
             (

@@ -158,14 +158,10 @@ pub struct Rendered {
 
 impl Rendered {
     pub fn parse(text: String) -> Result<Self> {
-        let mut objects = Vec::new();
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let value: Value = serde::Deserialize::deserialize(doc)
-                .context("helm template printed invalid YAML")?;
-            if !value.is_null() {
-                objects.push(value);
-            }
-        }
+        let mut objects: Vec<Value> =
+            serde_saphyr::from_multiple(&text).context("helm template printed invalid YAML")?;
+        // A template that renders nothing leaves an empty document between two `---`.
+        objects.retain(|o| !o.is_null());
         Ok(Self { text, objects })
     }
 

@@ -174,7 +174,7 @@ impl<'c> AdmissionPolicy<'c> {
         }
         let yaml = objects
             .iter()
-            .map(serde_yaml::to_string)
+            .map(serde_saphyr::to_string)
             .collect::<Result<Vec<_>, _>>()?
             .join("---\n");
         cluster.kubectl_with_stdin(&["apply", "-f", "-"], Some(&yaml))?;

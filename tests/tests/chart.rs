@@ -118,7 +118,7 @@ fn the_seed_flags_render_what_they_say() -> Result<()> {
     let deployment = r.component("Deployment", "controller")?;
     assert_eq!(deployment["spec"]["replicas"], 2);
 
-    let config: serde_yaml::Value = serde_yaml::from_str(&r.controller_config()?)?;
+    let config: serde_json::Value = serde_saphyr::from_str(&r.controller_config()?)?;
     let backend = &config["defaultRemoteBackend"];
     assert_eq!(backend["host"].as_str(), Some("run.beamlit.com"));
     assert_eq!(backend["scheme"].as_str(), Some("https"));
@@ -153,7 +153,8 @@ fn the_seed_flags_render_what_they_say() -> Result<()> {
         "default",
         &ChartValues::seed().set("config.workspace", "ws"),
     )?;
-    let config_ws: serde_yaml::Value = serde_yaml::from_str(&with_workspace.controller_config()?)?;
+    let config_ws: serde_json::Value =
+        serde_saphyr::from_str(&with_workspace.controller_config()?)?;
     assert_eq!(
         config_ws["beamlitApi"]["tokenFile"].as_str(),
         Some("/etc/beamlit/api/beamlitApiToken")
@@ -219,9 +220,9 @@ fn the_seed_flags_render_what_they_say() -> Result<()> {
 #[test]
 fn the_boundary_values_render_into_the_configuration() -> Result<()> {
     let seed = chart::render("beamlit-system", &ChartValues::seed())?;
-    let config: serde_yaml::Value = serde_yaml::from_str(&seed.controller_config()?)?;
+    let config: serde_json::Value = serde_saphyr::from_str(&seed.controller_config()?)?;
     let protected: Vec<&str> = config["protectedServices"]
-        .as_sequence()
+        .as_array()
         .context("protectedServices")?
         .iter()
         .filter_map(|v| v.as_str())
@@ -266,13 +267,13 @@ fn the_boundary_values_render_into_the_configuration() -> Result<()> {
             )
             .set("config.crossNamespaceReferences", "true"),
     )?;
-    let config: serde_yaml::Value = serde_yaml::from_str(&custom.controller_config()?)?;
+    let config: serde_json::Value = serde_saphyr::from_str(&custom.controller_config()?)?;
     assert_eq!(
         config["allowedRemoteHosts"],
-        serde_yaml::from_str::<serde_yaml::Value>("[fallback.internal, '*.models.example']")?
+        serde_saphyr::from_str::<serde_json::Value>("[fallback.internal, '*.models.example']")?
     );
     assert_eq!(config["allowInsecureTokenUrls"].as_bool(), Some(true));
-    assert!(config["protectedServices"].as_sequence().is_some_and(|p| {
+    assert!(config["protectedServices"].as_array().is_some_and(|p| {
         p.iter()
             .any(|v| v.as_str() == Some("openshift-dns/dns-default"))
     }));
@@ -504,7 +505,7 @@ fn the_apiserver_accepts_every_rendered_object() -> Result<()> {
             .collect();
         let text = wanted
             .iter()
-            .map(serde_yaml::to_string)
+            .map(serde_saphyr::to_string)
             .collect::<Result<Vec<_>, _>>()?
             .join("---\n");
         let out = cluster
@@ -820,15 +821,13 @@ fn the_agent_needs_exactly_the_charts_capabilities() -> Result<()> {
 /// A kubeconfig that acts as `user` (impersonation by the cluster admin), so that a binary runs
 /// with exactly that ServiceAccount's permissions.
 fn impersonating(cluster: &TestCluster, user: &str, path: &Path) -> Result<()> {
-    let mut config: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(cluster.kubeconfig())?)?;
-    let users = config["users"]
-        .as_sequence_mut()
-        .context("kubeconfig users")?;
+    let mut config: serde_json::Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(cluster.kubeconfig())?)?;
+    let users = config["users"].as_array_mut().context("kubeconfig users")?;
     for u in users {
         u["user"]["as"] = user.into();
     }
-    std::fs::write(path, serde_yaml::to_string(&config)?)?;
+    std::fs::write(path, serde_saphyr::to_string(&config)?)?;
     Ok(())
 }
 

@@ -405,7 +405,7 @@ mod tests {
     /// The seed's ModelDeployment as the controller leaves it: `percent`, `reason`, the Service
     /// resolved, and a remote backend with a Secret reference.
     fn model(name: &str, percent: i32, reason: &str, addresses: &[&str]) -> ModelDeployment {
-        let mut md: ModelDeployment = serde_yaml::from_str(SEED).expect("seed parses");
+        let mut md: ModelDeployment = serde_saphyr::from_str(SEED).expect("seed parses");
         md.metadata.name = Some(name.into());
         md.metadata.namespace = Some("models".into());
         md.metadata.uid = Some(format!("uid-{name}"));
