@@ -191,7 +191,10 @@ pub fn tunnel(args: &TunnelArgs) -> Result<()> {
     fs::create_dir_all(&workdir)?;
     let socket_dir = workdir.join("tunnel-control");
     fs::create_dir_all(&socket_dir)?;
-    fs::set_permissions(&socket_dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
+    fs::set_permissions(
+        &socket_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )?;
     let socket = socket_dir.join("control.sock");
     let socket_arg = socket.display().to_string();
     let (mut agent, tunnel_process) = if args.in_process {
@@ -199,7 +202,10 @@ pub fn tunnel(args: &TunnelArgs) -> Result<()> {
         if let Some(n) = &workers {
             agent_args.extend(["--tunnel-workers", n.as_str()]);
         }
-        (AgentFixture::start(cgroup.path(), &routes, &agent_args)?, None)
+        (
+            AgentFixture::start(cgroup.path(), &routes, &agent_args)?,
+            None,
+        )
     } else {
         let mut tunnel_args = Vec::new();
         if let Some(n) = &workers {
@@ -235,8 +241,8 @@ pub fn tunnel(args: &TunnelArgs) -> Result<()> {
             connections: 1,
             close: true,
         };
-        let served = wrk(&client.netns, cgroup.path(), &probe)
-            .is_ok_and(|r| r.requests_per_sec > 100.0);
+        let served =
+            wrk(&client.netns, cgroup.path(), &probe).is_ok_and(|r| r.requests_per_sec > 100.0);
         if served {
             break;
         }
