@@ -284,12 +284,7 @@ impl AgentFixture {
     /// Peak resident memory of the running agent (VmHWM), in KiB.
     pub fn peak_rss_kib(&mut self) -> Result<u64> {
         let pid = self.pid().ok_or_else(|| anyhow!("agent not running"))?;
-        let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .ok_or_else(|| anyhow!("no VmHWM for pid {pid}"))
+        vm_hwm_kib(pid)
     }
 
     /// SIGTERM, and waits for the agent to exit (a rolling update or `kubectl delete pod`).
@@ -515,4 +510,14 @@ pub fn start_tunnel_process(
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(child)
+}
+
+/// The peak resident set (VmHWM) of `pid`, in KiB.
+pub fn vm_hwm_kib(pid: u32) -> Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow!("no VmHWM for pid {pid}"))
 }

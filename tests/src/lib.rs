@@ -53,7 +53,8 @@ pub mod tls;
 mod topology;
 
 pub use agent::{
-    AgentFixture, TUNNEL_UID, has_service_entry, start_tunnel_process, write_service_entry,
+    AgentFixture, TUNNEL_UID, has_service_entry, start_tunnel_process, vm_hwm_kib,
+    write_service_entry,
 };
 pub use cgroup::TestCgroup;
 pub use fake_beamlit::{FakeBeamlit, FakeBeamlitOptions, FakeStats};

@@ -23,7 +23,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use beamlit_testbed::{AgentFixture, TestCgroup, Topology, start_tunnel_process};
+use beamlit_testbed::{AgentFixture, TestCgroup, Topology, start_tunnel_process, vm_hwm_kib};
 
 use crate::bench::{Nginx, Wrk, WrkResult, cpu_time_us, static_server, verdict, wrk};
 
@@ -53,16 +53,6 @@ pub struct TunnelArgs {
     /// default, a tunnel process of its own.
     #[arg(long)]
     in_process: bool,
-}
-
-/// VmHWM of `pid`, in KiB.
-fn vm_hwm_kib(pid: u32) -> Result<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("no VmHWM for pid {pid}"))
 }
 
 /// The agent's memory, from /proc/PID/status, in KiB.
