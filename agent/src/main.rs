@@ -7,7 +7,7 @@ use beamlit_agent::{
     cluster::{Cluster, ClusterConfig, desired::TunnelAddresses, exempt::ExemptPod},
     dataplane::{self, Dataplane, DataplaneConfig, EbpfLogLevel},
     inspect, routes,
-    standalone::{self, Standalone},
+    standalone::Standalone,
     tunnel::{limits::Limits, metrics::Metrics},
 };
 use clap::{Parser, Subcommand};
@@ -215,7 +215,9 @@ fn tunnel(args: TunnelArgs) -> anyhow::Result<()> {
                     .build();
                 match runtime {
                     Ok(rt) => {
-                        if let Err(e) = rt.block_on(standalone::serve_metrics(addr, metrics)) {
+                        if let Err(e) =
+                            rt.block_on(beamlit_agent::tunnel::metrics::serve(addr, metrics))
+                        {
                             tracing::error!("{e:#}");
                         }
                     }
@@ -466,7 +468,7 @@ fn run(bpffs: &std::path::Path, state_dir: &std::path::Path, args: RunArgs) -> a
             if let Some(addr) = args.metrics_addr {
                 let metrics = metrics.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = standalone::serve_metrics(addr, metrics).await {
+                    if let Err(e) = beamlit_agent::tunnel::metrics::serve(addr, metrics).await {
                         tracing::error!("{e:#}");
                     }
                 });

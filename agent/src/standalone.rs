@@ -1,10 +1,10 @@
 //! Standalone mode: the maps (and the tunnel) follow a routes file, re-read when it changes.
 //! No Kubernetes.
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use tracing::{error, info, warn};
 
-use crate::{apply::Applier, dataplane::Dataplane, routes, tunnel::metrics::Metrics};
+use crate::{apply::Applier, dataplane::Dataplane, routes};
 
 pub struct Standalone {
     pub routes_path: PathBuf,
@@ -101,40 +101,5 @@ impl Standalone {
              (`beamlit-agent cleanup` removes them)"
         );
         Ok(())
-    }
-}
-
-/// `/metrics` (Prometheus text) and `/healthz` on `addr`, in the agent's own namespace.
-pub async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()> {
-    use http_body_util::Full;
-    use hyper::{Response, StatusCode, body::Bytes};
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("metrics address {addr}: {e}"))?;
-    info!(%addr, "serving /metrics");
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let metrics = metrics.clone();
-                    async move {
-                        let (status, body) = match req.uri().path() {
-                            "/metrics" => (StatusCode::OK, metrics.encode()),
-                            "/healthz" => (StatusCode::OK, "ok\n".to_string()),
-                            _ => (StatusCode::NOT_FOUND, "try /metrics\n".to_string()),
-                        };
-                        let mut response = Response::new(Full::new(Bytes::from(body)));
-                        *response.status_mut() = status;
-                        Ok::<_, std::convert::Infallible>(response)
-                    }
-                });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
-        });
     }
 }

@@ -4,10 +4,9 @@
 //!
 //! One decision source: the share comes from `status.offloadPercent`, the addresses from
 //! `status.service`, the backend from `status.remoteBackend`. The one thing the agent decides
-//! by itself is node-local failover: a Service whose EndpointSlices show no ready endpoint is
-//! offloaded at 100% at once, without waiting for the controller to notice.
+//! by itself is node-local failover ([`super::failover`]).
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::Arc,
     time::Duration,
@@ -21,14 +20,13 @@ use beamlit_api::{
 use http::{HeaderName, HeaderValue, Uri};
 use serde::{Deserialize, Serialize};
 
+pub use super::failover::ReadyEndpoints;
+use super::failover::failover_share;
 use crate::{
     model::{Route, Share},
     routes::RouteSet,
     tunnel::backend::{self, Auth, Mode, OAuthClient, RemoteBackend, Scheme, Secret},
 };
-
-/// The reason shown for a share the agent chose itself.
-pub const NODE_LOCAL_FAILOVER: &str = "NoReadyEndpoints (node-local failover)";
 
 /// Where redirected connections go on this node, per address family.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -45,10 +43,6 @@ impl TunnelAddresses {
         }
     }
 }
-
-/// (namespace, Service name) → ready endpoints; a Service absent here has no EndpointSlice
-/// (yet), and then only the controller's decision counts.
-pub type ReadyEndpoints = HashMap<(String, String), u32>;
 
 /// Client secrets read from Secrets, by reference.
 pub type SecretValues = HashMap<NamespacedSecretKeyRef, Secret>;
@@ -173,8 +167,8 @@ fn routes_of(
     let ready_now = ready
         .get(&(service.namespace.clone(), service.name.clone()))
         .copied();
-    let (share, reason) = if ready_now == Some(0) {
-        (Share::ALL, NODE_LOCAL_FAILOVER.to_string())
+    let (share, reason) = if let Some((share, reason)) = failover_share(ready_now) {
+        (share, reason.to_string())
     } else {
         let percent = f64::from(status.offload_percent.clamp(0, 100));
         (
@@ -356,40 +350,11 @@ pub fn secret_refs(models: &[Arc<ModelDeployment>]) -> Vec<NamespacedSecretKeyRe
 /// How long a Secret's value is used before it is read again (rotations reach the tunnel).
 pub const SECRET_REFRESH: Duration = Duration::from_secs(60);
 
-/// Per Service (`namespace`, `name`), ready endpoints over its EndpointSlices.
-pub fn ready_endpoints_by_service(
-    slices: &[Arc<k8s_openapi::api::discovery::v1::EndpointSlice>],
-) -> ReadyEndpoints {
-    let mut grouped: BTreeMap<
-        (String, String),
-        Vec<&k8s_openapi::api::discovery::v1::EndpointSlice>,
-    > = BTreeMap::new();
-    for slice in slices {
-        let (Some(namespace), Some(service)) = (
-            slice.metadata.namespace.clone(),
-            slice
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(beamlit_api::endpoints::SERVICE_NAME_LABEL))
-                .cloned(),
-        ) else {
-            continue;
-        };
-        grouped
-            .entry((namespace, service))
-            .or_default()
-            .push(slice.as_ref());
-    }
-    grouped
-        .into_iter()
-        .map(|(k, v)| (k, beamlit_api::endpoints::ready_endpoints(v)))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use beamlit_api::{EffectiveOAuth, ModelDeploymentStatus, ResolvedService};
+
+    use std::collections::BTreeMap;
 
     use super::*;
 

@@ -13,6 +13,7 @@ pub mod ack;
 pub mod api_client;
 pub mod desired;
 pub mod exempt;
+pub mod failover;
 pub mod uninstall;
 
 use std::{
@@ -45,11 +46,6 @@ use desired::{Origin, SecretValues, TunnelAddresses};
 /// Bounds each call the loop makes to the API server, so an unreachable one never stalls the
 /// loop (signals, renewals, the next change).
 const API_CALL_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Node-local failover outlasts the outage by this much: when a Service's endpoints come back,
-/// the node's proxy (kube-proxy) programs them at its own pace, and a connection sent back to
-/// the local path before that would be refused.
-pub const FAILOVER_HOLD: Duration = Duration::from_secs(1);
 
 pub struct ClusterConfig {
     /// This node's name: the agent's Lease is `beamlit-agent-<node>`.
@@ -147,32 +143,6 @@ impl Secrets {
     }
 }
 
-/// Records Services without ready endpoints, and reports those that had none within
-/// [`FAILOVER_HOLD`] as still without (their failover holds). Returns when the next hold ends.
-fn hold_failover(
-    unready_at: &mut HashMap<(String, String), Instant>,
-    ready: &mut desired::ReadyEndpoints,
-    now: Instant,
-) -> Option<Instant> {
-    for (service, count) in ready.iter() {
-        if *count == 0 {
-            unready_at.insert(service.clone(), now);
-        }
-    }
-    unready_at.retain(|_, at| now.duration_since(*at) < FAILOVER_HOLD);
-    let mut next = None;
-    for (service, at) in unready_at.iter() {
-        if let Some(count) = ready.get_mut(service)
-            && *count > 0
-        {
-            *count = 0;
-            let ends = *at + FAILOVER_HOLD;
-            next = Some(next.map_or(ends, |n: Instant| n.min(ends)));
-        }
-    }
-    next
-}
-
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -240,9 +210,8 @@ pub struct Cluster {
     lease: ack::LeaseWriter,
     /// Problems last reported, so each is logged once, not on every change.
     reported: BTreeSet<String>,
-    /// When each Service (namespace, name) was last seen without a ready endpoint, for
-    /// [`FAILOVER_HOLD`].
-    unready_at: HashMap<(String, String), Instant>,
+    /// Node-local failover's holds after endpoints return.
+    holds: failover::Holds,
     /// The earliest end of a hold, when the maps must be recomputed.
     hold_ends: Option<Instant>,
     exemptions: exempt::Exemptions,
@@ -264,7 +233,7 @@ impl Cluster {
             },
             lease,
             reported: BTreeSet::new(),
-            unready_at: HashMap::new(),
+            holds: failover::Holds::default(),
             hold_ends: None,
         }
     }
@@ -417,8 +386,8 @@ impl Cluster {
             .collect();
         let refs = desired::secret_refs(&models);
         self.secrets.refresh(&self.client, &refs, periodic).await;
-        let mut ready = desired::ready_endpoints_by_service(&slices.state());
-        self.hold_ends = hold_failover(&mut self.unready_at, &mut ready, Instant::now());
+        let mut ready = failover::ready_endpoints_by_service(&slices.state());
+        self.hold_ends = self.holds.apply(&mut ready, Instant::now());
         let mut d = desired::desired(&models, &ready, &self.config.tunnels, &self.secrets.values);
         let problems: BTreeSet<String> = d.problems.iter().cloned().collect();
         for p in problems.difference(&self.reported) {
@@ -476,34 +445,5 @@ impl Cluster {
         if let Err(e) = result {
             warn!(dir = %dir.display(), "writing the state `inspect` reads: {e}");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn failover_holds_after_endpoints_return_then_ends() {
-        let svc = ("models".to_string(), "php".to_string());
-        let t0 = Instant::now();
-        let mut unready = HashMap::new();
-        let mut ready = desired::ReadyEndpoints::from([(svc.clone(), 0)]);
-        assert_eq!(
-            hold_failover(&mut unready, &mut ready, t0),
-            None,
-            "down: no hold yet"
-        );
-        let back = t0 + Duration::from_millis(100);
-        let mut ready = desired::ReadyEndpoints::from([(svc.clone(), 2)]);
-        assert_eq!(
-            hold_failover(&mut unready, &mut ready, back),
-            Some(t0 + FAILOVER_HOLD)
-        );
-        assert_eq!(ready[&svc], 0, "held: still failed over");
-        let later = t0 + FAILOVER_HOLD;
-        let mut ready = desired::ReadyEndpoints::from([(svc.clone(), 2)]);
-        assert_eq!(hold_failover(&mut unready, &mut ready, later), None);
-        assert_eq!(ready[&svc], 2, "the hold is over");
     }
 }

@@ -1,5 +1,10 @@
-//! The tunnel's Prometheus metrics (served on the agent's `/metrics`). Labels carry Service
-//! addresses and outcomes, never credentials.
+//! The tunnel's Prometheus metrics, and the one server of `/metrics` and `/healthz` ([`serve`])
+//! that the agent and the tunnel process use. Labels carry Service addresses and outcomes,
+//! never credentials.
+use std::{net::SocketAddr, sync::Arc};
+
+use tracing::info;
+
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, histogram::Histogram},
@@ -205,5 +210,41 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+/// The one `/metrics` (Prometheus text) and `/healthz` server of the agent and of the tunnel
+/// process, on `addr`, in the process's own network namespace.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+    use http_body_util::Full;
+    use hyper::{Response, StatusCode, body::Bytes};
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("metrics address {addr}: {e}"))?;
+    info!(%addr, "serving /metrics");
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let metrics = metrics.clone();
+                    async move {
+                        let (status, body) = match req.uri().path() {
+                            "/metrics" => (StatusCode::OK, metrics.encode()),
+                            "/healthz" => (StatusCode::OK, "ok\n".to_string()),
+                            _ => (StatusCode::NOT_FOUND, "try /metrics\n".to_string()),
+                        };
+                        let mut response = Response::new(Full::new(Bytes::from(body)));
+                        *response.status_mut() = status;
+                        Ok::<_, std::convert::Infallible>(response)
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
     }
 }

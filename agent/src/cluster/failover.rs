@@ -1,0 +1,120 @@
+//! Node-local failover: the one share the agent decides by itself. A Service whose
+//! EndpointSlices show no ready endpoint is offloaded at 100% at once, without waiting for the
+//! controller to notice; when its endpoints come back, the failover holds [`FAILOVER_HOLD`]
+//! longer, because the node's proxy (kube-proxy) programs them at its own pace and a connection
+//! sent back to the local path before that would be refused.
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::model::Share;
+
+/// The reason shown for a share the agent chose itself.
+pub const NODE_LOCAL_FAILOVER: &str = "NoReadyEndpoints (node-local failover)";
+
+/// How long failover outlasts the outage once endpoints are ready again.
+pub const FAILOVER_HOLD: Duration = Duration::from_secs(1);
+
+/// (namespace, Service name) → ready endpoints; a Service absent here has no EndpointSlice
+/// (yet), and then only the controller's decision counts.
+pub type ReadyEndpoints = HashMap<(String, String), u32>;
+
+/// Per Service (`namespace`, `name`), ready endpoints over its EndpointSlices.
+pub fn ready_endpoints_by_service(slices: &[Arc<EndpointSlice>]) -> ReadyEndpoints {
+    let mut grouped: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+    for slice in slices {
+        let (Some(namespace), Some(service)) = (
+            slice.metadata.namespace.clone(),
+            slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(beamlit_api::endpoints::SERVICE_NAME_LABEL))
+                .cloned(),
+        ) else {
+            continue;
+        };
+        grouped
+            .entry((namespace, service))
+            .or_default()
+            .push(slice.as_ref());
+    }
+    grouped
+        .into_iter()
+        .map(|(k, v)| (k, beamlit_api::endpoints::ready_endpoints(v)))
+        .collect()
+}
+
+/// The share and reason of node-local failover, when the Service has no ready endpoint (as
+/// [`Holds::apply`] left the counts); `None`: the controller's decision applies.
+pub fn failover_share(ready_now: Option<u32>) -> Option<(Share, &'static str)> {
+    (ready_now == Some(0)).then_some((Share::ALL, NODE_LOCAL_FAILOVER))
+}
+
+/// When each Service was last seen without a ready endpoint, for [`FAILOVER_HOLD`].
+#[derive(Debug, Default)]
+pub struct Holds {
+    unready_at: HashMap<(String, String), Instant>,
+}
+
+impl Holds {
+    /// Records Services without ready endpoints, and reports those that had none within
+    /// [`FAILOVER_HOLD`] as still without (their failover holds). Returns when the next hold
+    /// ends, when the maps must be computed again.
+    pub fn apply(&mut self, ready: &mut ReadyEndpoints, now: Instant) -> Option<Instant> {
+        for (service, count) in ready.iter() {
+            if *count == 0 {
+                self.unready_at.insert(service.clone(), now);
+            }
+        }
+        self.unready_at
+            .retain(|_, at| now.duration_since(*at) < FAILOVER_HOLD);
+        let mut next = None;
+        for (service, at) in &self.unready_at {
+            if let Some(count) = ready.get_mut(service)
+                && *count > 0
+            {
+                *count = 0;
+                let ends = *at + FAILOVER_HOLD;
+                next = Some(next.map_or(ends, |n: Instant| n.min(ends)));
+            }
+        }
+        next
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failover_holds_after_endpoints_return_then_ends() {
+        let svc = ("models".to_string(), "php".to_string());
+        let t0 = Instant::now();
+        let mut holds = Holds::default();
+        let mut ready = ReadyEndpoints::from([(svc.clone(), 0)]);
+        assert_eq!(holds.apply(&mut ready, t0), None, "down: no hold yet");
+        let back = t0 + Duration::from_millis(100);
+        let mut ready = ReadyEndpoints::from([(svc.clone(), 2)]);
+        assert_eq!(holds.apply(&mut ready, back), Some(t0 + FAILOVER_HOLD));
+        assert_eq!(ready[&svc], 0, "held: still failed over");
+        let later = t0 + FAILOVER_HOLD;
+        let mut ready = ReadyEndpoints::from([(svc.clone(), 2)]);
+        assert_eq!(holds.apply(&mut ready, later), None);
+        assert_eq!(ready[&svc], 2, "the hold is over");
+    }
+
+    #[test]
+    fn only_a_service_without_ready_endpoints_fails_over() {
+        assert_eq!(
+            failover_share(Some(0)),
+            Some((Share::ALL, NODE_LOCAL_FAILOVER))
+        );
+        assert_eq!(failover_share(Some(1)), None);
+        assert_eq!(failover_share(None), None, "no EndpointSlice yet");
+    }
+}
