@@ -158,6 +158,12 @@ struct RunArgs {
     /// leaving them for the next agent; a rolling update keeps them.
     #[arg(long, env = "AGENT_DAEMONSET")]
     daemonset: Option<String>,
+    /// Cluster mode: how long node-local failover (a Service with no ready endpoint, offloaded
+    /// at once) lasts after its endpoints are ready again, so that the node's proxy has
+    /// programmed them before connections go back to it. Keep it above kube-proxy's
+    /// minSyncPeriod (1 s by default) plus its sync time.
+    #[arg(long, default_value_t = 3000)]
+    failover_hold_ms: u64,
     /// Cluster mode: a label selector of pods in --namespace (the controller's) whose
     /// connections are never redirected on this node, whatever a ModelDeployment says: their
     /// pod cgroups go into the `exempt_cgroups` map (the agent's own pod, from --pod-uid, is
@@ -418,6 +424,7 @@ fn mode(args: &RunArgs, state_dir: &std::path::Path) -> anyhow::Result<Mode> {
             }),
         // Set once the cgroup to attach to is chosen.
         pods_cgroup: PathBuf::new(),
+        failover_hold: Duration::from_millis(args.failover_hold_ms),
     })))
 }
 

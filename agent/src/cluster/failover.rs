@@ -1,8 +1,11 @@
 //! Node-local failover: the one share the agent decides by itself. A Service whose
 //! EndpointSlices show no ready endpoint is offloaded at 100% at once, without waiting for the
-//! controller to notice; when its endpoints come back, the failover holds [`FAILOVER_HOLD`]
-//! longer, because the node's proxy (kube-proxy) programs them at its own pace and a connection
-//! sent back to the local path before that would be refused.
+//! controller to notice; when its endpoints come back, the failover holds a while longer
+//! (`--failover-hold-ms`, [`DEFAULT_FAILOVER_HOLD`]), because the node's proxy programs them at
+//! its own pace and a connection sent back to the local path before that would be refused:
+//! kube-proxy (iptables and nftables modes) waits at least its `minSyncPeriod`, 1 s by default,
+//! between two syncs, and then takes the sync itself. A hold of exactly 1 s raced it (seen
+//! once on real nodes: one connection refused at the ClusterIP right after a scale-up).
 use std::{
     collections::{BTreeMap, HashMap},
     sync::Arc,
@@ -16,8 +19,9 @@ use crate::model::Share;
 /// The reason shown for a share the agent chose itself.
 pub const NODE_LOCAL_FAILOVER: &str = "NoReadyEndpoints (node-local failover)";
 
-/// How long failover outlasts the outage once endpoints are ready again.
-pub const FAILOVER_HOLD: Duration = Duration::from_secs(1);
+/// How long failover outlasts the outage once endpoints are ready again, by default: three
+/// times kube-proxy's default minSyncPeriod.
+pub const DEFAULT_FAILOVER_HOLD: Duration = Duration::from_secs(3);
 
 /// (namespace, Service name) → ready endpoints; a Service absent here has no EndpointSlice
 /// (yet), and then only the controller's decision counts.
@@ -55,31 +59,40 @@ pub fn failover_share(ready_now: Option<u32>) -> Option<(Share, &'static str)> {
     (ready_now == Some(0)).then_some((Share::ALL, NODE_LOCAL_FAILOVER))
 }
 
-/// When each Service was last seen without a ready endpoint, for [`FAILOVER_HOLD`].
-#[derive(Debug, Default)]
+/// When each Service was last seen without a ready endpoint, for the hold.
+#[derive(Debug)]
 pub struct Holds {
+    hold: Duration,
     unready_at: HashMap<(String, String), Instant>,
 }
 
 impl Holds {
-    /// Records Services without ready endpoints, and reports those that had none within
-    /// [`FAILOVER_HOLD`] as still without (their failover holds). Returns when the next hold
-    /// ends, when the maps must be computed again.
+    pub fn new(hold: Duration) -> Self {
+        Self {
+            hold,
+            unready_at: HashMap::new(),
+        }
+    }
+
+    /// Records Services without ready endpoints, and reports those that had none within the
+    /// hold as still without (their failover holds). Returns when the next hold ends, when the
+    /// maps must be computed again.
     pub fn apply(&mut self, ready: &mut ReadyEndpoints, now: Instant) -> Option<Instant> {
+        let hold = self.hold;
         for (service, count) in ready.iter() {
             if *count == 0 {
                 self.unready_at.insert(service.clone(), now);
             }
         }
         self.unready_at
-            .retain(|_, at| now.duration_since(*at) < FAILOVER_HOLD);
+            .retain(|_, at| now.duration_since(*at) < hold);
         let mut next = None;
         for (service, at) in &self.unready_at {
             if let Some(count) = ready.get_mut(service)
                 && *count > 0
             {
                 *count = 0;
-                let ends = *at + FAILOVER_HOLD;
+                let ends = *at + hold;
                 next = Some(next.map_or(ends, |n: Instant| n.min(ends)));
             }
         }
@@ -95,14 +108,19 @@ mod tests {
     fn failover_holds_after_endpoints_return_then_ends() {
         let svc = ("models".to_string(), "php".to_string());
         let t0 = Instant::now();
-        let mut holds = Holds::default();
+        let hold = Duration::from_secs(3);
+        let mut holds = Holds::new(hold);
         let mut ready = ReadyEndpoints::from([(svc.clone(), 0)]);
         assert_eq!(holds.apply(&mut ready, t0), None, "down: no hold yet");
         let back = t0 + Duration::from_millis(100);
         let mut ready = ReadyEndpoints::from([(svc.clone(), 2)]);
-        assert_eq!(holds.apply(&mut ready, back), Some(t0 + FAILOVER_HOLD));
+        assert_eq!(holds.apply(&mut ready, back), Some(t0 + hold));
         assert_eq!(ready[&svc], 0, "held: still failed over");
-        let later = t0 + FAILOVER_HOLD;
+        let almost = t0 + hold - Duration::from_millis(1);
+        let mut ready = ReadyEndpoints::from([(svc.clone(), 2)]);
+        assert_eq!(holds.apply(&mut ready, almost), Some(t0 + hold));
+        assert_eq!(ready[&svc], 0, "held until the hold's last instant");
+        let later = t0 + hold;
         let mut ready = ReadyEndpoints::from([(svc.clone(), 2)]);
         assert_eq!(holds.apply(&mut ready, later), None);
         assert_eq!(ready[&svc], 2, "the hold is over");

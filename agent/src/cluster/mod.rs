@@ -69,6 +69,8 @@ pub struct ClusterConfig {
     pub own_pod: Option<exempt::ExemptPod>,
     /// The cgroup the programs are attached to (where pod cgroups are looked for).
     pub pods_cgroup: PathBuf,
+    /// How long node-local failover outlasts an outage ([`failover`]).
+    pub failover_hold: Duration,
 }
 
 /// What `inspect` reads: why each service address is redirected as it is.
@@ -222,6 +224,7 @@ impl Cluster {
         let lease = ack::LeaseWriter::new(client.clone(), &config.namespace, &config.node_name);
         let exemptions =
             exempt::Exemptions::new(config.pods_cgroup.clone(), config.own_pod.clone());
+        let holds = failover::Holds::new(config.failover_hold);
         Self {
             exemptions,
             config,
@@ -233,7 +236,7 @@ impl Cluster {
             },
             lease,
             reported: BTreeSet::new(),
-            holds: failover::Holds::default(),
+            holds,
             hold_ends: None,
         }
     }

@@ -214,6 +214,7 @@ by the kubelet from the environment below.
 - --tunnel-socket=/run/beamlit-tunnel/control.sock
 - --metrics-addr=127.0.0.1:{{ $a.metricsPort }}
 - --bypass-mark={{ $a.bypassMark }}
+- --failover-hold-ms={{ int $a.failoverHoldMs }}
 # The controller's pods on this node are never redirected (nor this agent's own pod).
 - --exempt-pods=app.kubernetes.io/name={{ include "beamlit.name" . }},app.kubernetes.io/instance={{ .Release.Name }},app.kubernetes.io/component=controller
 - --ebpf-log-level={{ $a.ebpfLogLevel }}
