@@ -171,12 +171,22 @@ fn an_unprivileged_tunnel_process_serves_redirected_connections_only() -> Result
         || Ok(curl(&format!("http://{SVC}/"))?.1.contains("local")),
     )?;
     // A new tunnel process (a restarted container): the agent connects again by itself.
-    let _tunnel = start_tunnel_process(&node, &socket, &["--ca-file", &ca], &log)?;
+    let mut tunnel = start_tunnel_process(&node, &socket, &["--ca-file", &ca], &log)?;
     wait_for(
         "requests served by the restarted tunnel process",
         Duration::from_secs(10),
         served_remotely,
     )
     .with_context(|| format!("agent:\n{}", agent.log()))?;
+    // SIGTERM, as the kubelet stops the container: the tunnel is its container's PID 1 here,
+    // so without a handler it would wait for the grace period's SIGKILL. It exits by itself,
+    // at the latest once the agent has had its 2 s to take the services off it.
+    tunnel.signal(libc::SIGTERM)?;
+    let status = tunnel.wait_timeout(Duration::from_secs(8))?;
+    ensure!(
+        status.is_some_and(|s| s.success()),
+        "the tunnel process did not exit on SIGTERM within 8 s: {status:?}\n{}",
+        tunnel_log()
+    );
     Ok(())
 }

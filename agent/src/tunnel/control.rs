@@ -49,6 +49,10 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the tunnel waits for the agent's answer about a connection's flow before refusing
 /// the connection.
 const FLOW_TIMEOUT: Duration = Duration::from_secs(2);
+/// On SIGTERM: how long the tunnel process waits for the agent (stopping too) to take its
+/// services off it, then how long open connections get to finish.
+const STOP_AGENT_WAIT: Duration = Duration::from_secs(2);
+const STOP_DRAIN: Duration = Duration::from_secs(5);
 const PROTOCOL: u32 = 1;
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -449,6 +453,11 @@ impl AgentLink {
         }
     }
 
+    /// Whether an agent is connected.
+    fn connected(&self) -> bool {
+        self.sender.lock().is_ok_and(|s| s.is_some())
+    }
+
     fn connect(&self, tx: tokio::sync::mpsc::UnboundedSender<Vec<u8>>) {
         if let Ok(mut s) = self.sender.lock() {
             *s = Some(tx);
@@ -487,6 +496,8 @@ pub fn serve(socket: &Path, config: TunnelConfig, metrics: Arc<Metrics>) -> anyh
         Ok(())
     });
     let tunnel = Tunnel::start_with(&config, metrics, Flows::Agent(link.clone()), 0, beat)?;
+    let tunnel = Arc::new(tunnel);
+    stop_on_sigterm(link.clone(), tunnel.clone())?;
     info!(socket = %socket.display(), "tunnel process: waiting for the agent");
     for stream in listener.incoming() {
         let mut stream = match stream {
@@ -516,6 +527,44 @@ pub fn serve(socket: &Path, config: TunnelConfig, metrics: Arc<Metrics>) -> anyh
             Err(e) => warn!("the agent's connection: {e}"),
         }
     }
+    Ok(())
+}
+
+/// SIGTERM (the pod stopping): as PID 1 of its container the process would ignore it until the
+/// grace period's SIGKILL. The agent, stopping too, takes this tunnel's services off it first
+/// (they fail open to the local path); once it has disconnected (or after [`STOP_AGENT_WAIT`]),
+/// open connections get [`STOP_DRAIN`] to finish, then the process exits.
+fn stop_on_sigterm(link: Arc<AgentLink>, tunnel: Arc<Tunnel>) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("sigterm".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let Ok(mut term) =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                else {
+                    warn!("cannot watch SIGTERM; the process stops at SIGKILL");
+                    return;
+                };
+                term.recv().await;
+                info!("SIGTERM: waiting for the agent to take the services off this tunnel");
+                let started = std::time::Instant::now();
+                while link.connected() && started.elapsed() < STOP_AGENT_WAIT {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let draining = std::time::Instant::now();
+                while tunnel.open_connections() > 0 && draining.elapsed() < STOP_DRAIN {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                info!(
+                    open_connections = tunnel.open_connections(),
+                    "tunnel process stopping"
+                );
+                std::process::exit(0);
+            });
+        })?;
     Ok(())
 }
 

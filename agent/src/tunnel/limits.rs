@@ -83,6 +83,12 @@ impl ClientSlots {
         })
     }
 
+    /// Connections open now, over every client.
+    pub fn total(&self) -> usize {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.values().sum()
+    }
+
     /// Connections `client` holds now.
     pub fn held(&self, client: IpAddr) -> usize {
         let held = self.held.lock().unwrap_or_else(|p| p.into_inner());

@@ -186,6 +186,11 @@ impl Tunnel {
         })
     }
 
+    /// Client connections being served now.
+    pub fn open_connections(&self) -> usize {
+        self.shared.slots.total()
+    }
+
     /// Installs the routes (service address → (tunnel address, backend)) and makes sure a
     /// listener accepts on each tunnel address, and on each of `also_listen` (addresses the
     /// maps still send connections to); every other listener closes. Returns the tunnel
