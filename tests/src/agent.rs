@@ -33,6 +33,8 @@ pub struct AgentFixture {
     /// Run the agent itself inside the cgroup it attaches to, as on a node (its programs then
     /// see the agent's own sockets).
     inside_cgroup: bool,
+    /// The chart's `tunnel` container, when the rendered agent drives one (`--tunnel-socket`).
+    tunnel: Option<ChildGuard>,
 }
 
 impl AgentFixture {
@@ -72,6 +74,7 @@ impl AgentFixture {
             rendered: None,
             bpffs_root: None,
             inside_cgroup,
+            tunnel: None,
         };
         agent.write_routes(routes_yaml)?;
         agent.spawn()?;
@@ -103,6 +106,7 @@ impl AgentFixture {
             rendered: None,
             bpffs_root: None,
             inside_cgroup: false,
+            tunnel: None,
         };
         agent.spawn()?;
         Ok(agent)
@@ -140,6 +144,7 @@ impl AgentFixture {
             rendered: None,
             bpffs_root: Some(bpffs_root.clone()),
             inside_cgroup: false,
+            tunnel: None,
         };
         let mut command = chart::agent_command_line(
             rendered,
@@ -161,6 +166,33 @@ impl AgentFixture {
             .env_value("BEAMLIT_BPFFS_DIR")
             .map(PathBuf::from)
             .context("the rendered agent has no BEAMLIT_BPFFS_DIR")?;
+        // The chart's tunnel container beside it, as the pod runs it: uid 65532, no capability,
+        // in the network namespace the tunnel's sockets belong in (`--tunnel-netns`, else ours).
+        if command.flag("--tunnel-socket").is_some() {
+            let mut tunnel =
+                chart::tunnel_command_line(rendered, namespace, node, host_ip, &workdir)?;
+            tunnel.replace_flag("--metrics-addr", "127.0.0.1:0")?;
+            let socket = PathBuf::from(
+                tunnel
+                    .flag("--control-socket")
+                    .context("the tunnel container has no --control-socket")?,
+            );
+            if let Some(dir) = socket.parent() {
+                fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
+            }
+            let netns = extra_args
+                .iter()
+                .position(|a| *a == "--tunnel-netns")
+                .and_then(|i| extra_args.get(i + 1))
+                .and_then(|p| Path::new(p).file_name())
+                .map(|n| n.to_string_lossy().into_owned());
+            agent.tunnel = Some(spawn_tunnel(
+                netns.as_deref(),
+                &tunnel,
+                &socket,
+                &workdir.join("tunnel.log"),
+            )?);
+        }
         agent.rendered = Some(command);
         agent.spawn()?;
         Ok(agent)
@@ -378,6 +410,7 @@ impl AgentFixture {
 impl Drop for AgentFixture {
     fn drop(&mut self) {
         self.child.take();
+        self.tunnel.take();
         let cleanup = Command::new(agent_bin())
             .arg("--bpffs")
             .arg(&self.bpffs)
@@ -470,16 +503,43 @@ pub const TUNNEL_UID: u32 = 65532;
 
 /// Starts `beamlit-agent tunnel --control-socket <socket> <args>` in the network namespace
 /// `netns` as the chart's tunnel container runs: uid/gid [`TUNNEL_UID`], every capability set
-/// emptied, no_new_privs (`setpriv`). Waits until it listens; stdout and stderr go to `log`.
+/// emptied, no_new_privs (`setpriv`). Waits until it listens; its output goes to `log`.
 pub fn start_tunnel_process(
     netns: &str,
     socket: &Path,
     args: &[&str],
     log: &Path,
 ) -> Result<ChildGuard> {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", netns, "setpriv"])
-        .arg(format!("--reuid={TUNNEL_UID}"))
+    let mut line = vec![
+        "tunnel".to_string(),
+        "--control-socket".to_string(),
+        socket.display().to_string(),
+    ];
+    line.extend(args.iter().map(|a| a.to_string()));
+    let command = CommandLine {
+        args: line,
+        env: Vec::new(),
+    };
+    spawn_tunnel(Some(netns), &command, socket, log)
+}
+
+/// `command` (a `beamlit-agent tunnel` command line) as the chart's tunnel container, in
+/// `netns` (or this process's namespace), until `socket` exists.
+fn spawn_tunnel(
+    netns: Option<&str>,
+    command: &CommandLine,
+    socket: &Path,
+    log: &Path,
+) -> Result<ChildGuard> {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "setpriv"]);
+            c
+        }
+        None => Command::new("setpriv"),
+    };
+    cmd.arg(format!("--reuid={TUNNEL_UID}"))
         .arg(format!("--regid={TUNNEL_UID}"))
         .args([
             "--clear-groups",
@@ -490,13 +550,12 @@ pub fn start_tunnel_process(
             "--",
         ])
         .arg(agent_bin())
-        .arg("tunnel")
-        .arg("--control-socket")
-        .arg(socket)
-        .args(args)
+        .args(&command.args)
+        .envs(command.env.iter().map(|(k, v)| (k, v)))
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())
         .stderr(fs::File::create(log)?);
+    let _ = fs::remove_file(socket);
     let child = spawn(cmd, None)?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !socket.exists() {

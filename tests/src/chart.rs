@@ -726,6 +726,19 @@ impl TestReleaseValues<'_> {
 /// The agent's command line for one simulated node, from the rendered DaemonSet: the pod's
 /// fields (node name, namespace, node address), the node's bpffs directory (pins land in
 /// `<bpffs>/beamlit`), its cgroup, and a directory for the rest (state, the CA ConfigMap).
+/// The agent pod's `tunnel` container as a command line here, with the same host directories
+/// as [`agent_command_line`] for the same `dir` (so both see one control socket).
+pub fn tunnel_command_line(
+    rendered: &Rendered,
+    namespace: &str,
+    node: &str,
+    host_ip: &str,
+    dir: &Path,
+) -> Result<CommandLine> {
+    let host = HostEnv::new(dir).pod(&format!("agent-{node}"), namespace, node, host_ip);
+    rendered.agent_tunnel()?.command_line(rendered, &host)
+}
+
 pub fn agent_command_line(
     rendered: &Rendered,
     namespace: &str,
