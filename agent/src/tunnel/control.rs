@@ -222,18 +222,21 @@ pub struct TunnelProcess {
     next_id: u64,
 }
 
+/// One connection to the tunnel process. Its reading and writing run on a thread of their own,
+/// so that beats and flow answers never wait for the agent's main loop (a sync, a blocking
+/// read of the cgroup tree): a tunnel whose beats are late by 500 ms fails open.
 struct Connection {
-    /// Lines to the tunnel (updates, flow answers), written by one task.
+    /// Lines to the tunnel (updates, flow answers).
     writer: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
     answers: tokio::sync::mpsc::UnboundedReceiver<(u64, Vec<SocketAddr>)>,
-    reader: tokio::task::JoinHandle<()>,
-    writing: tokio::task::JoinHandle<()>,
+    alive: Arc<std::sync::atomic::AtomicBool>,
+    /// To end the thread: shutting the socket down ends its reader.
+    socket: UnixStream,
 }
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        self.reader.abort();
-        self.writing.abort();
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
     }
 }
 
@@ -250,7 +253,9 @@ impl TunnelProcess {
     /// Whether the tunnel process is connected (the reader still runs). A `false` after an
     /// update means its services fail open until the next update reaches it.
     pub fn connected(&self) -> bool {
-        self.conn.as_ref().is_some_and(|c| !c.reader.is_finished())
+        self.conn
+            .as_ref()
+            .is_some_and(|c| c.alive.load(Ordering::Relaxed))
     }
 
     /// [`super::Tunnel::update`] in the tunnel process: the tunnel addresses that accept, or
@@ -319,7 +324,7 @@ impl TunnelProcess {
 
     async fn connect(&self) -> anyhow::Result<Connection> {
         let flows = FlowTable::open(&self.bpffs_dir)?;
-        let mut maps = crate::maps::PinnedMaps::open(&self.bpffs_dir)?;
+        let maps = crate::maps::PinnedMaps::open(&self.bpffs_dir)?;
         let socket = self.socket.clone();
         // Blocking connect and hello: a local socket, answered at once (bounded by the timeout).
         let stream = (|| -> anyhow::Result<UnixStream> {
@@ -327,16 +332,7 @@ impl TunnelProcess {
                 .map_err(|e| anyhow::anyhow!("connecting to {}: {e}", socket.display()))?;
             stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
             stream.write_all(&line(&ToTunnel::Hello { protocol: PROTOCOL }))?;
-            // Byte by byte up to the newline: nothing after `ready` may be read here.
-            let mut bytes = Vec::new();
-            let mut byte = [0u8; 1];
-            while bytes.len() < 4096 {
-                match io::Read::read(&mut &stream, &mut byte)? {
-                    0 => anyhow::bail!("closed before answering hello"),
-                    _ if byte[0] == b'\n' => break,
-                    _ => bytes.push(byte[0]),
-                }
-            }
+            let bytes = read_first_line(&stream)?;
             let text = String::from_utf8_lossy(&bytes).into_owned();
             match serde_json::from_str::<FromTunnel>(&text) {
                 Ok(FromTunnel::Ready) => {}
@@ -347,60 +343,86 @@ impl TunnelProcess {
             stream.set_nonblocking(true)?;
             Ok(stream)
         })()?;
-        let (read, mut write) = tokio::net::UnixStream::from_std(stream)?.into_split();
+        let control = stream.try_clone()?;
         let (writer, mut outgoing) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
-        let writing = tokio::spawn(async move {
-            while let Some(bytes) = outgoing.recv().await {
-                if write.write_all(&bytes).await.is_err() {
-                    return;
-                }
-            }
-        });
         let (tx, answers) = tokio::sync::mpsc::unbounded_channel();
         let flow_answers = writer.clone();
-        let reader = tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(read).lines();
-            loop {
-                match lines.next_line().await {
-                    Ok(Some(text)) => match serde_json::from_str::<FromTunnel>(&text) {
-                        Ok(FromTunnel::Beat) => {
-                            if let Err(e) = maps.beat() {
-                                warn!("tunnel heartbeat: {e}");
+        let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let still = alive.clone();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name("tunnel-control".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let Ok(stream) = tokio::net::UnixStream::from_std(stream) else {
+                        still.store(false, Ordering::Relaxed);
+                        return;
+                    };
+                    let (read, mut write) = stream.into_split();
+                    let writing = tokio::spawn(async move {
+                        while let Some(bytes) = outgoing.recv().await {
+                            if write.write_all(&bytes).await.is_err() {
+                                return;
                             }
                         }
-                        Ok(FromTunnel::Flow { id, client, tunnel }) => {
-                            let service = flows.take(client, tunnel);
-                            let _ = flow_answers.send(line(&ToTunnel::FlowAnswer { id, service }));
-                        }
-                        Ok(FromTunnel::Accepting { id, addresses }) => {
-                            let _ = tx.send((id, addresses));
-                        }
-                        Ok(FromTunnel::Error { message }) => {
-                            warn!("the tunnel process: {message}")
-                        }
-                        Ok(FromTunnel::Ready) => {}
-                        Err(e) => warn!("the tunnel process sent {text:?}: {e}"),
-                    },
-                    Ok(None) => {
-                        warn!(
-                            "the tunnel process closed its control connection; its services \
-                             fail open once its heartbeat is stale (500 ms)"
-                        );
-                        return;
-                    }
-                    Err(e) => {
-                        warn!("reading from the tunnel process: {e}");
-                        return;
-                    }
-                }
-            }
-        });
+                    });
+                    read_from_tunnel(read, maps, flows, tx, flow_answers).await;
+                    writing.abort();
+                    still.store(false, Ordering::Relaxed);
+                });
+            })?;
         Ok(Connection {
             writer,
             answers,
-            reader,
-            writing,
+            alive,
+            socket: control,
         })
+    }
+}
+
+/// The agent's side of the connection: beats into the heartbeat, flow questions answered from
+/// the `flows` map, update answers to the waiting [`TunnelProcess::update`].
+async fn read_from_tunnel(
+    read: tokio::net::unix::OwnedReadHalf,
+    mut maps: crate::maps::PinnedMaps,
+    flows: FlowTable,
+    answers: tokio::sync::mpsc::UnboundedSender<(u64, Vec<SocketAddr>)>,
+    to_tunnel: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+) {
+    let mut lines = tokio::io::BufReader::new(read).lines();
+    loop {
+        match lines.next_line().await {
+            Ok(Some(text)) => match serde_json::from_str::<FromTunnel>(&text) {
+                Ok(FromTunnel::Beat) => {
+                    if let Err(e) = maps.beat() {
+                        warn!("tunnel heartbeat: {e}");
+                    }
+                }
+                Ok(FromTunnel::Flow { id, client, tunnel }) => {
+                    let service = flows.take(client, tunnel);
+                    let _ = to_tunnel.send(line(&ToTunnel::FlowAnswer { id, service }));
+                }
+                Ok(FromTunnel::Accepting { id, addresses }) => {
+                    let _ = answers.send((id, addresses));
+                }
+                Ok(FromTunnel::Error { message }) => warn!("the tunnel process: {message}"),
+                Ok(FromTunnel::Ready) => {}
+                Err(e) => warn!("the tunnel process sent {text:?}: {e}"),
+            },
+            Ok(None) => {
+                warn!(
+                    "the tunnel process closed its control connection; its services fail open \
+                     once its heartbeat is stale (500 ms)"
+                );
+                return;
+            }
+            Err(e) => {
+                warn!("reading from the tunnel process: {e}");
+                return;
+            }
+        }
     }
 }
 
@@ -568,18 +590,25 @@ fn stop_on_sigterm(link: Arc<AgentLink>, tunnel: Arc<Tunnel>) -> anyhow::Result<
     Ok(())
 }
 
-/// The agent's `hello`, read byte by byte so that nothing after it is consumed here.
-fn hello(stream: &UnixStream) -> anyhow::Result<()> {
-    stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+/// The first line of a connection (`hello`, `ready`), read byte by byte so that nothing after
+/// it is consumed here (what follows is read by the connection's buffered reader).
+fn read_first_line(stream: &UnixStream) -> anyhow::Result<Vec<u8>> {
     let mut bytes = Vec::new();
     let mut byte = [0u8; 1];
     while bytes.len() < 4096 {
         match io::Read::read(&mut &*stream, &mut byte)? {
-            0 => anyhow::bail!("closed before its hello"),
-            _ if byte[0] == b'\n' => break,
+            0 => anyhow::bail!("closed before its first line"),
+            _ if byte[0] == b'\n' => return Ok(bytes),
             _ => bytes.push(byte[0]),
         }
     }
+    anyhow::bail!("a first line over 4096 bytes")
+}
+
+/// The agent's `hello`.
+fn hello(stream: &UnixStream) -> anyhow::Result<()> {
+    stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+    let bytes = read_first_line(stream)?;
     stream.set_read_timeout(None)?;
     match serde_json::from_slice::<ToTunnel>(&bytes)? {
         ToTunnel::Hello { protocol } if protocol == PROTOCOL => Ok(()),
