@@ -1,5 +1,12 @@
 //! Forward layer, plain-HTTP remotes: each client connection drives its own upstream HTTP/1.1
-//! connection, one request at a time, and keeps it while both ends allow keep-alive.
+//! connection, one request at a time, and keeps it while both ends allow keep-alive. When the
+//! client connection ends, its idle upstream connections go to the remote's [`Pool`], where the
+//! next client connection takes one instead of dialling: clients that open a connection per
+//! request (curl in a loop, many load balancers' health checks) would otherwise cost an
+//! upstream connect and, since the tunnel closed first, a TIME_WAIT per request. At a few
+//! hundred new connections per second those exhaust the ephemeral ports toward the remote
+//! (28 232 ports / 60 s ≈ 470 per second), which is where `cargo xtask bench tunnel` measured
+//! the tunnel at 0.06× nginx before the pool.
 //!
 //! HTTPS remotes go through hyper's pooled client instead ([`super::client`]), where ALPN can
 //! pick HTTP/2 and many client connections share a few upstream ones. Without TLS there is no
@@ -9,12 +16,14 @@
 //! two 8 KiB buffers and a ~16 KiB channel. With a thousand busy client connections that is
 //! about 25 MB. Messages are parsed with httparse, as hyper does.
 use std::{
+    collections::VecDeque,
     fmt,
     io::{self, Write as _},
     ops::Range,
     pin::Pin,
     sync::{Arc, Mutex, PoisonError},
     task::{Context, Poll, ready},
+    time::{Duration, Instant},
 };
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -43,17 +52,107 @@ const BODY_READ: usize = 16 * 1024;
 /// time, so one is enough for them; an h2c client's concurrent streams may leave a few.
 const IDLE_PER_CLIENT: usize = 4;
 
+/// Idle upstream connections a remote keeps between client connections, as many as nginx's
+/// `keepalive` in the benchmark's reverse proxy: enough for the requests a node has in flight
+/// toward one remote, few enough that the remote's per-connection cost stays small.
+pub const POOL_IDLE_MAX: usize = 64;
+/// How long a pooled connection may stay unused. Shorter than common server keep-alive timeouts
+/// (nginx 75 s, Go 90 s), so the tunnel, not the remote, usually closes; a remote that closes
+/// earlier is noticed before reuse ([`Conn::is_open_and_quiet`]), and a request that loses that
+/// race is sent again when that is safe.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The upstream connections of one client connection.
-#[derive(Default)]
 pub struct Upstreams {
     idle: Mutex<Vec<Conn>>,
+    /// Where they go when the client connection ends, and where a new one looks first.
+    pool: Arc<Pool>,
 }
 
 impl Upstreams {
-    /// An idle connection the remote has not closed meanwhile.
+    pub fn new(pool: Arc<Pool>) -> Self {
+        Self {
+            idle: Mutex::new(Vec::new()),
+            pool,
+        }
+    }
+
+    /// An idle connection the remote has not closed meanwhile: this client connection's own,
+    /// else one from the remote's pool.
     fn take_open(&self) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         while let Some(conn) = idle.pop() {
+            if conn.is_open_and_quiet() {
+                return Some(conn);
+            }
+        }
+        drop(idle);
+        self.pool.take_open()
+    }
+
+    fn put(&self, conn: Conn) {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < IDLE_PER_CLIENT {
+            idle.push(conn);
+        } else {
+            drop(idle);
+            self.pool.put(conn);
+        }
+    }
+}
+
+impl Drop for Upstreams {
+    fn drop(&mut self) {
+        let idle = std::mem::take(self.idle.get_mut().unwrap_or_else(PoisonError::into_inner));
+        for conn in idle {
+            self.pool.put(conn);
+        }
+    }
+}
+
+/// Idle connections to one remote (`host:port` and dialer), shared by the client connections
+/// of every Service routed there. Most recently used first out, so a quiet period lets the
+/// oldest ones expire; nothing runs in the background: expired and closed connections are
+/// dropped when met, and at most [`POOL_IDLE_MAX`] are held.
+pub struct Pool {
+    idle: Mutex<VecDeque<(Conn, Instant)>>,
+    max: usize,
+    timeout: Duration,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Self::new(POOL_IDLE_MAX, POOL_IDLE_TIMEOUT)
+    }
+}
+
+impl Pool {
+    pub fn new(max: usize, timeout: Duration) -> Self {
+        Self {
+            idle: Mutex::new(VecDeque::new()),
+            max,
+            timeout,
+        }
+    }
+
+    /// Idle connections held now (open or not: a closed one is only found when met).
+    pub fn idle(&self) -> usize {
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    fn take_open(&self) -> Option<Conn> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        while idle
+            .front()
+            .is_some_and(|(_, since)| now.duration_since(*since) >= self.timeout)
+        {
+            idle.pop_front();
+        }
+        while let Some((conn, _)) = idle.pop_back() {
             if conn.is_open_and_quiet() {
                 return Some(conn);
             }
@@ -62,10 +161,14 @@ impl Upstreams {
     }
 
     fn put(&self, conn: Conn) {
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        if idle.len() < IDLE_PER_CLIENT {
-            idle.push(conn);
+        if self.max == 0 || !conn.is_open_and_quiet() {
+            return;
         }
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() >= self.max {
+            idle.pop_front();
+        }
+        idle.push_back((conn, Instant::now()));
     }
 }
 
@@ -732,6 +835,114 @@ mod tests {
             }
         }
         (out, false)
+    }
+
+    /// A keep-alive HTTP/1.1 server on loopback that answers every request with `hi` and counts
+    /// the connections it accepted; `close_after_first` makes it close each connection after
+    /// one answer (as a remote's idle timeout would).
+    async fn counting_server(
+        close_after_first: bool,
+    ) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    loop {
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match stream.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buf.clear();
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi";
+                        if stream.write_all(answer).await.is_err() || close_after_first {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    async fn get(upstreams: &Arc<Upstreams>, target: &str) -> Vec<u8> {
+        let dialer = Dialer {
+            mark: 0,
+            timeout: Duration::from_secs(5),
+        };
+        let req = Request::get(format!("http://{target}/"))
+            .body(http_body_util::Empty::new().map_err(|n| match n {}).boxed())
+            .expect("request");
+        let Ok(Reply::Response(response)) = send(upstreams, target, dialer, req).await else {
+            panic!("no response from {target}");
+        };
+        let body = response.into_body().collect().await.expect("body");
+        body.to_bytes().to_vec()
+    }
+
+    #[tokio::test]
+    async fn connections_outlive_their_client_connection_in_the_pool() {
+        let (target, accepted) = counting_server(false).await;
+        let pool = Arc::new(Pool::default());
+        // Three client connections one after the other, one request each (a client that opens
+        // a connection per request): one upstream connection carries all three.
+        for _ in 0..3 {
+            let upstreams = Arc::new(Upstreams::new(pool.clone()));
+            assert_eq!(get(&upstreams, &target).await, b"hi");
+            drop(upstreams);
+            assert_eq!(pool.idle(), 1);
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn the_pool_drops_closed_expired_and_surplus_connections() {
+        // The remote closes after each answer: nothing closed is pooled or reused.
+        let (target, accepted) = counting_server(true).await;
+        let pool = Arc::new(Pool::default());
+        for round in 1..=2 {
+            let upstreams = Arc::new(Upstreams::new(pool.clone()));
+            assert_eq!(get(&upstreams, &target).await, b"hi");
+            // Let the remote's FIN arrive before the connection is handed back.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            drop(upstreams);
+            assert_eq!(pool.idle(), 0, "round {round}");
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+        // Expired connections are not reused: a new one is dialled.
+        let (target, accepted) = counting_server(false).await;
+        let pool = Arc::new(Pool::new(POOL_IDLE_MAX, Duration::from_millis(20)));
+        let upstreams = Arc::new(Upstreams::new(pool.clone()));
+        get(&upstreams, &target).await;
+        drop(upstreams);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        let upstreams = Arc::new(Upstreams::new(pool.clone()));
+        get(&upstreams, &target).await;
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+        drop(upstreams);
+
+        // At most `max` are held; the oldest go first.
+        let (target, _) = counting_server(false).await;
+        let pool = Arc::new(Pool::new(2, POOL_IDLE_TIMEOUT));
+        let clients: Vec<_> = (0..3)
+            .map(|_| Arc::new(Upstreams::new(pool.clone())))
+            .collect();
+        for upstreams in &clients {
+            get(upstreams, &target).await;
+        }
+        drop(clients);
+        assert_eq!(pool.idle(), 2);
     }
 
     #[test]

@@ -31,15 +31,16 @@ use super::{
 struct ClientConn {
     /// The client's address as `X-Forwarded-For` carries it, made once per connection.
     forwarded_for: Option<HeaderValue>,
-    /// Plain-HTTP remotes: this connection's own upstream connections (see `h1`).
+    /// Plain-HTTP remotes: this connection's own upstream connections, handed to the remote's
+    /// pool when it ends (see `h1`).
     upstreams: Arc<h1::Upstreams>,
 }
 
 impl ClientConn {
-    fn new(addr: SocketAddr) -> Self {
+    fn new(addr: SocketAddr, pool: Arc<h1::Pool>) -> Self {
         Self {
             forwarded_for: HeaderValue::try_from(addr.ip().to_canonical().to_string()).ok(),
-            upstreams: Arc::new(h1::Upstreams::default()),
+            upstreams: Arc::new(h1::Upstreams::new(pool)),
         }
     }
 }
@@ -62,7 +63,7 @@ pub async fn serve(stream: TcpStream, client_addr: SocketAddr, route: Arc<Route>
             return;
         }
     };
-    let client = Arc::new(ClientConn::new(client_addr));
+    let client = Arc::new(ClientConn::new(client_addr, route.h1_pool.clone()));
     let service = hyper::service::service_fn(move |req| {
         let route = route.clone();
         let client = client.clone();
@@ -535,7 +536,7 @@ mod tests {
     fn forwarded_for_appends() {
         let mut h = HeaderMap::new();
         for addr in ["10.200.1.2:5000", "[::ffff:10.0.0.9]:5000"] {
-            let client = ClientConn::new(addr.parse().expect("addr"));
+            let client = ClientConn::new(addr.parse().expect("addr"), Arc::default());
             append_forwarded_for(&mut h, client.forwarded_for.as_ref());
         }
         assert_eq!(h["x-forwarded-for"], "10.200.1.2, 10.0.0.9");

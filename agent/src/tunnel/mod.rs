@@ -65,6 +65,9 @@ pub struct Route {
     pub dialer: Dialer,
     pub tokens: Option<Arc<TokenCache>>,
     pub http: HttpClient,
+    /// Plain-HTTP remotes: idle upstream connections kept between client connections, shared by
+    /// every route to the same remote and kept across route updates.
+    pub h1_pool: Arc<h1::Pool>,
     /// Rare outcomes (errors) by label; hot-path series through `stats`.
     pub metrics: Arc<Metrics>,
     pub stats: metrics::RouteMetrics,
@@ -101,6 +104,9 @@ struct Shared {
     metrics: Arc<Metrics>,
     /// Keyed by (token URL, client id): services sharing a client share its token.
     tokens: Mutex<HashMap<(String, String), Arc<TokenCache>>>,
+    /// Plain-HTTP upstream pools by remote (`host:port`, bypass mark and connect timeout: what
+    /// makes connections interchangeable); a remote no route names any more loses its pool.
+    h1_pools: Mutex<HashMap<(String, Duration), Arc<h1::Pool>>>,
     limits: Limits,
     /// Connections open per client address, for `limits.max_connections_per_client`.
     slots: Arc<ClientSlots>,
@@ -180,6 +186,7 @@ impl Tunnel {
                 clients: Mutex::new(HashMap::new()),
                 metrics,
                 tokens: Mutex::new(HashMap::new()),
+                h1_pools: Mutex::new(HashMap::new()),
                 limits: config.limits,
                 slots: ClientSlots::new(config.limits.max_connections_per_client),
             }),
@@ -201,12 +208,28 @@ impl Tunnel {
         also_listen: &BTreeSet<SocketAddr>,
     ) -> BTreeSet<SocketAddr> {
         let mut routes = HashMap::new();
+        // The bypass mark is the same for every route, so (target, timeout) names a remote.
+        let mut kept = std::mem::take(
+            &mut *self
+                .shared
+                .h1_pools
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
+        let mut pools = HashMap::new();
         for (service, (_, backend)) in backends {
             let dialer = Dialer {
                 mark: self.shared.bypass_mark,
                 timeout: backend.connect_timeout,
             };
             let http = self.http_client(dialer);
+            let h1_pool = pools
+                .entry((backend.host_port(), dialer.timeout))
+                .or_insert_with(|| {
+                    kept.remove(&(backend.host_port(), dialer.timeout))
+                        .unwrap_or_default()
+                })
+                .clone();
             let tokens = match &backend.auth {
                 Auth::OAuth(oauth) => Some(self.token_cache(oauth, &http, backend.connect_timeout)),
                 _ => None,
@@ -221,12 +244,18 @@ impl Tunnel {
                     backend: backend.clone(),
                     tokens,
                     http,
+                    h1_pool,
                     metrics: self.shared.metrics.clone(),
                     stats: self.shared.metrics.for_route(&service.to_string()),
                     limits: self.shared.limits,
                 }),
             );
         }
+        *self
+            .shared
+            .h1_pools
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = pools;
         if let Ok(mut current) = self.shared.routes.write() {
             let now = std::time::Instant::now();
             let mut retired = self
