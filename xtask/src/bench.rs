@@ -332,25 +332,90 @@ impl Nginx {
         let mut cmd = ns.cmd("nginx");
         cmd.arg("-c").arg(&conf).arg("-p").arg(workdir);
         let child = spawn(cmd, None)?;
-        // Ready once the port answers, checked from inside the namespace.
-        for _ in 0..100 {
-            let probe = ns
-                .cmd("bash")
-                .args([
-                    "-c",
-                    &format!("exec 3<>/dev/tcp/{}/{}", ready.ip(), ready.port()),
-                ])
-                .output()?;
-            if probe.status.success() {
-                return Ok(Self { child });
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if answers_soon(ns, ready)? {
+            return Ok(Self { child });
         }
         bail!("nginx did not start; see {}/error.log", workdir.display())
     }
 }
 
 impl Nginx {
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+}
+
+/// Whether `addr` accepts a TCP connection from inside `ns` within 5 s.
+fn answers_soon(ns: &Netns, addr: SocketAddr) -> Result<bool> {
+    for _ in 0..100 {
+        let probe = ns
+            .cmd("bash")
+            .args([
+                "-c",
+                &format!("exec 3<>/dev/tcp/{}/{}", addr.ip(), addr.port()),
+            ])
+            .output()?;
+        if probe.status.success() {
+            return Ok(true);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(false)
+}
+
+/// Debian's HAProxy in a pod as an HTTP reverse proxy to one server, in the foreground (`-db`),
+/// with one thread (like the one nginx worker beside it: on two cores shared with the client
+/// and the upstream, more threads only contend) and server-side connection reuse
+/// (`http-reuse always`, so a client's new connection need not open a new one upstream).
+pub(crate) struct Haproxy {
+    child: ChildGuard,
+}
+
+impl Haproxy {
+    pub(crate) fn start(
+        ns: &Netns,
+        workdir: &Path,
+        listen: SocketAddr,
+        server: SocketAddr,
+    ) -> Result<Self> {
+        fs::create_dir_all(workdir)?;
+        let conf = workdir.join("haproxy.cfg");
+        fs::write(
+            &conf,
+            format!(
+                "global
+  nbthread 1
+  maxconn 4096
+  pidfile {dir}/haproxy.pid
+                 defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+                   timeout server 30s
+  http-reuse always
+                 frontend bench
+  bind {listen}
+  default_backend remote
+                 backend remote
+  server remote {server}
+",
+                dir = workdir.display()
+            ),
+        )?;
+        let mut cmd = ns.cmd("haproxy");
+        cmd.arg("-db").arg("-f").arg(&conf);
+        let log = fs::File::create(workdir.join("haproxy.log"))?;
+        cmd.stderr(log.try_clone()?).stdout(log);
+        let child = spawn(cmd, None)?;
+        if answers_soon(ns, listen)? {
+            return Ok(Self { child });
+        }
+        bail!(
+            "haproxy did not start; see {}/haproxy.log",
+            workdir.display()
+        )
+    }
+
     pub(crate) fn pid(&self) -> u32 {
         self.child.pid()
     }

@@ -23,6 +23,8 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     "nginx",
     "wrk",
+    // `cargo xtask bench tunnel`: the second reverse proxy beside nginx.
+    "haproxy",
     "curl",
     "prometheus",
     // `cargo xtask images`: the CA bundle the images carry, and strip for their binaries.
