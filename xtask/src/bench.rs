@@ -363,7 +363,8 @@ fn answers_soon(ns: &Netns, addr: SocketAddr) -> Result<bool> {
     Ok(false)
 }
 
-/// Debian's HAProxy in a pod as an HTTP reverse proxy to one server, in the foreground (`-db`),
+/// Debian's HAProxy in a pod as an HTTP reverse proxy to one server (and, on `listen_tcp`, a raw
+/// TCP proxy to the same server: `mode tcp`), in the foreground (`-db`),
 /// with one thread (like the one nginx worker beside it: on two cores shared with the client
 /// and the upstream, more threads only contend) and server-side connection reuse
 /// (`http-reuse always`, so a client's new connection need not open a new one upstream).
@@ -376,6 +377,7 @@ impl Haproxy {
         ns: &Netns,
         workdir: &Path,
         listen: SocketAddr,
+        listen_tcp: SocketAddr,
         server: SocketAddr,
     ) -> Result<Self> {
         fs::create_dir_all(workdir)?;
@@ -383,22 +385,12 @@ impl Haproxy {
         fs::write(
             &conf,
             format!(
-                "global
-  nbthread 1
-  maxconn 4096
-  pidfile {dir}/haproxy.pid
-                 defaults
-  mode http
-  timeout connect 5s
-  timeout client 30s
-                   timeout server 30s
-  http-reuse always
-                 frontend bench
-  bind {listen}
-  default_backend remote
-                 backend remote
-  server remote {server}
-",
+                "global\n  nbthread 1\n  maxconn 4096\n  pidfile {dir}/haproxy.pid\n\
+                 defaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  \
+                 timeout server 30s\n  http-reuse always\n\
+                 frontend bench\n  bind {listen}\n  default_backend remote\n\
+                 backend remote\n  server remote {server}\n\
+                 listen bench_tcp\n  mode tcp\n  bind {listen_tcp}\n  server remote {server}\n",
                 dir = workdir.display()
             ),
         )?;
@@ -407,7 +399,7 @@ impl Haproxy {
         let log = fs::File::create(workdir.join("haproxy.log"))?;
         cmd.stderr(log.try_clone()?).stdout(log);
         let child = spawn(cmd, None)?;
-        if answers_soon(ns, listen)? {
+        if answers_soon(ns, listen)? && answers_soon(ns, listen_tcp)? {
             return Ok(Self { child });
         }
         bail!(

@@ -6,7 +6,8 @@
 //! redirected by eBPF to the agent's tunnel (plain HTTP upstream, so TLS does not blur the
 //! comparison); through Debian's nginx configured as a reverse proxy with upstream keep-alive;
 //! and through Debian's HAProxy with server-side connection reuse. Rounds rotate the order; the
-//! three proxies are also measured with a new connection per request. Then the tunnel's peak
+//! three proxies are also measured with a new connection per request. The same traffic also goes
+//! through a second Service offloaded in raw TCP mode, against HAProxy's `mode tcp`. Then the tunnel's peak
 //! memory with 1000 open client connections.
 //!
 //! The tunnel runs as the chart deploys it: `beamlit-agent tunnel` in a process of its own, as
@@ -32,6 +33,8 @@ use crate::bench::{Haproxy, Nginx, Wrk, WrkResult, cpu_time_us, static_server, v
 const RSS_TARGET_BYTES: f64 = 64e6;
 
 const SERVICE: &str = "10.96.0.10:80";
+/// A second Service, offloaded in raw TCP mode (`mode: tcp`) to the same upstream.
+const TCP_SERVICE: &str = "10.96.0.11:80";
 
 #[derive(clap::Args)]
 pub struct TunnelArgs {
@@ -147,6 +150,7 @@ pub fn tunnel(args: &TunnelArgs) -> Result<()> {
     let upstream: SocketAddr = (remote.ipv4, 8080).into();
     let proxy_addr: SocketAddr = (proxy.ipv4, 8081).into();
     let haproxy_addr: SocketAddr = (proxy.ipv4, 8082).into();
+    let haproxy_tcp_addr: SocketAddr = (proxy.ipv4, 8083).into();
     let _upstream = Nginx::start(
         &remote.netns,
         &workdir.join("upstream"),
@@ -167,6 +171,7 @@ pub fn tunnel(args: &TunnelArgs) -> Result<()> {
         &proxy.netns,
         &workdir.join("haproxy"),
         haproxy_addr,
+        haproxy_tcp_addr,
         upstream,
     )?;
     // The Service's own backend exists (as in a cluster) but at share 100 nothing reaches it.
@@ -178,12 +183,15 @@ pub fn tunnel(args: &TunnelArgs) -> Result<()> {
         local_addr,
     )?;
     topology.add_service(SERVICE.parse()?, local_addr)?;
+    topology.add_service(TCP_SERVICE.parse()?, local_addr)?;
 
     let cgroup = TestCgroup::new("benchtun")?;
     let node_netns = format!("/var/run/netns/{}", topology.node().name());
     let routes = format!(
         "tunnel:\n  ipv4: 10.200.0.1:15001\nservices:\n  - address: {SERVICE}\n    \
-         offloadPercent: 100\n    remote:\n      scheme: http\n      host: \"{upstream}\"\n"
+         offloadPercent: 100\n    remote:\n      scheme: http\n      host: \"{upstream}\"\n  \
+         - address: {TCP_SERVICE}\n    offloadPercent: 100\n    remote:\n      mode: tcp\n      \
+         host: \"{upstream}\"\n"
     );
     let workers = args.tunnel_workers.map(|n| n.to_string());
     fs::create_dir_all(&workdir)?;
@@ -258,6 +266,8 @@ pub fn tunnel(args: &TunnelArgs) -> Result<()> {
         ("tunnel", format!("http://{SERVICE}/")),
         ("nginx proxy", format!("http://{proxy_addr}/")),
         ("haproxy", format!("http://{haproxy_addr}/")),
+        ("tunnel tcp", format!("http://{TCP_SERVICE}/")),
+        ("haproxy tcp", format!("http://{haproxy_tcp_addr}/")),
     ];
     // The process doing the proxying on each path, whose CPU time per request is reported.
     let proxying = [
@@ -265,10 +275,15 @@ pub fn tunnel(args: &TunnelArgs) -> Result<()> {
         Some(tunnel_pid),
         Some(nginx_proxy.pid()),
         Some(haproxy.pid()),
+        Some(tunnel_pid),
+        Some(haproxy.pid()),
     ];
-    // Indices into `paths`: the tunnel and the two peers it is compared with.
+    // Indices into `paths`: the tunnel and the two peers it is compared with (HTTP), and the
+    // tunnel's raw TCP mode with its peer.
     const TUNNEL: usize = 1;
     const PEERS: [usize; 2] = [2, 3];
+    const TUNNEL_TCP: usize = 4;
+    const HAPROXY_TCP: usize = 5;
     let rounds = if args.memory_only {
         0
     } else {
@@ -387,16 +402,13 @@ pub fn tunnel(args: &TunnelArgs) -> Result<()> {
         // Paired within each round: the machine's speed drifts between rounds (other tenants,
         // frequency), so a ratio of medians taken from different rounds would mislead. Against
         // the better of the two peers in that round, as the target is stated.
-        let paired = |runs: &[Vec<WrkResult>], peer: Option<usize>| -> (f64, f64, f64) {
-            let mut ratios: Vec<f64> = (0..runs[TUNNEL].len())
+        let paired = |runs: &[Vec<WrkResult>], subject: usize, peers: &[usize]| {
+            let mut ratios: Vec<f64> = (0..runs[subject].len())
                 .map(|round| {
                     let rps =
                         |i: usize| runs[i].get(round).map_or(f64::NAN, |r| r.requests_per_sec);
-                    let against = match peer {
-                        Some(i) => rps(i),
-                        None => PEERS.iter().map(|&i| rps(i)).fold(f64::NAN, f64::max),
-                    };
-                    rps(TUNNEL) / against
+                    let best = peers.iter().map(|&i| rps(i)).fold(f64::NAN, f64::max);
+                    rps(subject) / best
                 })
                 .collect();
             let mid = median(&mut ratios);
@@ -406,7 +418,7 @@ pub fn tunnel(args: &TunnelArgs) -> Result<()> {
                 ratios.last().copied().unwrap_or(f64::NAN),
             )
         };
-        let (paired_median, _, _) = paired(&results, None);
+        let (paired_median, _, _) = paired(&results, TUNNEL, &PEERS);
         writeln!(
             out,
             "\ntunnel benchmark: medians of {rounds} rounds; wrk -t1 -c{} -d{}s, keep-alive; plain HTTP upstream",
@@ -436,15 +448,19 @@ pub fn tunnel(args: &TunnelArgs) -> Result<()> {
             ("new connection per request", &fresh),
         ] {
             write!(out, "tunnel req/s over, paired within each round ({what}):")?;
-            for (label, peer) in [
-                ("nginx", Some(PEERS[0])),
-                ("haproxy", Some(PEERS[1])),
-                ("the better", None),
+            for (label, peers) in [
+                ("nginx", &PEERS[..1]),
+                ("haproxy", &PEERS[1..]),
+                ("the better", &PEERS[..]),
             ] {
-                let (mid, low, high) = paired(runs, peer);
+                let (mid, low, high) = paired(runs, TUNNEL, peers);
                 write!(out, " {label} {mid:.2} ({low:.2}-{high:.2});")?;
             }
-            writeln!(out)?;
+            let (mid, low, high) = paired(runs, TUNNEL_TCP, &[HAPROXY_TCP]);
+            writeln!(
+                out,
+                " raw TCP mode over haproxy's mode tcp {mid:.2} ({low:.2}-{high:.2})"
+            )?;
         }
         write!(
             out,
@@ -461,7 +477,9 @@ pub fn tunnel(args: &TunnelArgs) -> Result<()> {
             )?;
         }
         writeln!(out)?;
-        let (fresh_median, _, _) = paired(&fresh, None);
+        let (fresh_median, _, _) = paired(&fresh, TUNNEL, &PEERS);
+        let (tcp_median, _, _) = paired(&results, TUNNEL_TCP, &[HAPROXY_TCP]);
+        let (tcp_fresh_median, _, _) = paired(&fresh, TUNNEL_TCP, &[HAPROXY_TCP]);
         writeln!(out, "\nper-hop latency, one keep-alive connection:")?;
         writeln!(
             out,
@@ -480,12 +498,16 @@ pub fn tunnel(args: &TunnelArgs) -> Result<()> {
         writeln!(
             out,
             "targets: tunnel req/s ≥ the better proxy's, keep-alive: {} ({:.2}), new connection \
-             per request: {} ({:.2}); tunnel p50 ≤ direct + 150 µs (one connection): {} \
+             per request: {} ({:.2}); raw TCP mode ≥ haproxy's mode tcp: {} ({:.2} keep-alive, \
+             {:.2} new connections); tunnel p50 ≤ direct + 150 µs (one connection): {} \
              (+{:.0} µs)",
             verdict(paired_median >= 1.0),
             paired_median,
             verdict(fresh_median >= 1.0),
             fresh_median,
+            verdict(tcp_median >= 1.0 && tcp_fresh_median >= 1.0),
+            tcp_median,
+            tcp_fresh_median,
             verdict(hop_p50(1) <= hop_p50(0) + 150.0),
             hop_p50(1) - hop_p50(0),
         )?;
