@@ -379,6 +379,8 @@ impl Haproxy {
         listen: SocketAddr,
         listen_tcp: SocketAddr,
         server: SocketAddr,
+        // Appended to the HTTP backend's server line (TLS to the server, say).
+        server_options: &str,
     ) -> Result<Self> {
         fs::create_dir_all(workdir)?;
         let conf = workdir.join("haproxy.cfg");
@@ -389,7 +391,7 @@ impl Haproxy {
                  defaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  \
                  timeout server 30s\n  http-reuse always\n\
                  frontend bench\n  bind {listen}\n  default_backend remote\n\
-                 backend remote\n  server remote {server}\n\
+                 backend remote\n  server remote {server} {server_options}\n\
                  listen bench_tcp\n  mode tcp\n  bind {listen_tcp}\n  server remote {server}\n",
                 dir = workdir.display()
             ),

@@ -35,9 +35,24 @@ const RSS_TARGET_BYTES: f64 = 64e6;
 const SERVICE: &str = "10.96.0.10:80";
 /// A second Service, offloaded in raw TCP mode (`mode: tcp`) to the same upstream.
 const TCP_SERVICE: &str = "10.96.0.11:80";
+/// The HTTPS upstream's name in its certificate.
+const REMOTE_NAME: &str = "remote.bench";
+
+/// What the remote speaks.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Remote {
+    /// Plain HTTP/1.1: the tunnel's own upstream client (`tunnel/h1.rs`).
+    Http,
+    /// TLS with HTTP/2 by ALPN, from a private CA that every proxy verifies: the tunnel's
+    /// pooled hyper client, the path to Beamlit.
+    Https,
+}
 
 #[derive(clap::Args)]
 pub struct TunnelArgs {
+    /// The upstream's protocol, the same for every path.
+    #[arg(long, value_enum, default_value_t = Remote::Http)]
+    remote: Remote,
     /// Rounds; each measures the three paths, in an order that rotates per round.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
@@ -147,14 +162,53 @@ pub fn tunnel(args: &TunnelArgs) -> Result<()> {
     let remote = topology.add_pod("remote")?;
     let proxy = topology.add_pod("proxy")?;
     let workdir = std::env::temp_dir().join(format!("beamlit-bench-tunnel-{}", std::process::id()));
-    let upstream: SocketAddr = (remote.ipv4, 8080).into();
+    let https = args.remote == Remote::Https;
+    let upstream: SocketAddr = (remote.ipv4, if https { 8443 } else { 8080 }).into();
+    let scheme = if https { "https" } else { "http" };
+    // HTTPS: the upstream's certificate from a CA of this run, for its name (which nginx and
+    // HAProxy verify, sending it as SNI) and its address (which the tunnel verifies: its
+    // route names the remote by address).
+    let pki = workdir.join("pki");
+    fs::create_dir_all(&pki)?;
+    let ca = beamlit_testbed::TestCa::new(&pki)?;
+    let (cert, key) = ca.issue_server_cert(&[REMOTE_NAME], &[remote.ipv4.into()])?;
+    let ca_file = ca.ca_pem_path().display().to_string();
+    let upstream_block = if https {
+        format!(
+            "  server {{\n    listen {upstream} ssl http2 backlog=4096;\n    ssl_certificate {};\n    \
+             ssl_certificate_key {};\n    keepalive_requests 1000000;\n    location / {{ \
+             add_header X-Served-By nginx; add_header X-Upstream-Protocol $server_protocol; \
+             return 200 \"nginx\\n\"; }}\n  }}\n",
+            cert.display(),
+            key.display()
+        )
+    } else {
+        static_server(upstream)
+    };
+    let proxy_pass = if https {
+        format!(
+            "proxy_pass https://remote; proxy_ssl_verify on; proxy_ssl_trusted_certificate \
+             {ca_file}; proxy_ssl_name {REMOTE_NAME}; proxy_ssl_server_name on; \
+             proxy_ssl_session_reuse on;"
+        )
+    } else {
+        "proxy_pass http://remote;".to_string()
+    };
+    let haproxy_server = if https {
+        format!(
+            "ssl verify required ca-file {ca_file} sni str({REMOTE_NAME}) verifyhost \
+             {REMOTE_NAME} alpn h2,http/1.1"
+        )
+    } else {
+        String::new()
+    };
     let proxy_addr: SocketAddr = (proxy.ipv4, 8081).into();
     let haproxy_addr: SocketAddr = (proxy.ipv4, 8082).into();
     let haproxy_tcp_addr: SocketAddr = (proxy.ipv4, 8083).into();
     let _upstream = Nginx::start(
         &remote.netns,
         &workdir.join("upstream"),
-        &static_server(upstream),
+        &upstream_block,
         upstream,
     )?;
     let nginx_proxy = Nginx::start(
@@ -162,7 +216,7 @@ pub fn tunnel(args: &TunnelArgs) -> Result<()> {
         &workdir.join("proxy"),
         &format!(
             "  upstream remote {{ server {upstream}; keepalive 64; }}\n  server {{\n    \
-             listen {proxy_addr} backlog=4096;\n    location / {{ proxy_pass http://remote; \
+             listen {proxy_addr} backlog=4096;\n    location / {{ {proxy_pass} \
              proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n"
         ),
         proxy_addr,
@@ -173,6 +227,7 @@ pub fn tunnel(args: &TunnelArgs) -> Result<()> {
         haproxy_addr,
         haproxy_tcp_addr,
         upstream,
+        &haproxy_server,
     )?;
     // The Service's own backend exists (as in a cluster) but at share 100 nothing reaches it.
     let local_addr: SocketAddr = (local.ipv4, 8080).into();
@@ -188,8 +243,8 @@ pub fn tunnel(args: &TunnelArgs) -> Result<()> {
     let cgroup = TestCgroup::new("benchtun")?;
     let node_netns = format!("/var/run/netns/{}", topology.node().name());
     let routes = format!(
-        "tunnel:\n  ipv4: 10.200.0.1:15001\nservices:\n  - address: {SERVICE}\n    \
-         offloadPercent: 100\n    remote:\n      scheme: http\n      host: \"{upstream}\"\n  \
+        "tunnel:\n  ipv4: 10.200.0.1:15001\n  caFile: {ca_file}\nservices:\n  - address: {SERVICE}\n    \
+         offloadPercent: 100\n    remote:\n      scheme: {scheme}\n      host: \"{upstream}\"\n  \
          - address: {TCP_SERVICE}\n    offloadPercent: 100\n    remote:\n      mode: tcp\n      \
          host: \"{upstream}\"\n"
     );
@@ -213,7 +268,7 @@ pub fn tunnel(args: &TunnelArgs) -> Result<()> {
             None,
         )
     } else {
-        let mut tunnel_args = Vec::new();
+        let mut tunnel_args = vec!["--ca-file", ca_file.as_str()];
         if let Some(n) = &workers {
             tunnel_args.extend(["--workers", n.as_str()]);
         }
@@ -259,15 +314,37 @@ pub fn tunnel(args: &TunnelArgs) -> Result<()> {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    if https {
+        // Each proxy reaches the upstream the way this benchmark says: the tunnel and HAProxy
+        // over HTTP/2 (ALPN), nginx over HTTP/1.1 (it has no HTTP/2 upstream).
+        for (name, url, expected) in [
+            ("tunnel", format!("http://{SERVICE}/"), "HTTP/2.0"),
+            ("nginx proxy", format!("http://{proxy_addr}/"), "HTTP/1.1"),
+            ("haproxy", format!("http://{haproxy_addr}/"), "HTTP/2.0"),
+        ] {
+            let mut curl = client.netns.cmd("curl");
+            curl.args(["-sS", "-o", "/dev/null", "-D", "-", "--max-time", "5", &url]);
+            let out = beamlit_testbed::run_in(Some(cgroup.path()), curl)?;
+            let head = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+            let protocol = format!("x-upstream-protocol: {}", expected.to_ascii_lowercase());
+            anyhow::ensure!(
+                head.contains(&protocol),
+                "{name} did not reach the upstream over {expected}:\n{head}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            println!("[bench] {name} reaches the upstream over TLS with {expected}");
+        }
+    }
     let idle = Memory::read(tunnel_pid)?;
 
     let paths = [
-        ("direct", format!("http://{upstream}/")),
+        ("direct", format!("{scheme}://{upstream}/")),
         ("tunnel", format!("http://{SERVICE}/")),
         ("nginx proxy", format!("http://{proxy_addr}/")),
         ("haproxy", format!("http://{haproxy_addr}/")),
-        ("tunnel tcp", format!("http://{TCP_SERVICE}/")),
-        ("haproxy tcp", format!("http://{haproxy_tcp_addr}/")),
+        // Raw TCP: the client's own TLS passes through.
+        ("tunnel tcp", format!("{scheme}://{TCP_SERVICE}/")),
+        ("haproxy tcp", format!("{scheme}://{haproxy_tcp_addr}/")),
     ];
     // The process doing the proxying on each path, whose CPU time per request is reported.
     let proxying = [
@@ -421,8 +498,14 @@ pub fn tunnel(args: &TunnelArgs) -> Result<()> {
         let (paired_median, _, _) = paired(&results, TUNNEL, &PEERS);
         writeln!(
             out,
-            "\ntunnel benchmark: medians of {rounds} rounds; wrk -t1 -c{} -d{}s, keep-alive; plain HTTP upstream",
-            args.connections, args.seconds
+            "\ntunnel benchmark: medians of {rounds} rounds; wrk -t1 -c{} -d{}s, keep-alive; {} upstream",
+            args.connections,
+            args.seconds,
+            if https {
+                "HTTPS (TLS, HTTP/2 by ALPN)"
+            } else {
+                "plain HTTP"
+            }
         )?;
         writeln!(
             out,
