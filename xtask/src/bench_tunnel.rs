@@ -173,11 +173,41 @@ pub fn tunnel(args: &TunnelArgs) -> Result<()> {
     let ca = beamlit_testbed::TestCa::new(&pki)?;
     let (cert, key) = ca.issue_server_cert(&[REMOTE_NAME], &[remote.ipv4.into()])?;
     let ca_file = ca.ca_pem_path().display().to_string();
+    // HTTPS: the tunnel authenticates as it does to Beamlit, with an OAuth client whose tokens
+    // come from the fake Beamlit's token endpoint (in a pod of its own, same CA).
+    let tokens = topology.add_pod("tokens")?;
+    let token_url = format!("https://{}:8443/oauth/token", tokens.ipv4);
+    let secret_file = pki.join("client-secret");
+    fs::write(&secret_file, "bench-secret")?;
+    let token_server = if https {
+        Some(beamlit_testbed::FakeBeamlit::start_with_ca(
+            &tokens.netns,
+            beamlit_testbed::FakeBeamlitOptions {
+                https: vec![(tokens.ipv4, 8443).into()],
+                client_id: "bench".into(),
+                client_secret: "bench-secret".into(),
+                ..Default::default()
+            },
+            &ca,
+        )?)
+    } else {
+        None
+    };
+    let auth = if https {
+        format!(
+            "      auth:\n        oauth:\n          tokenUrl: \"{token_url}\"\n          \
+             clientId: bench\n          clientSecretFile: {}\n",
+            secret_file.display()
+        )
+    } else {
+        String::new()
+    };
     let upstream_block = if https {
         format!(
             "  server {{\n    listen {upstream} ssl http2 backlog=4096;\n    ssl_certificate {};\n    \
              ssl_certificate_key {};\n    keepalive_requests 1000000;\n    location / {{ \
              add_header X-Served-By nginx; add_header X-Upstream-Protocol $server_protocol; \
+             add_header X-Upstream-Authorization $http_authorization; \
              return 200 \"nginx\\n\"; }}\n  }}\n",
             cert.display(),
             key.display()
@@ -244,7 +274,7 @@ pub fn tunnel(args: &TunnelArgs) -> Result<()> {
     let node_netns = format!("/var/run/netns/{}", topology.node().name());
     let routes = format!(
         "tunnel:\n  ipv4: 10.200.0.1:15001\n  caFile: {ca_file}\nservices:\n  - address: {SERVICE}\n    \
-         offloadPercent: 100\n    remote:\n      scheme: {scheme}\n      host: \"{upstream}\"\n  \
+         offloadPercent: 100\n    remote:\n      scheme: {scheme}\n      host: \"{upstream}\"\n{auth}  \
          - address: {TCP_SERVICE}\n    offloadPercent: 100\n    remote:\n      mode: tcp\n      \
          host: \"{upstream}\"\n"
     );
@@ -332,7 +362,20 @@ pub fn tunnel(args: &TunnelArgs) -> Result<()> {
                 "{name} did not reach the upstream over {expected}:\n{head}{}",
                 String::from_utf8_lossy(&out.stderr)
             );
+            // Only the tunnel authenticates (as it does to Beamlit).
+            let bearer = head.contains("x-upstream-authorization: bearer ");
+            anyhow::ensure!(
+                bearer == (name == "tunnel"),
+                "{name}: the upstream saw {} bearer token",
+                if bearer { "a" } else { "no" }
+            );
             println!("[bench] {name} reaches the upstream over TLS with {expected}");
+        }
+        if let Some(server) = &token_server {
+            println!(
+                "[bench] the tunnel sends an OAuth token ({} token request(s) so far)",
+                server.stats()?.token_requests
+            );
         }
     }
     let idle = Memory::read(tunnel_pid)?;

@@ -167,6 +167,7 @@ pub(crate) fn build_agent_and_testbed(what: &str, release: bool) -> anyhow::Resu
     unsafe {
         std::env::set_var("BEAMLIT_AGENT_BIN", dir.join("beamlit-agent"));
         std::env::set_var("BEAMLIT_NETPROBE_BIN", dir.join("netprobe"));
+        std::env::set_var("BEAMLIT_FAKEBEAMLIT_BIN", dir.join("fakebeamlit"));
     }
     Ok(())
 }
