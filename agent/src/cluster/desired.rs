@@ -347,6 +347,31 @@ pub fn secret_refs(models: &[Arc<ModelDeployment>]) -> Vec<NamespacedSecretKeyRe
     refs
 }
 
+/// What of a ModelDeployment the agent applies, as one number: [`desired`] reads its identity,
+/// spec, and the controller's decision and resolution in status. Everything else the controller
+/// writes (`status.agents` after every acknowledgement, conditions, metric readings, messages)
+/// cannot change a map, so a change there must not wake every agent of the cluster: with N
+/// agents, each acknowledgement would otherwise cost N syncs.
+pub fn fingerprint(md: &ModelDeployment) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let status = md.status.as_ref();
+    let applied = serde_json::json!({
+        "uid": md.metadata.uid,
+        "namespace": md.metadata.namespace,
+        "name": md.metadata.name,
+        "deleting": md.metadata.deletion_timestamp.is_some(),
+        "spec": md.spec,
+        "service": status.map(|s| &s.service),
+        "remoteBackend": status.map(|s| &s.remote_backend),
+        "offloadPercent": status.map(|s| s.offload_percent),
+        "reason": status.map(|s| &s.reason),
+        "decisionGeneration": status.map(|s| s.decision_generation),
+    });
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    applied.to_string().hash(&mut hasher);
+    hasher.finish()
+}
+
 /// How long a Secret's value is used before it is read again (rotations reach the tunnel).
 pub const SECRET_REFRESH: Duration = Duration::from_secs(60);
 
@@ -401,6 +426,68 @@ mod tests {
             ..ModelDeploymentStatus::default()
         });
         md
+    }
+
+    #[test]
+    fn only_what_the_agent_applies_changes_the_fingerprint() {
+        let base = model("m", 40, "Metrics", &["10.96.0.10"]);
+        let before = fingerprint(&base);
+        type Edit = fn(&mut ModelDeployment);
+        let ignored: [(&str, Edit); 4] = [
+            ("status.agents", |m| {
+                m.status.as_mut().expect("status").agents = Some(Default::default())
+            }),
+            ("status.conditions", |m| {
+                m.status.as_mut().expect("status").conditions =
+                    vec![serde_json::from_value(
+                    serde_json::json!({"type": "Ready", "status": "True", "reason": "Applied",
+                        "message": "", "lastTransitionTime": "2026-12-02T00:00:00Z"}),
+                )
+                .expect("condition")]
+            }),
+            ("status.message", |m| {
+                m.status.as_mut().expect("status").message = Some("x".into())
+            }),
+            ("status.readyEndpoints", |m| {
+                m.status.as_mut().expect("status").ready_endpoints = 7
+            }),
+        ];
+        for (what, edit) in ignored {
+            let mut md = base.clone();
+            edit(&mut md);
+            assert_eq!(fingerprint(&md), before, "{what} must not wake the agent");
+        }
+        let applied: [(&str, Edit); 8] = [
+            ("status.offloadPercent", |m| {
+                m.status.as_mut().expect("status").offload_percent = 41
+            }),
+            ("status.reason", |m| {
+                m.status.as_mut().expect("status").reason = Some("NoReadyEndpoints".into())
+            }),
+            ("status.decisionGeneration", |m| {
+                m.status.as_mut().expect("status").decision_generation = 4
+            }),
+            ("status.service", |m| {
+                m.status.as_mut().expect("status").service = None
+            }),
+            ("status.remoteBackend", |m| {
+                if let Some(r) = m.status.as_mut().and_then(|s| s.remote_backend.as_mut()) {
+                    r.host = "other.example".into();
+                }
+            }),
+            ("spec.enabled", |m| m.spec.enabled = !m.spec.enabled),
+            ("metadata.uid", |m| m.metadata.uid = Some("uid-new".into())),
+            ("metadata.deletionTimestamp", |m| {
+                m.metadata.deletion_timestamp = Some(
+                    k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Default::default()),
+                )
+            }),
+        ];
+        for (what, edit) in applied {
+            let mut md = base.clone();
+            edit(&mut md);
+            assert_ne!(fingerprint(&md), before, "{what} must wake the agent");
+        }
     }
 
     fn secret_ref() -> NamespacedSecretKeyRef {

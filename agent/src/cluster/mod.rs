@@ -152,13 +152,70 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// A watch that keeps `writer`'s cache and pokes `changed` on every change after the first list.
+/// Which watch events matter to the maps. With a fingerprint of what the agent applies, an
+/// object whose fingerprint did not change (a write elsewhere in it) is not a change; without
+/// one, every event after the first list is.
+struct Changes<K: kube::Resource> {
+    fingerprint: Option<fn(&K) -> u64>,
+    seen: HashMap<reflector::ObjectRef<K>, u64>,
+    /// Fingerprints of a list in progress (a relist replaces `seen` when it completes).
+    listing: HashMap<reflector::ObjectRef<K>, u64>,
+}
+
+impl<K> Changes<K>
+where
+    K: kube::Resource,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    fn new(fingerprint: Option<fn(&K) -> u64>) -> Self {
+        Self {
+            fingerprint,
+            seen: HashMap::new(),
+            listing: HashMap::new(),
+        }
+    }
+
+    /// Whether `event` may change what the agent applies.
+    fn matters(&mut self, event: &Event<K>) -> bool {
+        let Some(fingerprint) = self.fingerprint else {
+            return !matches!(event, Event::Init | Event::InitApply(_));
+        };
+        match event {
+            Event::Init => {
+                self.listing.clear();
+                false
+            }
+            Event::InitApply(obj) => {
+                self.listing
+                    .insert(reflector::ObjectRef::from_obj(obj), fingerprint(obj));
+                false
+            }
+            // The cache was just replaced by a fresh list.
+            Event::InitDone => {
+                self.seen = std::mem::take(&mut self.listing);
+                true
+            }
+            Event::Apply(obj) => {
+                let new = fingerprint(obj);
+                self.seen.insert(reflector::ObjectRef::from_obj(obj), new) != Some(new)
+            }
+            Event::Delete(obj) => {
+                self.seen.remove(&reflector::ObjectRef::from_obj(obj));
+                true
+            }
+        }
+    }
+}
+
+/// A watch that keeps `writer`'s cache and pokes `changed` on every change after the first list
+/// that matters ([`Changes`]).
 fn watch<K>(
     api: Api<K>,
     config: watcher::Config,
     writer: reflector::store::Writer<K>,
     changed: Arc<tokio::sync::Notify>,
     what: &'static str,
+    fingerprint: Option<fn(&K) -> u64>,
 ) -> impl std::future::Future<Output = ()> + Send + 'static
 where
     K: kube::Resource
@@ -175,18 +232,18 @@ where
         .reflect(writer);
     async move {
         let mut failing = false;
+        let mut changes = Changes::new(fingerprint);
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
             match event {
-                Ok(Event::Init | Event::InitApply(_)) => {}
                 Ok(event) => {
-                    if failing {
+                    if failing && !matches!(event, Event::Init | Event::InitApply(_)) {
                         info!("{what}: watching again");
                         failing = false;
                     }
-                    // Apply, Delete, or InitDone (the cache was just replaced by a fresh list).
-                    let _ = event;
-                    changed.notify_one();
+                    if changes.matters(&event) {
+                        changed.notify_one();
+                    }
                 }
                 Err(e) => {
                     if !failing {
@@ -288,6 +345,7 @@ impl Cluster {
                 models_writer,
                 changed.clone(),
                 "ModelDeployments",
+                Some(desired::fingerprint),
             )),
             tokio::spawn(watch(
                 Api::<EndpointSlice>::all(self.client.clone()),
@@ -295,6 +353,7 @@ impl Cluster {
                 slices_writer,
                 changed.clone(),
                 "EndpointSlices",
+                None,
             )),
         ];
         if let Some(selector) = &self.config.exempt_pods {
@@ -306,6 +365,7 @@ impl Cluster {
                 exempt_writer,
                 changed.clone(),
                 "exempt pods",
+                None,
             )));
         }
         info!(node = %self.config.node_name, "cluster mode: waiting for the first list of ModelDeployments and EndpointSlices");
@@ -448,5 +508,62 @@ impl Cluster {
         if let Err(e) = result {
             warn!(dir = %dir.display(), "writing the state `inspect` reads: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(uid: &str, percent: i32) -> ModelDeployment {
+        let mut md: ModelDeployment = serde_saphyr::from_str(include_str!(
+            "../../../tests/fixtures/model-deployment.yaml"
+        ))
+        .expect("seed parses");
+        md.metadata.namespace = Some("models".into());
+        md.metadata.uid = Some(uid.into());
+        md.status = Some(beamlit_api::ModelDeploymentStatus {
+            offload_percent: percent,
+            ..Default::default()
+        });
+        md
+    }
+
+    #[test]
+    fn writes_the_agent_does_not_apply_do_not_wake_it() {
+        let mut changes = Changes::new(Some(desired::fingerprint as fn(&ModelDeployment) -> u64));
+        let md = model("a", 0);
+        // The first list: one wake-up when it is complete.
+        assert!(!changes.matters(&Event::Init));
+        assert!(!changes.matters(&Event::InitApply(md.clone())));
+        assert!(changes.matters(&Event::InitDone));
+        // The controller records an acknowledgement: nothing to apply.
+        let mut acked = md.clone();
+        acked.status.as_mut().expect("status").agents = Some(Default::default());
+        assert!(!changes.matters(&Event::Apply(acked)));
+        // A new decision.
+        let decided = model("a", 50);
+        assert!(changes.matters(&Event::Apply(decided.clone())));
+        assert!(!changes.matters(&Event::Apply(decided.clone())));
+        // A relist that finds the same objects still wakes once (the cache was replaced).
+        assert!(!changes.matters(&Event::Init));
+        assert!(!changes.matters(&Event::InitApply(decided.clone())));
+        assert!(changes.matters(&Event::InitDone));
+        assert!(!changes.matters(&Event::Apply(decided.clone())));
+        // Deleted, then created again with the same content: both matter.
+        assert!(changes.matters(&Event::Delete(decided.clone())));
+        assert!(changes.matters(&Event::Apply(decided)));
+    }
+
+    #[test]
+    fn without_a_fingerprint_every_event_after_the_list_matters() {
+        let mut changes = Changes::<ModelDeployment>::new(None);
+        let md = model("a", 0);
+        assert!(!changes.matters(&Event::Init));
+        assert!(!changes.matters(&Event::InitApply(md.clone())));
+        assert!(changes.matters(&Event::InitDone));
+        assert!(changes.matters(&Event::Apply(md.clone())));
+        assert!(changes.matters(&Event::Apply(md.clone())));
+        assert!(changes.matters(&Event::Delete(md)));
     }
 }
