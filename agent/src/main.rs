@@ -83,7 +83,8 @@ struct TunnelArgs {
     /// CA bundle (PEM) trusted besides the system roots, for private remote backends.
     #[arg(long)]
     ca_file: Option<PathBuf>,
-    /// Worker threads (default: the CPUs available, at most 4).
+    /// Worker threads (default: half the CPUs available, at least 1, at most 4; see
+    /// `tunnel::default_workers`).
     #[arg(long)]
     workers: Option<usize>,
     /// Per-client limit: time from accepting a connection (or finishing a response on it) to a
@@ -189,7 +190,8 @@ struct RunArgs {
     /// workers are then that process's flags. Default: the tunnel runs in this process.
     #[arg(long)]
     tunnel_socket: Option<PathBuf>,
-    /// Worker threads of the egress tunnel (default: the CPUs available, at most 4).
+    /// Worker threads of the egress tunnel (default: half the CPUs available, at least 1, at
+    /// most 4).
     #[arg(long)]
     tunnel_workers: Option<usize>,
     /// Per-client limit of the tunnel: time from accepting a connection (or finishing a
@@ -237,7 +239,7 @@ fn tunnel(args: TunnelArgs) -> anyhow::Result<()> {
         extra_ca_file: args.ca_file,
         workers: args
             .workers
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get().min(4))),
+            .unwrap_or_else(|| beamlit_agent::tunnel::default_workers()),
         limits: Limits {
             header_timeout: Duration::from_millis(args.header_timeout_ms.max(1)),
             idle_timeout: Duration::from_millis(args.idle_timeout_ms.max(1)),
@@ -460,7 +462,7 @@ fn run(bpffs: &std::path::Path, state_dir: &std::path::Path, args: RunArgs) -> a
         bpffs.to_path_buf(),
         metrics.clone(),
         args.tunnel_workers
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get().min(4))),
+            .unwrap_or_else(|| beamlit_agent::tunnel::default_workers()),
         Limits {
             header_timeout: Duration::from_millis(args.tunnel_header_timeout_ms.max(1)),
             idle_timeout: Duration::from_millis(args.tunnel_idle_timeout_ms.max(1)),
