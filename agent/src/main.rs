@@ -239,7 +239,7 @@ fn tunnel(args: TunnelArgs) -> anyhow::Result<()> {
         extra_ca_file: args.ca_file,
         workers: args
             .workers
-            .unwrap_or_else(|| beamlit_agent::tunnel::default_workers()),
+            .unwrap_or_else(beamlit_agent::tunnel::default_workers),
         limits: Limits {
             header_timeout: Duration::from_millis(args.header_timeout_ms.max(1)),
             idle_timeout: Duration::from_millis(args.idle_timeout_ms.max(1)),
@@ -462,7 +462,7 @@ fn run(bpffs: &std::path::Path, state_dir: &std::path::Path, args: RunArgs) -> a
         bpffs.to_path_buf(),
         metrics.clone(),
         args.tunnel_workers
-            .unwrap_or_else(|| beamlit_agent::tunnel::default_workers()),
+            .unwrap_or_else(beamlit_agent::tunnel::default_workers),
         Limits {
             header_timeout: Duration::from_millis(args.tunnel_header_timeout_ms.max(1)),
             idle_timeout: Duration::from_millis(args.tunnel_idle_timeout_ms.max(1)),
