@@ -1,6 +1,7 @@
 //! The Beamlit offloading controller. The `ModelDeployment` types live in `beamlit-api`, shared
 //! with the agent.
 //!
+//! - [`ack_triggers`]: which models an agent's acknowledgement re-queues, batched;
 //! - [`admission`]: what a ModelDeployment may reference and where its traffic and credentials
 //!   may go (the cluster admin's boundary), checked before anything else;
 //! - [`backend`]: the remote backend in force (the spec's or the configured default);
@@ -15,6 +16,7 @@
 //! - [`status`]: the status written, from observations and the decision;
 //! - [`reconcile`]: the controller loop; [`metrics`]: its Prometheus metrics and probes;
 //! - [`leader`]: leader election on a Lease, so that one replica decides.
+pub mod ack_triggers;
 pub mod admission;
 pub mod backend;
 pub mod beamlit_api;

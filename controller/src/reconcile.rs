@@ -17,7 +17,7 @@ use kube::{
         Controller, WatchStreamExt as _,
         controller::Action,
         events::{Event, EventType, Recorder, Reporter},
-        finalizer, predicates,
+        finalizer,
         reflector::{self, ObjectRef, Store},
         watcher,
     },
@@ -113,6 +113,11 @@ pub struct Caches {
     agent_leases: Store<Lease>,
     /// Grants of cross-namespace references (see [`crate::admission`]).
     grants: Store<ModelDeploymentGrant>,
+    /// Bumped after every EndpointSlice event reaches `slices`, so that a reconcile waiting on
+    /// a metrics source can notice its Service losing its last ready endpoint meanwhile.
+    slices_changed: tokio::sync::watch::Receiver<()>,
+    /// Set once every cache has listed (see [`Caches::ready`]).
+    listed: tokio::sync::OnceCell<()>,
     /// Each Lease's acknowledgements, parsed once per resourceVersion rather than by every
     /// reconcile (the annotation lists every model the node applied).
     parsed_acks: std::sync::Mutex<std::collections::HashMap<String, ParsedAcks>>,
@@ -147,23 +152,57 @@ impl Caches {
 }
 
 impl Caches {
+    /// Ready endpoints of `service`, from the EndpointSlice cache.
+    fn ready_endpoints(&self, service: &beamlit_api::ResolvedService) -> u32 {
+        let slices = self.slices.state();
+        resolve::ready_endpoints(slices.iter().map(AsRef::as_ref).filter(|slice| {
+            slice.namespace().as_deref() == Some(service.namespace.as_str())
+                && slice.labels().get(SERVICE_NAME_LABEL) == Some(&service.name)
+        }))
+    }
+
+    /// Completes when `service` has no ready endpoint left, checked after each slice event
+    /// that `changed` (marked before the last count) sees; never, if the slice watch ends.
+    async fn last_endpoint_gone(
+        &self,
+        service: &beamlit_api::ResolvedService,
+        mut changed: tokio::sync::watch::Receiver<()>,
+    ) {
+        while changed.changed().await.is_ok() {
+            if self.ready_endpoints(service) == 0 {
+                return;
+            }
+        }
+        std::future::pending().await
+    }
+
     /// Right after start, a cache may not have listed yet: wait, rather than report missing
     /// objects that exist.
+    ///
+    /// One task waits on the stores, the others on it: kube-runtime's `Store::wait_until_ready`
+    /// keeps one waker (a futures oneshot), so of several reconciles waiting at once only the
+    /// last one polled was woken, and the others hung until the 60 s timeout (seen: one of two
+    /// models never reconciled after a start).
     async fn ready(&self) -> Result<(), Error> {
-        let all = async {
-            self.services.wait_until_ready().await?;
-            self.slices.wait_until_ready().await?;
-            self.deployments.wait_until_ready().await?;
-            self.statefulsets.wait_until_ready().await?;
-            self.replicasets.wait_until_ready().await?;
-            self.daemonsets.wait_until_ready().await?;
-            self.grants.wait_until_ready().await?;
-            self.agent_leases.wait_until_ready().await
-        };
-        match tokio::time::timeout(Duration::from_secs(60), all).await {
-            Ok(Ok(())) => Ok(()),
-            _ => Err(Error::CachesNotReady),
-        }
+        self.listed
+            .get_or_try_init(|| async {
+                let all = async {
+                    self.services.wait_until_ready().await?;
+                    self.slices.wait_until_ready().await?;
+                    self.deployments.wait_until_ready().await?;
+                    self.statefulsets.wait_until_ready().await?;
+                    self.replicasets.wait_until_ready().await?;
+                    self.daemonsets.wait_until_ready().await?;
+                    self.grants.wait_until_ready().await?;
+                    self.agent_leases.wait_until_ready().await
+                };
+                match tokio::time::timeout(Duration::from_secs(60), all).await {
+                    Ok(Ok(())) => Ok(()),
+                    _ => Err(Error::CachesNotReady),
+                }
+            })
+            .await
+            .copied()
     }
 }
 
@@ -213,6 +252,12 @@ pub async fn run(ctx: Arc<Context>) {
         &ns,
         watcher::Config::default().labels(SERVICE_NAME_LABEL),
     );
+    // The store is written before the stream yields (reflect, then touched_objects): a
+    // reconcile woken by this signal reads the slice that caused it.
+    let (slices_tx, slices_changed) = tokio::sync::watch::channel(());
+    let slices_stream = slices_stream.inspect(move |_| {
+        slices_tx.send_replace(());
+    });
     let (deployments, deployments_stream) =
         cached::<Deployment>(&client, &ns, watcher::Config::default());
     let (statefulsets, statefulsets_stream) =
@@ -224,15 +269,16 @@ pub async fn run(ctx: Arc<Context>) {
     let (grants, grants_stream) =
         cached::<ModelDeploymentGrant>(&client, &ns, watcher::Config::default());
     let (agent_leases, writer) = reflector::store();
-    let leases_stream = watcher(
+    let mut acks = crate::ack_triggers::AckTriggers::default();
+    let ack_changes = watcher(
         Api::<Lease>::namespaced(client.clone(), &ctx.agent_namespace),
         watcher::Config::default().labels(acknowledgement::AGENT_LEASE_SELECTOR),
     )
     .default_backoff()
     .reflect(writer)
-    .touched_objects()
-    // Renewals (every few seconds per node) change no annotation: only acknowledgements count.
-    .predicate_filter(predicates::annotations, Default::default());
+    // Renewals (every few seconds per node) change no acknowledgement: only the models whose
+    // entry changed count.
+    .filter_map(move |event| futures::future::ready(event.ok().map(|e| acks.on_event(&e))));
     let running = Arc::new(Running {
         ctx,
         caches: Caches {
@@ -244,6 +290,8 @@ pub async fn run(ctx: Arc<Context>) {
             daemonsets,
             agent_leases,
             grants,
+            slices_changed,
+            listed: tokio::sync::OnceCell::new(),
             parsed_acks: std::sync::Mutex::default(),
         },
     });
@@ -284,22 +332,13 @@ pub async fn run(ctx: Arc<Context>) {
         .watches_stream(grants_stream, move |g| {
             referencing_namespace(&s7, g.namespace().as_deref().unwrap_or_default())
         })
-        // An agent acknowledging a decision updates "applied on N of M nodes" of the models it
-        // lists. An agent that dies is noticed at the next resync, when its Lease has expired.
-        .watches_stream(leases_stream, |lease| {
-            let applied = AppliedDecisions::from_annotation(
-                lease
-                    .annotations()
-                    .get(acknowledgement::APPLIED_ANNOTATION)
-                    .map(String::as_str),
-            );
-            applied
-                .0
-                .keys()
-                .filter_map(|key| key.split_once('/'))
-                .map(|(ns, name)| ObjectRef::new(name).within(ns))
-                .collect::<Vec<_>>()
-        })
+        // An agent acknowledging a decision updates "applied on N of M nodes" of the models
+        // whose entry changed, gathered over ACK_BATCH (see crate::ack_triggers). An agent that
+        // dies is noticed at the next resync, when its Lease has expired.
+        .reconcile_on(crate::ack_triggers::batched(
+            ack_changes,
+            crate::ack_triggers::ACK_BATCH,
+        ))
         .run(reconcile, error_policy, running)
         .for_each(|result| async move {
             if let Err(e) = result {
@@ -436,16 +475,10 @@ async fn apply(md: Arc<ModelDeployment>, running: &Running) -> Result<Action, Er
         Ok(service) => (Some(service), None),
         Err(e) => (None, Some(e)),
     };
-    let ready_endpoints = match &service {
-        Some(s) => {
-            let slices = caches.slices.state();
-            resolve::ready_endpoints(slices.iter().map(AsRef::as_ref).filter(|slice| {
-                slice.namespace().as_deref() == Some(s.namespace.as_str())
-                    && slice.labels().get(SERVICE_NAME_LABEL) == Some(&s.name)
-            }))
-        }
-        None => 0,
-    };
+    // Marked before counting: a slice event from here on wakes the metrics read below.
+    let mut slices_changed = caches.slices_changed.clone();
+    slices_changed.mark_unchanged();
+    let ready_endpoints = service.as_ref().map_or(0, |s| caches.ready_endpoints(s));
     let (workload, workload_error) = match resolve_workload(caches, &md, &namespace) {
         Ok(w) => (Some(w), None),
         Err(why) => (None, Some(why)),
@@ -469,11 +502,23 @@ async fn apply(md: Arc<ModelDeployment>, running: &Running) -> Result<Action, Er
     // No ready endpoint: everything is offloaded whatever the metrics say, so they are not read.
     // Reading them would hold the failover back: on real nodes, metrics-server answers 503 for
     // seconds while pods come and go, and each call waits up to METRICS_API_TIMEOUT (seen: the
-    // decision 4.9 s after `kubectl scale --replicas=0` instead of at once).
-    let (readings, metric_values) = if service.is_some() && ready_endpoints == 0 {
-        unread_metrics(&md)
-    } else {
-        evaluate_metrics(&md, &sources).await
+    // decision 4.9 s after `kubectl scale --replicas=0` instead of at once). For the same
+    // reason a read already under way is abandoned when the last endpoint goes meanwhile (seen
+    // on CI: `kubectl scale` re-queued the model through its Deployment while one endpoint was
+    // still ready, that read waited 3 s on metrics-server, and the EndpointSlice's reconcile
+    // queued behind it).
+    let (ready_endpoints, (readings, metric_values)) = match &service {
+        Some(_) if ready_endpoints == 0 => (0, unread_metrics(&md)),
+        Some(s) => {
+            let read = evaluate_metrics(&md, &sources);
+            let gone = caches.last_endpoint_gone(s, slices_changed);
+            tokio::select! {
+                biased;
+                () = gone => (0, unread_metrics(&md)),
+                read = read => (ready_endpoints, read),
+            }
+        }
+        None => (0, evaluate_metrics(&md, &sources).await),
     };
 
     let previous_status = md.status.clone();

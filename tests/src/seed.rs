@@ -74,6 +74,8 @@ pub struct ControllerProcess {
     starts: u32,
     /// Runs inside this network namespace (by name), if set.
     netns: Option<String>,
+    /// The loopback port of `/metrics` and the probes, of the current process.
+    http_port: u16,
 }
 
 impl ControllerProcess {
@@ -122,6 +124,7 @@ impl ControllerProcess {
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             starts: 0,
             netns: netns.map(str::to_string),
+            http_port: 0,
         })
     }
 
@@ -139,7 +142,11 @@ impl ControllerProcess {
             }
             None => Command::new(controller_bin()),
         };
-        cmd.args(["--resync-secs", "1", "--stabilization-window-secs", "5"])
+        // A test that sets its own resync keeps it (clap refuses a flag given twice).
+        if !self.extra_args.iter().any(|a| a == "--resync-secs") {
+            cmd.args(["--resync-secs", "1"]);
+        }
+        cmd.args(["--stabilization-window-secs", "5"])
             .args(["--http-addr", &format!("127.0.0.1:{port}")])
             .args(&self.extra_args)
             .env("KUBECONFIG", &self.kubeconfig)
@@ -148,7 +155,24 @@ impl ControllerProcess {
             .stdout(log.try_clone()?)
             .stderr(log);
         self.child = Some(spawn(cmd, None)?);
+        self.http_port = port;
         Ok(())
+    }
+
+    /// The value of the counter or gauge `name` (no labels) on the controller's `/metrics`.
+    pub fn metric(&self, name: &str) -> Result<f64> {
+        use std::io::{Read as _, Write as _};
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", self.http_port))?;
+        conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+        conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: controller\r\n\r\n")?;
+        let mut text = String::new();
+        conn.read_to_string(&mut text)?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .with_context(|| format!("no {name} on /metrics:\n{text}"))?
+            .trim()
+            .parse()
+            .with_context(|| format!("{name} on /metrics"))
     }
 
     pub fn restart(&mut self) -> Result<()> {

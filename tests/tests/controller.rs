@@ -7,6 +7,9 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use beamlit_api::acknowledgement::{
+    AGENT_LEASE_LABEL_KEY, AGENT_LEASE_LABEL_VALUE, AGENT_LEASE_SELECTOR, APPLIED_ANNOTATION,
+};
 use beamlit_testbed::{
     TestDir,
     cluster::TestCluster,
@@ -370,6 +373,267 @@ fn an_external_metric_from_prometheus_drives_offloading_with_a_stabilization_win
     wait("above again: offload again", 15, &|s| {
         s["offloadPercent"] == 50
     })?;
+    Ok(())
+}
+
+/// A Prometheus that accepts connections and never answers: every read waits out the
+/// controller's timeout (5 s). The connections are held until the test ends.
+struct HungPrometheus {
+    url: String,
+    _held: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl HungPrometheus {
+    fn start() -> Result<Self> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let h = held.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                h.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
+            }
+        });
+        Ok(Self { url, _held: held })
+    }
+}
+
+#[test]
+fn a_metrics_source_that_hangs_never_holds_back_the_failover() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let cluster = TestCluster::shared()?;
+    install_model_deployment_crd(cluster)?;
+    let ns = cluster.namespace("ctlhung")?;
+    cluster.apply(ns.name(), PHP_APACHE)?;
+    cluster.wait_deployment_ready(ns.name(), "php-apache", 1, Duration::from_secs(60))?;
+    let prometheus = HungPrometheus::start()?;
+    let md = seed_model_deployment(ns.name()).replace(
+        "      - type: Resource\n        resource:\n          name: cpu\n          target:\n            type: Utilization\n            averageUtilization: 90\n",
+        "      - type: External\n        external:\n          metric:\n            name: model_load\n            selector:\n              matchLabels:\n                model: php-apache\n          target:\n            type: Value\n            value: \"10\"\n",
+    );
+    assert!(
+        md.contains("model_load"),
+        "the seed's metric block moved: {md}"
+    );
+    cluster.apply(ns.name(), &md)?;
+    let controller = ControllerProcess::start_with(
+        cluster,
+        &[
+            "--leader-election=false",
+            "--namespaces",
+            ns.name(),
+            "--prometheus-url",
+            &prometheus.url,
+        ],
+    )?;
+    // The read was tried and waited out: the source really hangs.
+    controller.wait_seed_status(
+        cluster,
+        ns.name(),
+        Duration::from_secs(30),
+        "1 ready endpoint and the metric's read timed out",
+        |s| {
+            s["readyEndpoints"] == 1
+                && s["offloadPercent"] == 0
+                && s["metrics"][0]["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("within"))
+        },
+    )?;
+
+    // `kubectl scale` re-queues the model through its Deployment at once, while its endpoint
+    // is still ready: that reconcile reads the metric and waits. The EndpointSlice then loses
+    // its last ready endpoint; the decision must not wait for the read.
+    scale(cluster, ns.name(), 0)?;
+    let started = Instant::now();
+    while !cluster.ready_endpoints(ns.name(), "php-apache")?.is_empty() {
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("the EndpointSlice kept ready endpoints");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let took = controller.wait_seed_status(
+        cluster,
+        ns.name(),
+        Duration::from_secs(10),
+        "100%/NoReadyEndpoints",
+        |s| s["offloadPercent"] == 100 && s["reason"] == "NoReadyEndpoints",
+    )?;
+    println!("no ready endpoints -> 100% in {took:?} with a metrics source that hangs 5 s");
+    assert!(
+        took < Duration::from_secs(1),
+        "the decision waited for the hung metrics read: {took:?}\n{}",
+        controller.log()
+    );
+    Ok(())
+}
+
+/// `count` agent Leases in `ns`, each acknowledging `acks` (model name in `ns` → uid,
+/// decision), renewed now: what `count` agents would write.
+fn agent_leases(ns: &str, count: usize, acks: &[(&str, &str, i64)]) -> String {
+    let applied: serde_json::Map<String, serde_json::Value> = acks
+        .iter()
+        .map(|(name, uid, decision)| {
+            (
+                format!("{ns}/{name}"),
+                serde_json::json!({"uid": uid, "decision": decision}),
+            )
+        })
+        .collect();
+    let annotation = serde_json::Value::Object(applied).to_string();
+    let now = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S.%6fZ");
+    let items: Vec<serde_json::Value> = (0..count)
+        .map(|i| {
+            serde_json::json!({
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": {
+                    "name": format!("beamlit-agent-node-{i}"),
+                    "namespace": ns,
+                    "labels": {AGENT_LEASE_LABEL_KEY: AGENT_LEASE_LABEL_VALUE},
+                    "annotations": {APPLIED_ANNOTATION: annotation},
+                },
+                "spec": {
+                    "holderIdentity": format!("node-{i}"),
+                    "leaseDurationSeconds": 300,
+                    "renewTime": now.to_string(),
+                },
+            })
+        })
+        .collect();
+    serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string()
+}
+
+#[test]
+fn agents_acknowledging_one_decision_requeue_that_model_only_and_once() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    const AGENTS: usize = 20;
+    let cluster = TestCluster::shared()?;
+    install_model_deployment_crd(cluster)?;
+    let ns = cluster.namespace("ctlacks")?;
+    deploy_seed(cluster, ns.name())?;
+    // A second model in the same Leases (its Service does not exist: it is reconciled all the
+    // same, and reports it).
+    cluster.apply(
+        ns.name(),
+        &seed_model_deployment(ns.name())
+            .replacen("name: php-apache", "name: other", 1)
+            .replace(
+                "    name: php-apache\n    namespace",
+                "    name: no-such-service\n    namespace",
+            ),
+    )?;
+    // No periodic resync during the test: every reconcile counted has a trigger.
+    let controller = ControllerProcess::start_with(
+        cluster,
+        &[
+            "--leader-election=false",
+            "--namespaces",
+            ns.name(),
+            "--agent-namespace",
+            ns.name(),
+            "--resync-secs",
+            "600",
+        ],
+    )?;
+    let decided = |name: &str| -> Result<(String, i64)> {
+        let out = cluster.kubectl(&[
+            "get",
+            "modeldeployment",
+            name,
+            "-n",
+            ns.name(),
+            "-o",
+            "json",
+        ])?;
+        let md: serde_json::Value = serde_json::from_str(&out)?;
+        Ok((
+            md["metadata"]["uid"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            md["status"]["decisionGeneration"].as_i64().unwrap_or(0),
+        ))
+    };
+    controller.wait_seed_status(
+        cluster,
+        ns.name(),
+        Duration::from_secs(30),
+        "a decision",
+        |s| s["decisionGeneration"].as_i64().is_some_and(|g| g > 0),
+    )?;
+    wait_status(
+        cluster,
+        ns.name(),
+        "other",
+        Duration::from_secs(30),
+        "a status",
+        |s| !s.is_null(),
+    )
+    .with_context(|| controller.log())?;
+    let (uid_a, gen_a) = decided("php-apache")?;
+    let (uid_b, gen_b) = decided("other")?;
+
+    // Every agent applies both models.
+    cluster.apply(
+        ns.name(),
+        &agent_leases(
+            ns.name(),
+            AGENTS,
+            &[("php-apache", &uid_a, gen_a), ("other", &uid_b, gen_b)],
+        ),
+    )?;
+    controller.wait_seed_status(
+        cluster,
+        ns.name(),
+        Duration::from_secs(10),
+        "applied on every agent",
+        |s| s["agents"]["applied"] == AGENTS && s["agents"]["total"] == AGENTS,
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+
+    // Each agent rewrites its Lease with a new entry for php-apache only (as after a decision
+    // change), one write per agent.
+    let before = controller.metric("beamlit_controller_reconciles_total")?;
+    cluster.apply(
+        ns.name(),
+        &agent_leases(
+            ns.name(),
+            AGENTS,
+            &[("php-apache", &uid_a, gen_a + 1), ("other", &uid_b, gen_b)],
+        ),
+    )?;
+    std::thread::sleep(Duration::from_secs(2));
+    let reconciles = controller.metric("beamlit_controller_reconciles_total")? - before;
+    println!("{AGENTS} Lease writes acknowledging one model -> {reconciles} reconcile(s)");
+    // Re-queueing every model each Lease names would be 2 per write (40); one per write would
+    // be 20. Gathered over the batch window, the 20 writes are a few batches of php-apache.
+    assert!(
+        (1.0..=4.0).contains(&reconciles),
+        "{AGENTS} acknowledgements of one model cost {reconciles} reconciles\n{}",
+        controller.log()
+    );
+
+    // Agents gone: the models they held are re-queued and count them out.
+    cluster.kubectl(&[
+        "delete",
+        "lease",
+        "-n",
+        ns.name(),
+        "-l",
+        AGENT_LEASE_SELECTOR,
+    ])?;
+    controller.wait_seed_status(
+        cluster,
+        ns.name(),
+        Duration::from_secs(10),
+        "no agent left",
+        |s| s["agents"]["total"] == 0,
+    )?;
     Ok(())
 }
 
