@@ -27,6 +27,9 @@ pub struct Report {
     pub node: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub problems: Vec<String>,
+    /// Cluster mode: the Services whose EndpointSlices the agent watches, and the slices cached.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint_slices: Option<crate::cluster::WatchedSlices>,
 }
 
 #[derive(Debug, Serialize)]
@@ -128,6 +131,7 @@ pub fn report(dir: &Path, state_dir: &Path) -> anyhow::Result<Report> {
         }),
         programs,
         node: state.as_ref().map(|s| s.node.clone()),
+        endpoint_slices: state.as_ref().map(|s| s.endpoint_slices.clone()),
         problems: state.map(|s| s.problems).unwrap_or_default(),
     })
 }
@@ -195,6 +199,17 @@ pub fn render(report: &Report) -> String {
         let ids: Vec<String> = report.exempt_cgroups.iter().map(u64::to_string).collect();
         format!("cgroups {}", ids.join(", "))
     };
+    if let Some(w) = &report.endpoint_slices {
+        let services = if w.services.is_empty() {
+            "none".to_string()
+        } else {
+            w.services.join(", ")
+        };
+        out.push_str(&format!(
+            "\nEndpointSlices watched: of the Services named {services} ({} cached)",
+            w.cached
+        ));
+    }
     out.push_str(&format!(
         "\nlive redirected sockets: {}\nbypass mark: {:#x}\nnever redirected: {exempt}\ntunnel heartbeat: {heartbeat}\npins: {}\n\n",
         report.redirected_sockets, report.bypass_mark, report.bpffs_dir

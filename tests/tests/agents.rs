@@ -178,6 +178,33 @@ fn two_nodes_apply_acknowledge_and_forget_a_deleted_model() -> Result<()> {
     })
     .with_context(|| controller.log())?;
     let svc = bed.service_address()?;
+    // Each agent caches the EndpointSlices of the Service its ModelDeployment names (and of
+    // same-named Services elsewhere), not the cluster's: not this one, written beside it.
+    cluster.apply(
+        bed.ns(),
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: unrelated-1\n  \
+         labels:\n    kubernetes.io/service-name: unrelated\naddressType: IPv4\nports: \
+         [{name: http, port: 80, protocol: TCP}]\nendpoints: [{addresses: [10.244.9.9], \
+         conditions: {ready: true}}]\n",
+    )?;
+    let own = format!("{}/php-apache", bed.ns());
+    for agent in [&agent1, &agent2] {
+        let watched = &agent.inspect()?["endpoint_slices"];
+        assert_eq!(
+            watched["services"],
+            serde_json::json!(["php-apache"]),
+            "{watched}"
+        );
+        let cached: Vec<&str> = watched["cached_services"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
+        assert!(cached.contains(&own.as_str()), "{watched}");
+        assert!(
+            cached.iter().all(|s| s.ends_with("/php-apache")),
+            "an EndpointSlice of a Service no ModelDeployment names is cached: {watched}"
+        );
+    }
 
     scale(cluster, bed.ns(), 0)?;
     agent1.wait_share(&svc, 10_000, Duration::from_secs(10))?;
@@ -197,6 +224,10 @@ fn two_nodes_apply_acknowledge_and_forget_a_deleted_model() -> Result<()> {
     cluster.kubectl(&["delete", "modeldeployment", "php-apache", "-n", bed.ns()])?;
     wait_removed(&agent1, &svc)?;
     wait_removed(&agent2, &svc)?;
+    // No ModelDeployment left: no EndpointSlice watched or cached.
+    let watched = &agent1.inspect()?["endpoint_slices"];
+    assert_eq!(watched["services"], serde_json::json!([]), "{watched}");
+    assert_eq!(watched["cached"], 0, "{watched}");
     // Without the product, the Service has no endpoint: refused, as plain Kubernetes does.
     let report = run_probe(&client1.netns, Some(cg1.path()), &http_probe(&svc, 3)?)?;
     assert_eq!(report.ok, 0, "{report:?}");

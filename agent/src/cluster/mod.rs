@@ -14,6 +14,7 @@ pub mod api_client;
 pub mod desired;
 pub mod exempt;
 pub mod failover;
+pub mod slices;
 pub mod uninstall;
 
 use std::{
@@ -23,12 +24,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use beamlit_api::{ModelDeployment, NamespacedSecretKeyRef, endpoints::SERVICE_NAME_LABEL};
+use beamlit_api::{ModelDeployment, NamespacedSecretKeyRef};
 use futures::StreamExt as _;
-use k8s_openapi::api::{
-    core::v1::{Pod, Secret as KubeSecret},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Pod, Secret as KubeSecret};
 use kube::{
     Api, Client,
     runtime::{
@@ -84,6 +82,20 @@ pub struct NodeState {
     /// Pods never redirected (their cgroups are in `exempt_cgroups`), as `name (cgroup id)`.
     #[serde(default)]
     pub exempt_pods: Vec<String>,
+    /// The EndpointSlices this agent caches (see [`slices`]).
+    #[serde(default)]
+    pub endpoint_slices: WatchedSlices,
+}
+
+/// The Service names whose EndpointSlices the agent watches, and what it caches: the slices of
+/// every Service of those names, whatever the namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct WatchedSlices {
+    pub services: Vec<String>,
+    /// Slices cached.
+    pub cached: usize,
+    /// The Services (`namespace/name`) the cached slices belong to.
+    pub cached_services: Vec<String>,
 }
 
 pub const STATE_FILE: &str = "services.json";
@@ -216,6 +228,7 @@ fn watch<K>(
     changed: Arc<tokio::sync::Notify>,
     what: &'static str,
     fingerprint: Option<fn(&K) -> u64>,
+    listed: Option<Arc<std::sync::atomic::AtomicBool>>,
 ) -> impl std::future::Future<Output = ()> + Send + 'static
 where
     K: kube::Resource
@@ -240,6 +253,9 @@ where
                     if failing && !matches!(event, Event::Init | Event::InitApply(_)) {
                         info!("{what}: watching again");
                         failing = false;
+                    }
+                    if let (Event::InitDone, Some(listed)) = (&event, &listed) {
+                        listed.store(true, std::sync::atomic::Ordering::Release);
                     }
                     if changes.matters(&event) {
                         changed.notify_one();
@@ -274,6 +290,8 @@ pub struct Cluster {
     /// The earliest end of a hold, when the maps must be recomputed.
     hold_ends: Option<Instant>,
     exemptions: exempt::Exemptions,
+    /// What [`NodeState::endpoint_slices`] says.
+    watched: WatchedSlices,
 }
 
 impl Cluster {
@@ -295,6 +313,7 @@ impl Cluster {
             reported: BTreeSet::new(),
             holds,
             hold_ends: None,
+            watched: WatchedSlices::default(),
         }
     }
 
@@ -331,31 +350,22 @@ impl Cluster {
         let started = Instant::now();
         let changed = Arc::new(tokio::sync::Notify::new());
         let (models, models_writer) = reflector::store::<ModelDeployment>();
-        let (slices, slices_writer) = reflector::store::<EndpointSlice>();
+        let mut slices = slices::NamedSlices::new(self.client.clone(), changed.clone());
         let (exempt_pods, exempt_writer) = reflector::store::<Pod>();
         // The agent's own pod first, before anything can be redirected.
         self.exemptions.update(&mut dataplane.maps, &[]);
-        let mut watches = vec![
-            tokio::spawn(watch(
-                match self.config.model_namespaces.as_slice() {
-                    [one] => Api::<ModelDeployment>::namespaced(self.client.clone(), one),
-                    _ => Api::<ModelDeployment>::all(self.client.clone()),
-                },
-                watcher::Config::default(),
-                models_writer,
-                changed.clone(),
-                "ModelDeployments",
-                Some(desired::fingerprint),
-            )),
-            tokio::spawn(watch(
-                Api::<EndpointSlice>::all(self.client.clone()),
-                watcher::Config::default().labels(SERVICE_NAME_LABEL),
-                slices_writer,
-                changed.clone(),
-                "EndpointSlices",
-                None,
-            )),
-        ];
+        let mut watches = vec![tokio::spawn(watch(
+            match self.config.model_namespaces.as_slice() {
+                [one] => Api::<ModelDeployment>::namespaced(self.client.clone(), one),
+                _ => Api::<ModelDeployment>::all(self.client.clone()),
+            },
+            watcher::Config::default(),
+            models_writer,
+            changed.clone(),
+            "ModelDeployments",
+            Some(desired::fingerprint),
+            None,
+        ))];
         if let Some(selector) = &self.config.exempt_pods {
             watches.push(tokio::spawn(watch(
                 Api::<Pod>::namespaced(self.client.clone(), &self.config.namespace),
@@ -366,21 +376,26 @@ impl Cluster {
                 changed.clone(),
                 "exempt pods",
                 None,
+                None,
             )));
         }
         info!(node = %self.config.node_name, "cluster mode: waiting for the first list of ModelDeployments and EndpointSlices");
+        // The ModelDeployments first, then the EndpointSlices of the Services they name.
         let listed = async {
             let _ = models.wait_until_ready().await;
-            let _ = slices.wait_until_ready().await;
+            slices.follow(slices::named_services(&self.in_scope(&models)));
+            while !slices.settled() {
+                changed.notified().await;
+            }
         };
         tokio::select! {
             () = listed => {}
-            _ = tokio::signal::ctrl_c() => return self.stop(dataplane, &watches).await,
-            _ = sigterm.recv() => return self.stop(dataplane, &watches).await,
+            _ = tokio::signal::ctrl_c() => return self.stop(dataplane, &watches, &mut slices).await,
+            _ = sigterm.recv() => return self.stop(dataplane, &watches, &mut slices).await,
         }
         info!("listed; applying");
         let services = self
-            .sync(dataplane, &models, &slices, &exempt_pods, true)
+            .sync(dataplane, &models, &mut slices, &exempt_pods, true)
             .await;
         info!(
             services,
@@ -405,38 +420,30 @@ impl Cluster {
                 _ = sigterm.recv() => break,
             };
             dataplane.flush_logs();
-            self.sync(dataplane, &models, &slices, &exempt_pods, renew)
+            self.sync(dataplane, &models, &mut slices, &exempt_pods, renew)
                 .await;
         }
-        self.stop(dataplane, &watches).await
+        self.stop(dataplane, &watches, &mut slices).await
     }
 
     async fn stop(
         &mut self,
         dataplane: &mut Dataplane,
         watches: &[tokio::task::JoinHandle<()>],
+        slices: &mut slices::NamedSlices,
     ) -> anyhow::Result<()> {
         for w in watches {
             w.abort();
         }
+        slices.stop();
         self.applier.stop_tunnel(dataplane).await;
         Ok(())
     }
 
-    /// One pass: desired state from the caches, applied, written down, acknowledged. Returns
-    /// the number of service addresses in the maps.
-    async fn sync(
-        &mut self,
-        dataplane: &mut Dataplane,
-        models: &Store<ModelDeployment>,
-        slices: &Store<EndpointSlice>,
-        exempt_pods: &Store<Pod>,
-        periodic: bool,
-    ) -> usize {
-        self.exemptions
-            .update(&mut dataplane.maps, &exempt_pods.state());
+    /// The ModelDeployments of the namespaces this agent serves (`--model-namespaces`).
+    fn in_scope(&self, models: &Store<ModelDeployment>) -> Vec<Arc<ModelDeployment>> {
         let scope = &self.config.model_namespaces;
-        let models: Vec<Arc<ModelDeployment>> = models
+        models
             .state()
             .into_iter()
             .filter(|m| {
@@ -446,10 +453,33 @@ impl Cluster {
                         .as_ref()
                         .is_some_and(|n| scope.contains(n))
             })
-            .collect();
+            .collect()
+    }
+
+    /// One pass: desired state from the caches, applied, written down, acknowledged. Returns
+    /// the number of service addresses in the maps.
+    async fn sync(
+        &mut self,
+        dataplane: &mut Dataplane,
+        models: &Store<ModelDeployment>,
+        slices: &mut slices::NamedSlices,
+        exempt_pods: &Store<Pod>,
+        periodic: bool,
+    ) -> usize {
+        self.exemptions
+            .update(&mut dataplane.maps, &exempt_pods.state());
+        let models = self.in_scope(models);
+        // A new set of names takes effect once its watch has listed (a later sync).
+        slices.follow(slices::named_services(&models));
+        let slices_state = slices.store().state();
+        self.watched = WatchedSlices {
+            services: slices.names(),
+            cached: slices_state.len(),
+            cached_services: slices::services_of(&slices_state),
+        };
         let refs = desired::secret_refs(&models);
         self.secrets.refresh(&self.client, &refs, periodic).await;
-        let mut ready = failover::ready_endpoints_by_service(&slices.state());
+        let mut ready = failover::ready_endpoints_by_service(&slices_state);
         self.hold_ends = self.holds.apply(&mut ready, Instant::now());
         let mut d = desired::desired(&models, &ready, &self.config.tunnels, &self.secrets.values);
         let problems: BTreeSet<String> = d.problems.iter().cloned().collect();
@@ -498,6 +528,7 @@ impl Cluster {
             services,
             problems,
             exempt_pods: self.exemptions.describe(),
+            endpoint_slices: self.watched.clone(),
         };
         let dir = &self.config.state_dir;
         let result = std::fs::create_dir_all(dir).and_then(|()| {
