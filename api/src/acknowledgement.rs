@@ -6,6 +6,17 @@
 //! anyone cleaning up. The applied decisions ride in one annotation (JSON), keyed by
 //! ModelDeployment, each with the object's uid (a deleted and re-created ModelDeployment starts
 //! its decision count again) and the `status.decisionGeneration` the agent's maps reflect.
+//!
+//! An annotation holds at most 256 KiB (all of an object's annotations together), about 3000
+//! entries. Past [`ENTRIES_PER_SHARD`] entries a node's acknowledgement is split into shards by a
+//! hash of the key ([`split`]): shard 0 is the Lease above, the only one renewed (the node's
+//! liveness), and shard k > 0 is the Lease `beamlit-agent-<node>-ack-<k>` ([`shard_lease_name`]).
+//! Every shard carries the labels [`NODE_LABEL`] and [`SHARD_LABEL`], and shard 0 the count
+//! ([`SHARDS_ANNOTATION`]); the controller reads the union of shards 0..count of a node while
+//! its shard 0 is fresh, so a shard left over from a larger count (agents may create and patch
+//! Leases, not delete them) says nothing. The shard count is a power of two, so a model added
+//! moves no other entry between shards, and a shard whose entries did not change is not
+//! rewritten.
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -23,6 +34,70 @@ pub const DEFAULT_AGENT_NAMESPACE: &str = "beamlit-system";
 /// The Lease of the agent on `node`.
 pub fn lease_name(node: &str) -> String {
     format!("beamlit-agent-{node}")
+}
+
+/// Label naming the node on each of its acknowledgement Leases.
+pub const NODE_LABEL: &str = "deployment.beamlit.com/node";
+/// The [`NODE_LABEL`] value for `node`: the name itself, or a hash of it when it is longer than
+/// a label value may be (63 characters; node names may have 253).
+pub fn node_label_value(node: &str) -> String {
+    if node.len() <= 63 {
+        node.to_string()
+    } else {
+        format!("node-{:016x}", fnv1a(node))
+    }
+}
+
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Label giving the shard (0 = the Lease that is renewed) of an acknowledgement Lease. A Lease
+/// without it is shard 0 (agents before sharding).
+pub const SHARD_LABEL: &str = "deployment.beamlit.com/ack-shard";
+/// Annotation of shard 0: how many shards the node's acknowledgement has (absent: 1).
+pub const SHARDS_ANNOTATION: &str = "deployment.beamlit.com/ack-shards";
+/// Entries per shard at most: at ~80 bytes each (key, uid, decision), about 120 KiB, half of
+/// what the API server allows for an object's annotations.
+pub const ENTRIES_PER_SHARD: usize = 1500;
+
+/// The Lease holding shard `shard` of `node`'s acknowledgement.
+pub fn shard_lease_name(node: &str, shard: usize) -> String {
+    match shard {
+        0 => lease_name(node),
+        k => format!("beamlit-agent-{node}-ack-{k}"),
+    }
+}
+
+/// How many shards `entries` acknowledgements take: the smallest power of two that keeps each
+/// within [`ENTRIES_PER_SHARD`] on average (hashing leaves some a little fuller).
+pub fn shard_count(entries: usize) -> usize {
+    entries
+        .div_ceil(ENTRIES_PER_SHARD)
+        .max(1)
+        .next_power_of_two()
+}
+
+/// The shard of `key` among `count` (FNV-1a: stable across versions and platforms, unlike std's
+/// hasher).
+pub fn shard_of(key: &str, count: usize) -> usize {
+    let hash = fnv1a(key);
+    // count is at least 1; the remainder fits in usize.
+    usize::try_from(hash % count.max(1) as u64).unwrap_or(0)
+}
+
+/// `applied` split into [`shard_count`] shards (shard i at index i).
+pub fn split(applied: &AppliedDecisions) -> Vec<AppliedDecisions> {
+    let count = shard_count(applied.0.len());
+    let mut shards = vec![AppliedDecisions::default(); count];
+    for (key, value) in &applied.0 {
+        shards[shard_of(key, count)]
+            .0
+            .insert(key.clone(), value.clone());
+    }
+    shards
 }
 
 /// `namespace/name` of a ModelDeployment, the key of [`AppliedDecisions`].
@@ -56,6 +131,37 @@ impl AppliedDecisions {
         text.and_then(|t| serde_json::from_str(t).ok())
             .unwrap_or_default()
     }
+}
+
+/// The node an acknowledgement Lease belongs to (its holder; the name for a Lease without
+/// one) and its shard ([`SHARD_LABEL`], 0 when absent or unreadable: agents before sharding).
+pub fn lease_node_and_shard(lease: &k8s_openapi::api::coordination::v1::Lease) -> (&str, usize) {
+    let node = lease
+        .spec
+        .as_ref()
+        .and_then(|s| s.holder_identity.as_deref())
+        .or(lease.metadata.name.as_deref())
+        .unwrap_or_default();
+    let shard = lease
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SHARD_LABEL))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (node, shard)
+}
+
+/// How many shards shard 0 announces ([`SHARDS_ANNOTATION`]; 1 when absent or unreadable).
+pub fn lease_shard_count(lease: &k8s_openapi::api::coordination::v1::Lease) -> usize {
+    lease
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(SHARDS_ANNOTATION))
+        .and_then(|s| s.parse::<usize>().ok())
+        .unwrap_or(1)
+        .max(1)
 }
 
 /// Whether a Lease renewed at `renew` for `duration_seconds` still holds at `now`.
@@ -120,6 +226,62 @@ mod tests {
             AppliedDecisions::from_annotation(None),
             AppliedDecisions::default()
         );
+    }
+
+    fn many(n: usize) -> AppliedDecisions {
+        AppliedDecisions(
+            (0..n)
+                .map(|i| {
+                    (
+                        model_key("models", &format!("model-{i}")),
+                        Applied {
+                            uid: format!("{i:08}-0000-0000-0000-000000000000"),
+                            decision: 12,
+                        },
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn shards_stay_within_the_annotation_limit_and_cover_every_entry() {
+        for (entries, shards) in [
+            (0, 1),
+            (1500, 1),
+            (1501, 2),
+            (3000, 2),
+            (3001, 4),
+            (20_000, 16),
+        ] {
+            assert_eq!(shard_count(entries), shards, "{entries} entries");
+        }
+        let applied = many(20_000);
+        let parts = split(&applied);
+        assert_eq!(parts.len(), 16);
+        let mut union = AppliedDecisions::default();
+        for part in &parts {
+            let bytes = serde_json::to_string(part).expect("serializes").len();
+            assert!(bytes < 200 * 1024, "a shard of {bytes} bytes");
+            union.0.extend(part.0.clone());
+        }
+        assert_eq!(union, applied);
+    }
+
+    #[test]
+    fn a_model_added_moves_no_other_entry() {
+        let before = split(&many(2000));
+        let mut grown = many(2000);
+        grown.0.insert(
+            "models/new".into(),
+            Applied {
+                uid: "u".into(),
+                decision: 1,
+            },
+        );
+        let after = split(&grown);
+        let changed = before.iter().zip(&after).filter(|(a, b)| a != b).count();
+        assert_eq!(changed, 1);
     }
 
     #[test]

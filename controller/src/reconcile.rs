@@ -868,26 +868,39 @@ fn agents_applied(
         &md.name_any(),
     );
     let uid = md.uid().unwrap_or_default();
-    let mut counts = AgentsApplied::default();
-    for lease in caches.agent_leases.state() {
-        let spec = lease.spec.as_ref();
-        let renewed = spec.and_then(|s| s.renew_time.as_ref()).map(|t| t.0);
-        if !acknowledgement::lease_is_fresh(
-            renewed,
-            spec.and_then(|s| s.lease_duration_seconds),
-            now,
-        ) {
-            continue;
-        }
-        counts.total += 1;
-        if caches
-            .acknowledged(&lease)
-            .has_applied(&key, &uid, generation)
-        {
-            counts.applied += 1;
+    let leases = caches.agent_leases.state();
+    // Shard 0 of each node (see beamlit_api::acknowledgement): its freshness and shard count.
+    let mut nodes: std::collections::HashMap<&str, (bool, usize)> = Default::default();
+    for lease in &leases {
+        let (node, shard) = acknowledgement::lease_node_and_shard(lease);
+        if shard == 0 {
+            let spec = lease.spec.as_ref();
+            let fresh = acknowledgement::lease_is_fresh(
+                spec.and_then(|s| s.renew_time.as_ref()).map(|t| t.0),
+                spec.and_then(|s| s.lease_duration_seconds),
+                now,
+            );
+            nodes.insert(node, (fresh, acknowledgement::lease_shard_count(lease)));
         }
     }
-    counts
+    let mut applied = std::collections::HashSet::new();
+    for lease in &leases {
+        let (node, shard) = acknowledgement::lease_node_and_shard(lease);
+        if nodes
+            .get(node)
+            .is_some_and(|&(fresh, count)| fresh && shard < count)
+            && caches
+                .acknowledged(lease)
+                .has_applied(&key, &uid, generation)
+        {
+            applied.insert(node);
+        }
+    }
+    let count = |n: usize| i32::try_from(n).unwrap_or(i32::MAX);
+    AgentsApplied {
+        applied: count(applied.len()),
+        total: count(nodes.values().filter(|(fresh, _)| *fresh).count()),
+    }
 }
 
 async fn publish(

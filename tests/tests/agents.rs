@@ -517,3 +517,89 @@ fn a_metric_above_target_offloads_about_the_percentage_then_none() -> Result<()>
     all_answered_by(&client, &node, &svc, 50, is_local)?;
     Ok(())
 }
+
+/// The node's acknowledgement past what one annotation holds: the agent's Lease writer splits
+/// it over shard Leases (each within the API server's limit, shard 0 giving the count), and a
+/// smaller one later empties the shards it no longer needs.
+#[test]
+fn a_large_acknowledgement_is_split_over_leases_and_shrinks_back() -> Result<()> {
+    use beamlit_api::acknowledgement::{
+        APPLIED_ANNOTATION, Applied, AppliedDecisions, SHARDS_ANNOTATION, shard_lease_name,
+    };
+    if !require_privileges() {
+        return Ok(());
+    }
+    let cluster = TestCluster::shared()?;
+    let ns = cluster.namespace("acklarge")?;
+    let applied = |n: usize| {
+        AppliedDecisions(
+            (0..n)
+                .map(|i| {
+                    (
+                        format!("models-with-a-long-namespace/model-deployment-{i}"),
+                        Applied {
+                            uid: format!("{i:08}-1111-2222-3333-444444444444"),
+                            decision: 1234,
+                        },
+                    )
+                })
+                .collect(),
+        )
+    };
+    let annotation = |name: &str, key: &str| -> Result<Option<String>> {
+        let out = cluster.kubectl(&["get", "lease", name, "-n", ns.name(), "-o", "json"])?;
+        let lease: serde_json::Value = serde_json::from_str(&out)?;
+        Ok(lease["metadata"]["annotations"][key]
+            .as_str()
+            .map(str::to_string))
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    let client = rt.block_on(beamlit_testbed::cluster::client_for(cluster.kubeconfig()))?;
+    let mut writer = beamlit_agent::cluster::ack::LeaseWriter::new(client, ns.name(), "big-node");
+
+    // 5000 entries: about 500 KB of JSON, twice what one object's annotations may hold.
+    let large = applied(5000);
+    rt.block_on(writer.publish(&large))?;
+    assert_eq!(
+        annotation(&shard_lease_name("big-node", 0), SHARDS_ANNOTATION)?.as_deref(),
+        Some("4")
+    );
+    let mut union = AppliedDecisions::default();
+    for shard in 0..4 {
+        let text = annotation(&shard_lease_name("big-node", shard), APPLIED_ANNOTATION)?
+            .with_context(|| format!("shard {shard} has no acknowledgement"))?;
+        assert!(
+            text.len() < 200 * 1024,
+            "shard {shard}: {} bytes",
+            text.len()
+        );
+        union
+            .0
+            .extend(AppliedDecisions::from_annotation(Some(&text)).0);
+    }
+    assert_eq!(
+        union, large,
+        "the shards together are not what was published"
+    );
+
+    // Back to 10 entries: one shard, the others emptied.
+    rt.block_on(writer.publish(&applied(10)))?;
+    assert_eq!(
+        annotation(&shard_lease_name("big-node", 0), SHARDS_ANNOTATION)?.as_deref(),
+        Some("1")
+    );
+    assert_eq!(
+        AppliedDecisions::from_annotation(
+            annotation(&shard_lease_name("big-node", 0), APPLIED_ANNOTATION)?.as_deref()
+        ),
+        applied(10)
+    );
+    for shard in 1..4 {
+        assert_eq!(
+            annotation(&shard_lease_name("big-node", shard), APPLIED_ANNOTATION)?.as_deref(),
+            Some("{}"),
+            "shard {shard} kept entries"
+        );
+    }
+    Ok(())
+}

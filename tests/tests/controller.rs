@@ -9,6 +9,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use beamlit_api::acknowledgement::{
     AGENT_LEASE_LABEL_KEY, AGENT_LEASE_LABEL_VALUE, AGENT_LEASE_SELECTOR, APPLIED_ANNOTATION,
+    NODE_LABEL, SHARD_LABEL, SHARDS_ANNOTATION, shard_lease_name,
 };
 use beamlit_testbed::{
     TestDir,
@@ -633,6 +634,128 @@ fn agents_acknowledging_one_decision_requeue_that_model_only_and_once() -> Resul
         Duration::from_secs(10),
         "no agent left",
         |s| s["agents"]["total"] == 0,
+    )?;
+    Ok(())
+}
+
+/// One acknowledgement Lease of `node`: shard `shard`, with `entries` (key → uid, decision)
+/// and, on shard 0, the shard count and a fresh renewal.
+fn ack_shard(
+    ns: &str,
+    node: &str,
+    shard: usize,
+    count: usize,
+    entries: &serde_json::Map<String, serde_json::Value>,
+) -> serde_json::Value {
+    let mut lease = serde_json::json!({
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {
+            "name": shard_lease_name(node, shard),
+            "namespace": ns,
+            "labels": {
+                AGENT_LEASE_LABEL_KEY: AGENT_LEASE_LABEL_VALUE,
+                NODE_LABEL: node,
+                SHARD_LABEL: shard.to_string(),
+            },
+            "annotations": {
+                APPLIED_ANNOTATION: serde_json::Value::Object(entries.clone()).to_string(),
+            },
+        },
+        "spec": {"holderIdentity": node},
+    });
+    if shard == 0 {
+        lease["metadata"]["annotations"][SHARDS_ANNOTATION] = count.to_string().into();
+        lease["spec"]["leaseDurationSeconds"] = 300.into();
+        lease["spec"]["renewTime"] = jiff::Timestamp::now()
+            .strftime("%Y-%m-%dT%H:%M:%S.%6fZ")
+            .to_string()
+            .into();
+    }
+    lease
+}
+
+#[test]
+fn an_acknowledgement_split_over_shards_counts_once_per_node() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let cluster = TestCluster::shared()?;
+    install_model_deployment_crd(cluster)?;
+    let ns = cluster.namespace("ctlshards")?;
+    deploy_seed(cluster, ns.name())?;
+    let controller = ControllerProcess::start_with(
+        cluster,
+        &[
+            "--leader-election=false",
+            "--namespaces",
+            ns.name(),
+            "--agent-namespace",
+            ns.name(),
+        ],
+    )?;
+    controller.wait_seed_status(
+        cluster,
+        ns.name(),
+        Duration::from_secs(30),
+        "a decision",
+        |s| s["decisionGeneration"].as_i64().is_some_and(|g| g > 0),
+    )?;
+    let out = cluster.kubectl(&[
+        "get",
+        "modeldeployment",
+        "php-apache",
+        "-n",
+        ns.name(),
+        "-o",
+        "json",
+    ])?;
+    let md: serde_json::Value = serde_json::from_str(&out)?;
+    let (uid, generation) = (
+        md["metadata"]["uid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        md["status"]["decisionGeneration"].as_i64().unwrap_or(0),
+    );
+    let entry = |key: &str| {
+        let mut m = serde_json::Map::new();
+        m.insert(
+            key.to_string(),
+            serde_json::json!({"uid": uid, "decision": generation}),
+        );
+        m
+    };
+    let own = format!("{}/php-apache", ns.name());
+    let filler = {
+        let mut m = serde_json::Map::new();
+        for i in 0..1000 {
+            m.insert(
+                format!("{}/model-{i}", ns.name()),
+                serde_json::json!({"uid": format!("{i:08}"), "decision": 1}),
+            );
+        }
+        m
+    };
+    let items = vec![
+        // node-a: two shards, the model's entry in the second.
+        ack_shard(ns.name(), "node-a", 0, 2, &filler),
+        ack_shard(ns.name(), "node-a", 1, 2, &entry(&own)),
+        // node-b: one shard without the model; a shard left from a larger count has it, and
+        // says nothing.
+        ack_shard(ns.name(), "node-b", 0, 1, &filler),
+        ack_shard(ns.name(), "node-b", 1, 1, &entry(&own)),
+    ];
+    cluster.apply(
+        ns.name(),
+        &serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string(),
+    )?;
+    controller.wait_seed_status(
+        cluster,
+        ns.name(),
+        Duration::from_secs(10),
+        "applied on node-a only, of 2 nodes",
+        |s| s["agents"]["applied"] == 1 && s["agents"]["total"] == 2,
     )?;
     Ok(())
 }
