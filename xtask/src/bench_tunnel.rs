@@ -46,6 +46,8 @@ enum Remote {
     /// TLS with HTTP/2 by ALPN, from a private CA that every proxy verifies: the tunnel's
     /// pooled hyper client, the path to Beamlit.
     Https,
+    /// Both, one after the other, then the targets of each side by side.
+    Both,
 }
 
 #[derive(clap::Args)]
@@ -155,14 +157,46 @@ impl Drop for MemorySampler {
 
 pub fn tunnel(args: &TunnelArgs) -> Result<()> {
     crate::build_agent_and_testbed("benchmark", true)?;
+    let remotes: &[Remote] = match args.remote {
+        Remote::Both => &[Remote::Http, Remote::Https],
+        one => &[one][..],
+    };
+    let mut reports = Vec::new();
+    for &remote in remotes {
+        let report = measure(args, remote)?;
+        print!("{report}");
+        reports.push((remote, report));
+    }
+    if reports.len() > 1 {
+        println!(
+            "\nsummary, {} connections (the verdicts above, per remote):",
+            args.connections
+        );
+        for (remote, report) in &reports {
+            let name = match remote {
+                Remote::Https => "HTTPS + HTTP/2",
+                _ => "plain HTTP",
+            };
+            for line in report
+                .lines()
+                .filter(|l| l.starts_with("targets:") || l.starts_with("tunnel req/s over"))
+            {
+                println!("  {name}: {line}");
+            }
+        }
+    }
+    Ok(())
+}
 
+/// One run of every path against a `remote` upstream; returns the report.
+fn measure(args: &TunnelArgs, remote_kind: Remote) -> Result<String> {
     let mut topology = Topology::new("benchtun")?;
     let client = topology.add_pod("client")?;
     let local = topology.add_pod("local")?;
     let remote = topology.add_pod("remote")?;
     let proxy = topology.add_pod("proxy")?;
     let workdir = std::env::temp_dir().join(format!("beamlit-bench-tunnel-{}", std::process::id()));
-    let https = args.remote == Remote::Https;
+    let https = remote_kind == Remote::Https;
     let upstream: SocketAddr = (remote.ipv4, if https { 8443 } else { 8080 }).into();
     let scheme = if https { "https" } else { "http" };
     // HTTPS: the upstream's certificate from a CA of this run, for its name (which nginx and
@@ -677,9 +711,8 @@ pub fn tunnel(args: &TunnelArgs) -> Result<()> {
         peak_kib as f64 * 1024.0 / 1e6
     )?;
     writeln!(out, "targets: RSS ≤ 64 MB: {}", verdict(memory_met))?;
-    print!("{out}");
     drop(agent);
     drop(tunnel_process);
     let _ = fs::remove_dir_all(&workdir);
-    Ok(())
+    Ok(out)
 }
