@@ -54,7 +54,10 @@ pub fn dataplane(args: &DataplaneArgs) -> Result<()> {
         .netns
         .sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
     let backend = topology.add_pod("backend")?;
-    let workdir = std::env::temp_dir().join(format!("beamlit-bench-{}", std::process::id()));
+    // Removed when the run ends, failed or not (declared before the processes that use it, so
+    // dropped after them).
+    let workdir_guard = beamlit_testbed::TestDir::new("bench")?;
+    let workdir = workdir_guard.path().to_path_buf();
     let backend_addr: SocketAddr = (backend.ipv4, 8080).into();
     let _nginx = Nginx::start(
         &backend.netns,
@@ -180,7 +183,6 @@ pub fn dataplane(args: &DataplaneArgs) -> Result<()> {
         verdict(ratio >= 0.98)
     )?;
     print!("{out}");
-    let _ = fs::remove_dir_all(&workdir);
     Ok(())
 }
 

@@ -195,7 +195,10 @@ fn measure(args: &TunnelArgs, remote_kind: Remote) -> Result<String> {
     let local = topology.add_pod("local")?;
     let remote = topology.add_pod("remote")?;
     let proxy = topology.add_pod("proxy")?;
-    let workdir = std::env::temp_dir().join(format!("beamlit-bench-tunnel-{}", std::process::id()));
+    // Removed when the run ends, failed or not (declared before the processes that use it, so
+    // dropped after them).
+    let workdir_guard = beamlit_testbed::TestDir::new("bench-tunnel")?;
+    let workdir = workdir_guard.path().to_path_buf();
     let https = remote_kind == Remote::Https;
     let upstream: SocketAddr = (remote.ipv4, if https { 8443 } else { 8080 }).into();
     let scheme = if https { "https" } else { "http" };
@@ -713,6 +716,5 @@ fn measure(args: &TunnelArgs, remote_kind: Remote) -> Result<String> {
     writeln!(out, "targets: RSS ≤ 64 MB: {}", verdict(memory_met))?;
     drop(agent);
     drop(tunnel_process);
-    let _ = fs::remove_dir_all(&workdir);
     Ok(out)
 }

@@ -113,8 +113,9 @@ struct Shared {
     metrics: Arc<Metrics>,
     /// Keyed by (token URL, client id): services sharing a client share its token.
     tokens: Mutex<HashMap<(String, String), Arc<TokenCache>>>,
-    /// Plain-HTTP upstream pools by remote (`host:port`, bypass mark and connect timeout: what
-    /// makes connections interchangeable); a remote no route names any more loses its pool.
+    /// Plain-HTTP upstream pools by remote (`host:port` and connect timeout: with the one
+    /// bypass mark of the tunnel, what makes connections interchangeable); a remote no route
+    /// names any more loses its pool.
     h1_pools: Mutex<HashMap<(String, Duration), Arc<h1::Pool>>>,
     limits: Limits,
     /// Connections open per client address, for `limits.max_connections_per_client`.
@@ -232,12 +233,11 @@ impl Tunnel {
                 timeout: backend.connect_timeout,
             };
             let http = self.http_client(dialer);
+            let target = backend.host_port();
+            let remote = (target.clone(), dialer.timeout);
             let h1_pool = pools
-                .entry((backend.host_port(), dialer.timeout))
-                .or_insert_with(|| {
-                    kept.remove(&(backend.host_port(), dialer.timeout))
-                        .unwrap_or_default()
-                })
+                .entry(remote.clone())
+                .or_insert_with(|| kept.remove(&remote).unwrap_or_default())
                 .clone();
             let tokens = match &backend.auth {
                 Auth::OAuth(oauth) => Some(self.token_cache(oauth, &http, backend.connect_timeout)),
@@ -247,7 +247,7 @@ impl Tunnel {
                 *service,
                 Arc::new(Route {
                     label: service.to_string(),
-                    target: backend.host_port(),
+                    target,
                     origin: backend.origin(),
                     dialer,
                     backend: backend.clone(),
