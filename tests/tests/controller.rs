@@ -295,6 +295,36 @@ fn a_restarted_controller_keeps_the_decision() -> Result<()> {
     Ok(())
 }
 
+/// The seed's php-apache (Ready) with its ModelDeployment's CPU metric replaced by an External
+/// one (`model_load` of php-apache, target 10) and a controller reading it from `prometheus_url`.
+fn seed_with_external_metric(
+    cluster: &TestCluster,
+    ns: &str,
+    prometheus_url: &str,
+) -> Result<ControllerProcess> {
+    cluster.apply(ns, PHP_APACHE)?;
+    cluster.wait_deployment_ready(ns, "php-apache", 1, Duration::from_secs(60))?;
+    let md = seed_model_deployment(ns).replace(
+        "      - type: Resource\n        resource:\n          name: cpu\n          target:\n            type: Utilization\n            averageUtilization: 90\n",
+        "      - type: External\n        external:\n          metric:\n            name: model_load\n            selector:\n              matchLabels:\n                model: php-apache\n          target:\n            type: Value\n            value: \"10\"\n",
+    );
+    assert!(
+        md.contains("model_load"),
+        "the seed's metric block moved: {md}"
+    );
+    cluster.apply(ns, &md)?;
+    ControllerProcess::start_with(
+        cluster,
+        &[
+            "--leader-election=false",
+            "--namespaces",
+            ns,
+            "--prometheus-url",
+            prometheus_url,
+        ],
+    )
+}
+
 #[test]
 fn an_external_metric_from_prometheus_drives_offloading_with_a_stabilization_window() -> Result<()>
 {
@@ -304,30 +334,10 @@ fn an_external_metric_from_prometheus_drives_offloading_with_a_stabilization_win
     let cluster = TestCluster::shared()?;
     install_model_deployment_crd(cluster)?;
     let ns = cluster.namespace("ctlprom")?;
-    cluster.apply(ns.name(), PHP_APACHE)?;
-    cluster.wait_deployment_ready(ns.name(), "php-apache", 1, Duration::from_secs(60))?;
     let exporter = Exporter::start(5.0)?;
     let dir = TestDir::new("prometheus")?;
     let (_prometheus, url) = start_prometheus(&dir, exporter.addr)?;
-    let md = seed_model_deployment(ns.name()).replace(
-        "      - type: Resource\n        resource:\n          name: cpu\n          target:\n            type: Utilization\n            averageUtilization: 90\n",
-        "      - type: External\n        external:\n          metric:\n            name: model_load\n            selector:\n              matchLabels:\n                model: php-apache\n          target:\n            type: Value\n            value: \"10\"\n",
-    );
-    assert!(
-        md.contains("model_load"),
-        "the seed's metric block moved: {md}"
-    );
-    cluster.apply(ns.name(), &md)?;
-    let controller = ControllerProcess::start_with(
-        cluster,
-        &[
-            "--leader-election=false",
-            "--namespaces",
-            ns.name(),
-            "--prometheus-url",
-            &url,
-        ],
-    )?;
+    let controller = seed_with_external_metric(cluster, ns.name(), &url)?;
     let wait = |what: &str, timeout: u64, check: &dyn Fn(&serde_json::Value) -> bool| {
         controller.wait_seed_status(
             cluster,
@@ -407,28 +417,8 @@ fn a_metrics_source_that_hangs_never_holds_back_the_failover() -> Result<()> {
     let cluster = TestCluster::shared()?;
     install_model_deployment_crd(cluster)?;
     let ns = cluster.namespace("ctlhung")?;
-    cluster.apply(ns.name(), PHP_APACHE)?;
-    cluster.wait_deployment_ready(ns.name(), "php-apache", 1, Duration::from_secs(60))?;
     let prometheus = HungPrometheus::start()?;
-    let md = seed_model_deployment(ns.name()).replace(
-        "      - type: Resource\n        resource:\n          name: cpu\n          target:\n            type: Utilization\n            averageUtilization: 90\n",
-        "      - type: External\n        external:\n          metric:\n            name: model_load\n            selector:\n              matchLabels:\n                model: php-apache\n          target:\n            type: Value\n            value: \"10\"\n",
-    );
-    assert!(
-        md.contains("model_load"),
-        "the seed's metric block moved: {md}"
-    );
-    cluster.apply(ns.name(), &md)?;
-    let controller = ControllerProcess::start_with(
-        cluster,
-        &[
-            "--leader-election=false",
-            "--namespaces",
-            ns.name(),
-            "--prometheus-url",
-            &prometheus.url,
-        ],
-    )?;
+    let controller = seed_with_external_metric(cluster, ns.name(), &prometheus.url)?;
     // The read was tried and waited out: the source really hangs.
     controller.wait_seed_status(
         cluster,
