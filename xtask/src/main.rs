@@ -2,6 +2,7 @@
 mod bench;
 mod bench_controller;
 mod bench_failover;
+mod bench_scale;
 mod bench_tunnel;
 mod cluster;
 mod cluster_real;
@@ -75,6 +76,10 @@ enum Bench {
     /// Agents' failover in a test cluster: EndpointSlice → map latency over trials, requests
     /// lost under a steady connection rate, resync time with many ModelDeployments.
     Failover(bench_failover::FailoverArgs),
+    /// How the cluster side grows with nodes: 1, 10 and 50 cluster-mode agents against 1000
+    /// ModelDeployments; per agent count, the API requests and watch events of one decision
+    /// change, the time until all agents applied it, steady-state API requests, memory.
+    Scale(bench_scale::ScaleArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -101,6 +106,7 @@ fn main() -> anyhow::Result<()> {
             Bench::Tunnel(args) => bench_tunnel::tunnel(&args),
             Bench::Controller(args) => bench_controller::controller(&args),
             Bench::Failover(args) => bench_failover::failover(&args),
+            Bench::Scale(args) => bench_scale::scale(&args),
         },
         Task::Cluster { action } => cluster::run(action),
         Task::Images(args) => images::images(&args),
