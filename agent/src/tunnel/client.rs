@@ -1,5 +1,7 @@
 //! The upstream HTTP client shared by forwarding and token requests: rustls with the system roots
-//! plus an optional CA bundle (verification is always on), ALPN h2 and http/1.1, pooled.
+//! plus an optional CA bundle (verification is always on), ALPN h2 and http/1.1, pooled. HTTPS
+//! remotes that choose h2 are forwarded over [`super::h2pool`] instead; this client serves
+//! HTTP/1.1 remotes, upgrades and token requests.
 use std::{fs, io, path::Path, time::Duration};
 
 use bytes::Bytes;

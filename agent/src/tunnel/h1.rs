@@ -8,8 +8,9 @@
 //! (28 232 ports / 60 s ≈ 470 per second), which is where `cargo xtask bench tunnel` measured
 //! the tunnel at 0.06× nginx before the pool.
 //!
-//! HTTPS remotes go through hyper's pooled client instead ([`super::client`]), where ALPN can
-//! pick HTTP/2 and many client connections share a few upstream ones. Without TLS there is no
+//! HTTPS remotes go through the remote's HTTP/2 connections instead ([`super::h2pool`], or
+//! hyper's pooled client [`super::client`] when ALPN picks HTTP/1.1), where many client
+//! connections share a few upstream ones. Without TLS there is no
 //! ALPN, so every request in flight needs an HTTP/1.1 connection of its own anyway. Driving it
 //! from the client connection's own task leaves out what the shared pool costs: per request a
 //! lock, a channel to the connection's task and a wake-up of that task; per upstream connection

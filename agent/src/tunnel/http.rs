@@ -23,7 +23,7 @@ use super::{
     Route, auth,
     backend::Scheme,
     client::{self, Body, BoxError},
-    h1,
+    h1, h2pool,
     limits::relay_until_idle,
 };
 
@@ -149,7 +149,7 @@ async fn handle(mut req: Request<Incoming>, client: &ClientConn, route: &Route) 
     let sent_at = Instant::now();
     let reply = tokio::time::timeout(
         backend.header_timeout,
-        forward(upstream, route, &client.upstreams),
+        forward(upstream, route, &client.upstreams, upgrade),
     )
     .await;
     let reply = match reply {
@@ -335,11 +335,14 @@ impl Failure {
 }
 
 /// Sends the request on the way the remote's scheme calls for: the client connection's own
-/// HTTP/1.1 connection for plain HTTP, hyper's pooled client (HTTP/2 by ALPN) for HTTPS.
+/// HTTP/1.1 connection for plain HTTP; for HTTPS the remote's HTTP/2 connections
+/// ([`super::h2pool`]) when its ALPN says h2, else (and for upgrades, which exist only in
+/// HTTP/1.1) hyper's pooled client.
 async fn forward(
     req: Request<Body>,
     route: &Route,
     upstreams: &Arc<h1::Upstreams>,
+    upgrade: bool,
 ) -> Result<Upstream, Failure> {
     let backend = &route.backend;
     match backend.scheme {
@@ -367,20 +370,37 @@ async fn forward(
                 }),
             }
         }
-        Scheme::Https => match route.http.request(req).await {
-            Ok(mut response) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
-                let remote = hyper::upgrade::on(&mut response);
-                let (parts, _) = response.into_parts();
-                Ok(Upstream::Switched(
-                    Response::from_parts(parts, client::full(Bytes::new())),
-                    SwitchedRemote::Hyper(remote),
-                ))
-            }
-            Ok(response) => Ok(Upstream::Response(
-                response.map(|body| body.map_err(BoxError::from).boxed()),
-            )),
-            Err(e) => Err(Failure::unreachable(client::root_cause(&e))),
-        },
+        Scheme::Https => {
+            let req = match &route.h2_pool {
+                Some(pool) if !upgrade => match pool.send(req).await {
+                    Ok(h2pool::Sent::Response(response)) => {
+                        return Ok(Upstream::Response(response));
+                    }
+                    Ok(h2pool::Sent::Http1(req)) => req,
+                    Err(cause) => return Err(Failure::unreachable(cause)),
+                },
+                _ => req,
+            };
+            legacy(req, &route.http).await
+        }
+    }
+}
+
+/// An HTTPS request through hyper's pooled client (HTTP/1.1 remotes, upgrades).
+async fn legacy(req: Request<Body>, http: &client::HttpClient) -> Result<Upstream, Failure> {
+    match http.request(req).await {
+        Ok(mut response) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            let remote = hyper::upgrade::on(&mut response);
+            let (parts, _) = response.into_parts();
+            Ok(Upstream::Switched(
+                Response::from_parts(parts, client::full(Bytes::new())),
+                SwitchedRemote::Hyper(remote),
+            ))
+        }
+        Ok(response) => Ok(Upstream::Response(
+            response.map(|body| body.map_err(BoxError::from).boxed()),
+        )),
+        Err(e) => Err(Failure::unreachable(client::root_cause(&e))),
     }
 }
 

@@ -7,7 +7,7 @@ use tracing::info;
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
@@ -26,6 +26,12 @@ pub struct ServiceDirection {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceLabel {
     pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RemoteLabel {
+    /// `host:port` of a remote backend.
+    pub remote: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -56,6 +62,7 @@ pub struct Metrics {
     bytes: Family<ServiceDirection, Counter>,
     upstream_latency: Family<ServiceLabel, Histogram>,
     token_refreshes: Family<OutcomeLabel, Counter>,
+    upstream_h2_connections: Family<RemoteLabel, Gauge>,
     refused: Counter,
 }
 
@@ -77,6 +84,7 @@ impl Metrics {
             ])
         });
         let token_refreshes = Family::<OutcomeLabel, Counter>::default();
+        let upstream_h2_connections = Family::<RemoteLabel, Gauge>::default();
         let refused = Counter::default();
         registry.register(
             "connections",
@@ -104,6 +112,11 @@ impl Metrics {
             token_refreshes.clone(),
         );
         registry.register(
+            "upstream_h2_connections",
+            "HTTP/2 connections open to each HTTPS remote backend (host:port)",
+            upstream_h2_connections.clone(),
+        );
+        registry.register(
             "refused_connections",
             "Connections refused because this node's eBPF did not redirect them",
             refused.clone(),
@@ -115,6 +128,7 @@ impl Metrics {
             bytes,
             upstream_latency,
             token_refreshes,
+            upstream_h2_connections,
             refused,
         }
     }
@@ -156,6 +170,16 @@ impl Metrics {
                 outcome: if ok { "ok" } else { "error" }.into(),
             })
             .inc();
+    }
+
+    /// The gauge of HTTP/2 connections open to `remote` (`host:port`), kept by its
+    /// [`super::h2pool::Pool`].
+    pub fn upstream_h2_connections(&self, remote: &str) -> Gauge {
+        self.upstream_h2_connections
+            .get_or_create(&RemoteLabel {
+                remote: remote.into(),
+            })
+            .clone()
     }
 
     /// Handles on one Service's hot-path series, resolved once when its route is built, so a

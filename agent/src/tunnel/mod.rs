@@ -16,6 +16,7 @@ pub mod control;
 pub mod dial;
 pub mod flows;
 pub mod h1;
+pub mod h2pool;
 pub mod http;
 pub mod limits;
 pub mod metrics;
@@ -36,7 +37,7 @@ use tracing::{info, warn};
 
 use self::{
     auth::TokenCache,
-    backend::{Auth, Mode, RemoteBackend},
+    backend::{Auth, Mode, RemoteBackend, Scheme},
     client::HttpClient,
     dial::Dialer,
     flows::FlowTable,
@@ -68,6 +69,10 @@ pub struct Route {
     /// Plain-HTTP remotes: idle upstream connections kept between client connections, shared by
     /// every route to the same remote and kept across route updates.
     pub h1_pool: Arc<h1::Pool>,
+    /// HTTPS remotes in HTTP mode: the remote's HTTP/2 connections, shared like `h1_pool`;
+    /// `None` for other remotes (and a host that is no TLS server name: the legacy client
+    /// then reports it).
+    pub h2_pool: Option<Arc<h2pool::Pool>>,
     /// Rare outcomes (errors) by label; hot-path series through `stats`.
     pub metrics: Arc<Metrics>,
     pub stats: metrics::RouteMetrics,
@@ -107,6 +112,9 @@ struct Shared {
     listeners: Mutex<BTreeMap<SocketAddr, tokio::task::AbortHandle>>,
     flows: Flows,
     tls: rustls::ClientConfig,
+    /// `tls` with ALPN h2 and http/1.1, for the HTTP/2 pools; one `Arc` for all of them, and
+    /// the same TLS session store as `tls` (see [`h2pool::tls_for_h2`]).
+    h2_tls: Arc<rustls::ClientConfig>,
     bypass_mark: u32,
     /// hyper's pooled clients, one per connect timeout in use (the timeout is the dialer's).
     clients: Mutex<HashMap<Duration, HttpClient>>,
@@ -117,6 +125,8 @@ struct Shared {
     /// bypass mark of the tunnel, what makes connections interchangeable); a remote no route
     /// names any more loses its pool.
     h1_pools: Mutex<HashMap<(String, Duration), Arc<h1::Pool>>>,
+    /// HTTPS remotes' HTTP/2 connection sets, kept as `h1_pools` are.
+    h2_pools: Mutex<HashMap<(String, Duration), Arc<h2pool::Pool>>>,
     limits: Limits,
     /// Connections open per client address, for `limits.max_connections_per_client`.
     slots: Arc<ClientSlots>,
@@ -191,12 +201,14 @@ impl Tunnel {
                 retired: Mutex::new(HashMap::new()),
                 listeners: Mutex::new(BTreeMap::new()),
                 flows,
+                h2_tls: h2pool::tls_for_h2(&tls),
                 tls,
                 bypass_mark,
                 clients: Mutex::new(HashMap::new()),
                 metrics,
                 tokens: Mutex::new(HashMap::new()),
                 h1_pools: Mutex::new(HashMap::new()),
+                h2_pools: Mutex::new(HashMap::new()),
                 limits: config.limits,
                 slots: ClientSlots::new(config.limits.max_connections_per_client),
             }),
@@ -227,6 +239,14 @@ impl Tunnel {
                 .unwrap_or_else(|poisoned| poisoned.into_inner()),
         );
         let mut pools = HashMap::new();
+        let mut kept_h2 = std::mem::take(
+            &mut *self
+                .shared
+                .h2_pools
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
+        let mut h2_pools = HashMap::new();
         for (service, (_, backend)) in backends {
             let dialer = Dialer {
                 mark: self.shared.bypass_mark,
@@ -239,6 +259,29 @@ impl Tunnel {
                 .entry(remote.clone())
                 .or_insert_with(|| kept.remove(&remote).unwrap_or_default())
                 .clone();
+            let h2_pool = (backend.mode == Mode::Http && backend.scheme == Scheme::Https)
+                .then(|| {
+                    if let Some(pool) = h2_pools.get(&remote) {
+                        return Some(Arc::clone(pool));
+                    }
+                    let pool = match kept_h2.remove(&remote) {
+                        Some(pool) => pool,
+                        None => Arc::new(
+                            h2pool::Pool::new(
+                                target.clone(),
+                                &backend.host,
+                                dialer,
+                                self.shared.h2_tls.clone(),
+                                self.shared.metrics.upstream_h2_connections(&target),
+                            )
+                            .inspect_err(|e| warn!(remote = %target, "{e}"))
+                            .ok()?,
+                        ),
+                    };
+                    h2_pools.insert(remote.clone(), pool.clone());
+                    Some(pool)
+                })
+                .flatten();
             let tokens = match &backend.auth {
                 Auth::OAuth(oauth) => Some(self.token_cache(oauth, &http, backend.connect_timeout)),
                 _ => None,
@@ -254,6 +297,7 @@ impl Tunnel {
                     tokens,
                     http,
                     h1_pool,
+                    h2_pool,
                     metrics: self.shared.metrics.clone(),
                     stats: self.shared.metrics.for_route(&service.to_string()),
                     limits: self.shared.limits,
@@ -265,6 +309,11 @@ impl Tunnel {
             .h1_pools
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = pools;
+        *self
+            .shared
+            .h2_pools
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = h2_pools;
         if let Ok(mut current) = self.shared.routes.write() {
             let now = std::time::Instant::now();
             let mut retired = self
