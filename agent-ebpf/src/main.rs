@@ -6,10 +6,13 @@
 //!   connection and taken once, at connect time: existing connections are never touched, so a
 //!   change of share drops nothing.
 //! - `getpeername4` / `getpeername6`: a redirected socket reports the Service address it dialled.
-//! - `sock_release`: forget the per-socket record when the socket goes away.
 //! - `sock_ops` (TCP_CONNECT_CB): for a redirected socket, publish its 4-tuple in `flows`, so the
 //!   tunnel can tell which Service an accepted connection was meant for, and refuse any
 //!   connection that this node's eBPF did not redirect.
+//!
+//! What a redirected socket dialled is kept in its socket-local storage (`socket_dest`), which
+//! the kernel frees with the socket: no program runs when sockets close (an earlier version
+//! kept it in a cookie-keyed map and ran `sock_release` on every socket close to delete it).
 //!
 //! Every miss or error returns 1 without rewriting: the connection proceeds as if the agent did
 //! not exist (fail open). The programs never return 0 (which would make connect fail with EPERM).
@@ -17,15 +20,16 @@
 #![no_main]
 
 use aya_ebpf::{
-    EbpfContext,
-    bindings::{BPF_ANY, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock, bpf_sock_addr},
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_prandom_u32, bpf_get_socket_cookie,
-        bpf_ktime_get_ns,
+    bindings::{
+        BPF_ANY, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock, bpf_sock_addr,
     },
-    macros::{btf_map, cgroup_sock, cgroup_sock_addr, sock_ops},
-    programs::{SockAddrContext, SockContext, SockOpsContext},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SkStorage},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_prandom_u32, bpf_ktime_get_ns,
+        generated::bpf_sk_storage_get,
+    },
+    macros::{btf_map, cgroup_sock_addr, sock_ops},
+    programs::{SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use beamlit_common::{
@@ -47,10 +51,10 @@ static SERVICES: HashMap<ServiceKey, ServiceEntry, { MAX_SERVICES as usize }> = 
 static SERVICE_COUNTERS: PerCpuArray<ServiceCounters, { MAX_SERVICES as usize }> =
     PerCpuArray::new();
 
-/// Socket cookie -> the Service address the socket dialled. Written only for redirected sockets.
-#[btf_map(name = "sockets", pin_by_name)]
-static SOCKETS: LruHashMap<u64, OriginalDest, { MAX_REDIRECTED_SOCKETS as usize }> =
-    LruHashMap::new();
+/// Per socket: the Service address it dialled. Created only for redirected sockets; freed by
+/// the kernel with the socket.
+#[btf_map(name = "socket_dest", pin_by_name)]
+static SOCKET_DEST: SkStorage<OriginalDest> = SkStorage::new();
 
 /// 4-tuple of a redirected connection -> the Service address it dialled. Consumed by the tunnel.
 #[btf_map(name = "flows", pin_by_name)]
@@ -90,23 +94,6 @@ pub fn getpeername6(ctx: SockAddrContext) -> i32 {
     PROCEED
 }
 
-#[cgroup_sock(sock_release)]
-pub fn sock_release(ctx: SockContext) -> i32 {
-    let sock: *mut bpf_sock = ctx.sock;
-    // SAFETY: the kernel passes a valid bpf_sock as the context.
-    let protocol = unsafe { core::ptr::read_volatile(&(*sock).protocol) };
-    if protocol == u32::from(PROTO_TCP) {
-        // SAFETY: the helper accepts the cgroup/sock context.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        // Most sockets were never redirected: a lookup (lockless) before the delete (which takes
-        // the bucket lock even on a miss) keeps their release cheap.
-        if SOCKETS.get_ptr(&cookie).is_some() {
-            let _ = SOCKETS.remove(&cookie);
-        }
-    }
-    PROCEED
-}
-
 #[sock_ops]
 pub fn sock_ops(ctx: SockOpsContext) -> u32 {
     if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB {
@@ -120,10 +107,10 @@ pub fn sock_ops(ctx: SockOpsContext) -> u32 {
 /// map before the tunnel can possibly accept the connection.
 #[inline(always)]
 fn publish_flow(ctx: &SockOpsContext) {
-    // SAFETY: the helper accepts the sock_ops context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: the value is copied out at once.
-    let Some(original) = (unsafe { SOCKETS.get(&cookie) }).copied() else {
+    // SAFETY: the kernel passes a valid bpf_sock_ops; `sk` is a full socket at this callback
+    // (or null, which the lookup refuses).
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    let Some(original) = socket_dest(sk, None) else {
         return; // Not redirected: the common case.
     };
     let mut key = FlowKey {
@@ -238,25 +225,22 @@ fn decide(
     }
     // Record before rewriting: a redirected socket without its record could not tell the app
     // (or the tunnel) where it meant to go, so if the record cannot be written we do not redirect.
-    // SAFETY: the helper accepts the cgroup/sock_addr context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // What the socket dialled (v4-mapped stays v4-mapped), so getpeername gives it back as is.
-    let original = OriginalDest {
+    let mut original = OriginalDest {
         addr: dialled.addr,
         port: dialled.port,
         family,
         proto: dialled.proto,
     };
-    if SOCKETS
-        .insert(&cookie, &original, u64::from(BPF_ANY))
-        .is_err()
-    {
+    // SAFETY: the kernel passes a valid bpf_sock_addr whose `sk` is the connecting socket.
+    let sk = unsafe { (*sa).__bindgen_anon_1.sk };
+    if socket_dest(sk, Some(&mut original)).is_none() {
         return Outcome::FailOpen;
     }
     write_addr(sa, family, &tunnel, entry.tunnel_port);
     debug!(
         ctx,
-        "redirected cookie {} to port {} (share {})", cookie, entry.tunnel_port, entry.share_bp
+        "redirected a socket to port {} (share {})", entry.tunnel_port, entry.share_bp
     );
     Outcome::Redirected
 }
@@ -329,15 +313,41 @@ fn count(slot: u32, outcome: Outcome) {
 
 #[inline(always)]
 fn restore_peer(ctx: &SockAddrContext, family: u8) {
-    // SAFETY: the helper accepts the cgroup/sock_addr context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: the value is copied out at once.
-    let Some(original) = (unsafe { SOCKETS.get(&cookie) }).copied() else {
+    // SAFETY: the kernel passes a valid bpf_sock_addr whose `sk` is the socket asked about.
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    let Some(original) = socket_dest(sk, None) else {
         return;
     };
     if original.family == family {
         write_addr(ctx.sock_addr, family, &original.addr, original.port);
     }
+}
+
+/// The socket's `socket_dest` record, copied out; with `create`, written first (and returned)
+/// when the socket has none. The helper is called directly rather than through aya's
+/// `SkStorage` methods, which take only a sock_addr context: `sock_ops` needs it too.
+#[inline(always)]
+fn socket_dest(sk: *mut bpf_sock, create: Option<&mut OriginalDest>) -> Option<OriginalDest> {
+    if sk.is_null() {
+        return None;
+    }
+    let map = core::ptr::from_ref(&SOCKET_DEST).cast_mut().cast();
+    let (value, flags) = match create {
+        Some(v) => (
+            core::ptr::from_mut(v),
+            u64::from(BPF_SK_STORAGE_GET_F_CREATE),
+        ),
+        None => (core::ptr::null_mut(), 0),
+    };
+    // SAFETY: `map` is the SK_STORAGE map above (the loader relocates its address), `sk` a
+    // socket the kernel handed this program; the value pointer is null or a stack value.
+    let found = unsafe { bpf_sk_storage_get(map, sk.cast(), value.cast(), flags) };
+    let found = found.cast::<OriginalDest>();
+    if found.is_null() {
+        return None;
+    }
+    // SAFETY: non-null: a valid OriginalDest in the socket's storage; copied out at once.
+    Some(unsafe { core::ptr::read(found) })
 }
 
 #[inline(always)]

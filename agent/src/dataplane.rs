@@ -1,7 +1,8 @@
 //! Loading, attaching and pinning the eBPF programs: the one module that touches links.
 //!
 //! Layout under the bpffs directory (default `/sys/fs/bpf/beamlit/`):
-//! - `services`, `service_counters`, `sockets`, `config`: the maps (pinned by name, with BTF);
+//! - `services`, `service_counters`, `socket_dest`, `flows`, `config`, `exempt_cgroups`: the
+//!   maps (pinned by name, with BTF);
 //! - `links/<program>`: one cgroup link per program.
 //!
 //! Start-up adopts what a previous agent left: maps are reused from their pins (contents kept)
@@ -39,12 +40,11 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/beamlit-agent-ebpf"));
 
-/// Programs in attach order: the ones that clean up and report come first, so that any socket
-/// `connect*` redirects is already covered by `getpeername*` and `sock_release`.
-pub const PROGRAMS: [&str; 6] = [
+/// Programs in attach order: the ones that report come first, so that any socket `connect*`
+/// redirects is already covered by `getpeername*` and `sock_ops`.
+pub const PROGRAMS: [&str; 5] = [
     "getpeername4",
     "getpeername6",
-    "sock_release",
     "sock_ops",
     "connect4",
     "connect6",
@@ -52,11 +52,18 @@ pub const PROGRAMS: [&str; 6] = [
 const MAPS: [&str; 6] = [
     map_names::SERVICES,
     map_names::SERVICE_COUNTERS,
-    map_names::SOCKETS,
+    map_names::SOCKET_DEST,
     map_names::FLOWS,
     map_names::CONFIG,
     map_names::EXEMPT_CGROUPS,
 ];
+
+/// Pins of earlier agent versions that this one no longer uses (relative to the bpffs
+/// directory): the `sock_release` link and the cookie-keyed `sockets` map, both replaced by
+/// socket-local storage. Removed once this version's programs are all in place (an upgrade
+/// keeps redirecting throughout: the old link only deleted records nobody reads any more), and
+/// by `cleanup`.
+const RETIRED_PINS: [&str; 2] = ["links/sock_release", map_names::RETIRED_SOCKETS];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum EbpfLogLevel {
@@ -238,6 +245,17 @@ impl Dataplane {
             }
             attachments.push((name, attachment));
         }
+        for retired in RETIRED_PINS {
+            let pin = config.bpffs_dir.join(retired);
+            if pin.exists() {
+                match remove_pin(&pin) {
+                    Ok(()) => {
+                        info!(pin = %pin.display(), "removed a pin of an earlier agent version")
+                    }
+                    Err(e) => warn!("{e}"),
+                }
+            }
+        }
         Ok(Self {
             _ebpf: ebpf,
             logger,
@@ -316,10 +334,6 @@ fn attach_program(
             let id = p.attach(cgroup, LINK_MODE).map_err(program_err)?;
             FdLink::try_from(p.take_link(id).map_err(program_err)?)
         }
-        aya::programs::Program::CgroupSock(p) => {
-            let id = p.attach(cgroup, LINK_MODE).map_err(program_err)?;
-            FdLink::try_from(p.take_link(id).map_err(program_err)?)
-        }
         aya::programs::Program::SockOps(p) => {
             let id = p.attach(cgroup, LINK_MODE).map_err(program_err)?;
             FdLink::try_from(p.take_link(id).map_err(program_err)?)
@@ -344,7 +358,6 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DataplaneErro
     let program_err = |error| DataplaneError::Program { name, error };
     match ebpf.program_mut(name) {
         Some(aya::programs::Program::CgroupSockAddr(p)) => p.load(),
-        Some(aya::programs::Program::CgroupSock(p)) => p.load(),
         Some(aya::programs::Program::SockOps(p)) => p.load(),
         Some(_) => Err(aya::programs::ProgramError::UnexpectedProgramType),
         None => Err(aya::programs::ProgramError::NotLoaded),
@@ -357,7 +370,6 @@ fn program_fd(
 ) -> Result<aya::programs::ProgramFd, aya::programs::ProgramError> {
     match program {
         aya::programs::Program::CgroupSockAddr(p) => p.fd()?.try_clone().map_err(Into::into),
-        aya::programs::Program::CgroupSock(p) => p.fd()?.try_clone().map_err(Into::into),
         aya::programs::Program::SockOps(p) => p.fd()?.try_clone().map_err(Into::into),
         _ => Err(aya::programs::ProgramError::UnexpectedProgramType),
     }
@@ -417,7 +429,8 @@ pub fn cleanup(dir: &Path) -> Result<Vec<PathBuf>, DataplaneError> {
     let pins = PROGRAMS
         .iter()
         .map(|p| links_dir.join(p))
-        .chain(MAPS.iter().map(|m| dir.join(m)));
+        .chain(MAPS.iter().map(|m| dir.join(m)))
+        .chain(RETIRED_PINS.iter().map(|p| dir.join(p)));
     for pin in pins {
         if pin.exists() {
             remove_pin(&pin)?;

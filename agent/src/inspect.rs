@@ -10,8 +10,6 @@ use crate::{dataplane, maps::PinnedMaps, model};
 pub struct Report {
     pub bpffs_dir: String,
     pub services: Vec<ServiceRow>,
-    /// Redirected sockets still open (records in the `sockets` map).
-    pub redirected_sockets: usize,
     pub bypass_mark: u32,
     /// Cgroup ids never redirected (`exempt_cgroups`: the agent's own pod, the controller's).
     pub exempt_cgroups: Vec<u64>,
@@ -119,7 +117,6 @@ pub fn report(dir: &Path, state_dir: &Path) -> anyhow::Result<Report> {
     Ok(Report {
         bpffs_dir: dir.display().to_string(),
         services,
-        redirected_sockets: maps.redirected_sockets()?,
         bypass_mark: config.bypass_mark,
         exempt_cgroups: maps.exempt_cgroups()?.into_iter().collect(),
         exempt_pods: state
@@ -211,8 +208,8 @@ pub fn render(report: &Report) -> String {
         ));
     }
     out.push_str(&format!(
-        "\nlive redirected sockets: {}\nbypass mark: {:#x}\nnever redirected: {exempt}\ntunnel heartbeat: {heartbeat}\npins: {}\n\n",
-        report.redirected_sockets, report.bypass_mark, report.bpffs_dir
+        "\nbypass mark: {:#x}\nnever redirected: {exempt}\ntunnel heartbeat: {heartbeat}\npins: {}\n\n",
+        report.bypass_mark, report.bpffs_dir
     ));
     let mut programs = vec![
         ["PROGRAM", "ATTACHED", "LINK", "PROG-ID", "RUNS", "AVG-NS"]

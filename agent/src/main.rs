@@ -17,7 +17,7 @@ use tracing::info;
 ///
 /// Redirects new connections to Kubernetes Service addresses, with a chosen share, toward an
 /// egress tunnel that forwards them to a remote backend (Beamlit). Redirection happens in eBPF
-/// programs attached to a cgroup v2 directory (connect4/6, getpeername4/6, sock_release); local
+/// programs attached to a cgroup v2 directory (connect4/6, getpeername4/6, sock_ops); local
 /// traffic never passes through a proxy. Programs and maps are pinned under --bpffs, so they keep
 /// working while the agent restarts.
 #[derive(Parser)]

@@ -6,9 +6,7 @@ use std::{
 };
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
-use beamlit_common::{
-    AgentConfig, OriginalDest, ServiceCounters, ServiceEntry, ServiceKey, map_names,
-};
+use beamlit_common::{AgentConfig, ServiceCounters, ServiceEntry, ServiceKey, map_names};
 
 use crate::plan::Change;
 
@@ -29,8 +27,6 @@ pub struct PinnedMaps {
     dir: PathBuf,
     services: HashMap<MapData, ServiceKey, ServiceEntry>,
     counters: PerCpuArray<MapData, ServiceCounters>,
-    // aya reads LRU hash maps through its HashMap type.
-    sockets: HashMap<MapData, u64, OriginalDest>,
     config: Array<MapData, AgentConfig>,
     exempt: HashMap<MapData, u64, u8>,
 }
@@ -41,7 +37,6 @@ impl PinnedMaps {
             dir: dir.to_path_buf(),
             services: open(dir, map_names::SERVICES)?,
             counters: open(dir, map_names::SERVICE_COUNTERS)?,
-            sockets: open(dir, map_names::SOCKETS)?,
             config: open(dir, map_names::CONFIG)?,
             exempt: open(dir, map_names::EXEMPT_CGROUPS)?,
         })
@@ -69,16 +64,6 @@ impl PinnedMaps {
             }
             Err(source) => Err(self.err(map_names::SERVICE_COUNTERS, source)),
         }
-    }
-
-    /// Redirected sockets that are still open (records are deleted at socket release).
-    pub fn redirected_sockets(&self) -> Result<usize, MapsError> {
-        let mut n = 0;
-        for key in self.sockets.keys() {
-            key.map_err(|source| self.err(map_names::SOCKETS, source))?;
-            n += 1;
-        }
-        Ok(n)
     }
 
     pub fn config(&self) -> Result<AgentConfig, MapsError> {

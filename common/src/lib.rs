@@ -11,16 +11,21 @@
 pub mod map_names {
     pub const SERVICES: &str = "services";
     pub const SERVICE_COUNTERS: &str = "service_counters";
-    pub const SOCKETS: &str = "sockets";
+    /// Socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`): freed with its socket, no key to list.
+    pub const SOCKET_DEST: &str = "socket_dest";
     pub const FLOWS: &str = "flows";
     pub const CONFIG: &str = "config";
     pub const EXEMPT_CGROUPS: &str = "exempt_cgroups";
+    /// Pinned by agents before socket-local storage replaced it (a cookie-keyed LRU map, with a
+    /// `sock_release` program deleting its entries): removed by a newer agent's start and by
+    /// `cleanup`.
+    pub const RETIRED_SOCKETS: &str = "sockets";
 }
 
 /// Capacities. Userspace validates against these before it writes.
 pub const MAX_SERVICES: u32 = 65_536;
-/// Per-socket records of redirected connections. Entries are deleted at socket release; the LRU
-/// eviction only matters if a release is ever missed.
+/// Redirected connections awaiting the tunnel's accept (`flows`, an LRU: the tunnel consumes
+/// its entries, eviction only matters for connections it never accepted).
 pub const MAX_REDIRECTED_SOCKETS: u32 = 262_144;
 
 /// Cgroups whose processes are never redirected (`exempt_cgroups`): the agent's own pod and the
@@ -103,8 +108,8 @@ pub struct ServiceCounters {
     pub bypassed: u64,
 }
 
-/// Value of the `sockets` LRU map, keyed by socket cookie: the destination the client asked for,
-/// so that getpeername (and the tunnel) can report it.
+/// The destination a redirected socket asked for: its socket-local storage (`socket_dest`), so
+/// that getpeername can report it, and the value of `flows`, so that the tunnel can.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct OriginalDest {

@@ -212,29 +212,68 @@ fn redirection_never_stops_across_sigkill_and_restart() -> Result<()> {
     Ok(())
 }
 
+/// Agents before socket-local storage kept each redirected socket's destination in a
+/// cookie-keyed map (`sockets`) and ran `sock_release` on every socket close to delete it. An
+/// agent started over such pins removes both once its own programs are in place, and then
+/// redirects (and reports the dialled address to getpeername) with no program on socket close.
 #[test]
-fn socket_records_are_deleted_when_sockets_close() -> Result<()> {
+fn an_agent_started_over_an_earlier_versions_pins_removes_them_and_redirects() -> Result<()> {
     if !require_privileges() {
         return Ok(());
     }
-    let bed = Bed::new("release")?;
-    let agent = bed.agent(100.0, 0.0, &[])?;
-    let start = agent.inspect()?["redirected_sockets"].as_u64();
-    let mut o = opts(SVC4, 10_000);
-    o.concurrency = Some(4);
-    let r = bed.probe(&o)?;
-    assert_eq!(r.count("tunnel"), 10_000, "{r:?}");
-    // Sockets close right after the probe reads; allow the last releases to land.
-    let mut now = None;
-    for _ in 0..50 {
-        now = agent.inspect()?["redirected_sockets"].as_u64();
-        if now == start {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    let bed = Bed::new("retired")?;
+    let mut agent = bed.agent(100.0, 0.0, &[])?;
+    agent.terminate(Duration::from_secs(10))?;
+    // Stand-ins for the earlier version's pins: any pinned object at those paths.
+    let retired = [
+        agent.bpffs().join("sockets"),
+        agent.bpffs().join("links").join("sock_release"),
+    ];
+    for pin in &retired {
+        let out = std::process::Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(pin)
+            .args([
+                "type", "hash", "key", "8", "value", "20", "entries", "16", "name", "retired",
+            ])
+            .output()?;
+        assert!(
+            out.status.success(),
+            "bpftool map create {}: {out:?}",
+            pin.display()
+        );
     }
-    assert_eq!(now, start, "per-socket records leaked");
-    assert_eq!(start, Some(0));
+    agent.restart()?;
+    agent.wait_log(
+        "removed a pin of an earlier agent version",
+        Duration::from_secs(10),
+    )?;
+    for pin in &retired {
+        assert!(
+            !pin.exists(),
+            "{} still pinned:\n{}",
+            pin.display(),
+            agent.log()
+        );
+    }
+    let programs = agent.inspect()?["programs"].clone();
+    let names: Vec<&str> = programs
+        .as_array()
+        .map(|a| a.iter().filter_map(|p| p["name"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(!names.is_empty(), "inspect lists no program: {programs}");
+    assert!(!names.contains(&"sock_release"), "{names:?}");
+    // Many short connections: every one redirected, each socket's record created at connect
+    // and freed by the kernel with the socket.
+    let mut o = opts(SVC4, 5_000);
+    o.concurrency = Some(4);
+    o.check_peer = true;
+    let r = bed.probe(&o)?;
+    assert_eq!(r.count("tunnel"), 5_000, "{r:?}");
+    assert_eq!(
+        r.peer_mismatch, 0,
+        "getpeername must return the Service: {r:?}"
+    );
     Ok(())
 }
 
@@ -367,7 +406,7 @@ fn ebpf_log_messages_reach_the_agent_log() -> Result<()> {
     let mut agent = bed.agent(100.0, 0.0, &["--ebpf-log-level", "debug"])?;
     let r = bed.probe(&opts(SVC4, 3))?;
     assert_eq!(r.count("tunnel"), 3);
-    agent.wait_log("redirected cookie", Duration::from_secs(5))?;
+    agent.wait_log("redirected a socket", Duration::from_secs(5))?;
     drop(agent);
 
     // Off (the default): nothing is logged from eBPF.
@@ -376,7 +415,7 @@ fn ebpf_log_messages_reach_the_agent_log() -> Result<()> {
     assert_eq!(r.count("tunnel"), 3);
     std::thread::sleep(Duration::from_millis(600));
     assert!(
-        !quiet.log().contains("redirected cookie"),
+        !quiet.log().contains("redirected a socket"),
         "{}",
         quiet.log()
     );

@@ -25,10 +25,9 @@ use beamlit_testbed::seed::PHP_APACHE;
 use beamlit_testbed::{OrPanic as _, require_privileges};
 
 /// The programs of the agent, as bpftool names them.
-const PROGRAMS: [&str; 6] = [
+const PROGRAMS: [&str; 5] = [
     "getpeername4",
     "getpeername6",
-    "sock_release",
     "sock_ops",
     "connect4",
     "connect6",

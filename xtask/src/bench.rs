@@ -118,7 +118,7 @@ pub fn dataplane(args: &DataplaneArgs) -> Result<()> {
     let stats = enable_bpf_stats()?;
     let before = [
         program_stats(&agent, "connect4")?,
-        program_stats(&agent, "sock_release")?,
+        program_stats(&agent, "sock_ops")?,
     ];
     // Under the same load as the rounds (warm caches), not a serial probe.
     wrk(
@@ -139,7 +139,7 @@ pub fn dataplane(args: &DataplaneArgs) -> Result<()> {
         ))
     };
     let (runs, avg_ns) = average_ns("connect4", before[0])?;
-    let (release_runs, release_ns) = average_ns("sock_release", before[1])?;
+    let (ops_runs, ops_ns) = average_ns("sock_ops", before[1])?;
     drop(stats);
 
     let median = |v: &[f64]| {
@@ -172,15 +172,19 @@ pub fn dataplane(args: &DataplaneArgs) -> Result<()> {
     }
     writeln!(
         out,
-        "connect4 average run time: {avg_ns:.0} ns over {runs} runs; sock_release {release_ns:.0} \
-         ns over {release_runs} runs (kernel BPF stats, on only for a \
-         wrk run of their own after the rounds)"
+        "connect4 average run time: {avg_ns:.0} ns over {runs} runs; sock_ops {ops_ns:.0} ns over \
+         {ops_runs} runs ({:.1} per connect4 run; no program runs at socket close) (kernel BPF \
+         stats, on only for a wrk run of their own after the rounds)",
+        ops_runs as f64 / runs.max(1) as f64
     )?;
     writeln!(
         out,
-        "targets: connect4 ≤ 200 ns: {}; throughput ratio ≥ 0.98: {} ({ratio:.3})",
-        verdict(avg_ns <= 200.0),
-        verdict(ratio >= 0.98)
+        "targets (issue 17): throughput ratio ≥ 0.99: {} ({ratio:.3}); connect4 ≤ 100 ns: {} \
+         (with {SERVICES_IN_MAP} services; the map holds at most {}, so the issue's \
+         100 000 cannot be loaded)",
+        verdict(ratio >= 0.99),
+        verdict(avg_ns <= 100.0),
+        beamlit_common::MAX_SERVICES
     )?;
     print!("{out}");
     Ok(())

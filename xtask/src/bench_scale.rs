@@ -88,7 +88,9 @@ impl Counters {
             bail!("the apiserver's /metrics has no apiserver_watch_events_total");
         }
         Ok(Self {
-            requests: sum("apiserver_request_total{", &|l| l.contains("verb=\"WATCH\"")),
+            requests: sum("apiserver_request_total{", &|l| {
+                l.contains("verb=\"WATCH\"")
+            }),
             watch_events,
         })
     }
@@ -132,7 +134,9 @@ struct Row {
 
 pub fn scale(args: &ScaleArgs) -> Result<()> {
     if !require_privileges() {
-        bail!("the benchmark starts a test cluster with simulated nodes and agents: run it as root");
+        bail!(
+            "the benchmark starts a test cluster with simulated nodes and agents: run it as root"
+        );
     }
     if args.agents.is_empty() || args.agents.contains(&0) {
         bail!("--agents takes a list of positive counts, e.g. --agents 1,10,50");
@@ -169,7 +173,7 @@ pub fn scale(args: &ScaleArgs) -> Result<()> {
     let background = window(&cluster, args.window_secs)?;
 
     let mut controller = bed.controller()?;
-    wait_all(&cluster, &ns, args.models, "decided", |_, _| true)
+    wait_all(&cluster, &ns, args.models, WAIT, "decided", |_, _| true)
         .with_context(|| controller.log())?;
     println!("[bench] the controller decided all {} models", args.models);
 
@@ -186,20 +190,23 @@ pub fn scale(args: &ScaleArgs) -> Result<()> {
                 .with_context(|| format!("starting agent {i} of {n}"))?;
             agents.push((agent, cgroup));
         }
-        wait_all(&cluster, &ns, args.models, "applied by every agent", |a, t| {
-            a == n && t == n
-        })
-        .with_context(|| {
-            format!(
-                "{}\nfirst agent:\n{}",
-                controller.log(),
-                agents[0].0.log()
-            )
-        })?;
+        wait_all(
+            &cluster,
+            &ns,
+            args.models,
+            "applied by every agent",
+            |a, t| a == n && t == n,
+        )
+        .with_context(|| format!("{}\nfirst agent:\n{}", controller.log(), agents[0].0.log()))?;
         let start_all_applied = started.elapsed();
-        println!("[bench] {n} agent(s): all models applied {start_all_applied:.1?} after the first start");
+        println!(
+            "[bench] {n} agent(s): all models applied {start_all_applied:.1?} after the first start"
+        );
 
-        println!("[bench] {n} agent(s): steady state for {} s", args.window_secs);
+        println!(
+            "[bench] {n} agent(s): steady state for {} s",
+            args.window_secs
+        );
         let steady = window(&cluster, args.window_secs)? - background;
         let steady = Counters {
             requests: steady.requests.max(0.0),
@@ -253,8 +260,10 @@ pub fn scale(args: &ScaleArgs) -> Result<()> {
             acknowledgement::AGENT_LEASE_SELECTOR,
             "--wait=true",
         ])?;
-        wait_all(&cluster, &ns, args.models, "counted no agent", |_, t| t == 0)
-            .with_context(|| controller.log())?;
+        wait_all(&cluster, &ns, args.models, "counted no agent", |_, t| {
+            t == 0
+        })
+        .with_context(|| controller.log())?;
     }
 
     print!("{}", report(args, &rows)?);
@@ -273,10 +282,7 @@ fn decision_change(
 ) -> Result<(Duration, Counters)> {
     let api: Api<ModelDeployment> = Api::namespaced(cluster.client(), ns);
     let current = cluster.block_on(api.get(name))?;
-    let old_generation = current
-        .status
-        .as_ref()
-        .map_or(0, |s| s.decision_generation);
+    let old_generation = current.status.as_ref().map_or(0, |s| s.decision_generation);
     let version = current
         .metadata
         .resource_version
@@ -304,7 +310,8 @@ fn decision_change(
                 let generation = status.map_or(0, |s| s.decision_generation);
                 let applied = status.and_then(|s| s.agents.as_ref());
                 if generation > old_generation
-                    && applied.is_some_and(|a| a.applied as usize == agents && a.total as usize == agents)
+                    && applied
+                        .is_some_and(|a| a.applied as usize == agents && a.total as usize == agents)
                 {
                     return anyhow::Ok((started.elapsed(), own_events));
                 }
@@ -333,6 +340,7 @@ fn wait_all(
     cluster: &TestCluster,
     ns: &str,
     models: usize,
+    timeout: Duration,
     what: &str,
     check: impl Fn(usize, usize) -> bool,
 ) -> Result<()> {
@@ -359,8 +367,8 @@ fn wait_all(
         if done >= models {
             return Ok(());
         }
-        if started.elapsed() > WAIT {
-            bail!("only {done} of {models} ModelDeployments {what} after {WAIT:?}");
+        if started.elapsed() > timeout {
+            bail!("only {done} of {models} ModelDeployments {what} after {timeout:?}");
         }
         if done != last && started.elapsed().as_secs() % 10 == 0 {
             println!("[bench]   {done} of {models} {what}");
