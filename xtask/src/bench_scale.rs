@@ -190,10 +190,15 @@ pub fn scale(args: &ScaleArgs) -> Result<()> {
                 .with_context(|| format!("starting agent {i} of {n}"))?;
             agents.push((agent, cgroup));
         }
+        // Agents start one after another, and each one's first acknowledgement moves every
+        // model's `status.agents`: the start costs N × models status writes (the per-change
+        // figures below are the ones with targets).
+        let start_wait = WAIT + Duration::from_secs(15) * n as u32;
         wait_all(
             &cluster,
             &ns,
             args.models,
+            start_wait,
             "applied by every agent",
             |a, t| a == n && t == n,
         )
@@ -260,9 +265,14 @@ pub fn scale(args: &ScaleArgs) -> Result<()> {
             acknowledgement::AGENT_LEASE_SELECTOR,
             "--wait=true",
         ])?;
-        wait_all(&cluster, &ns, args.models, "counted no agent", |_, t| {
-            t == 0
-        })
+        wait_all(
+            &cluster,
+            &ns,
+            args.models,
+            WAIT,
+            "counted no agent",
+            |_, t| t == 0,
+        )
         .with_context(|| controller.log())?;
     }
 
