@@ -380,7 +380,7 @@ fn wait_all(
         if started.elapsed() > timeout {
             bail!("only {done} of {models} ModelDeployments {what} after {timeout:?}");
         }
-        if done != last && started.elapsed().as_secs() % 10 == 0 {
+        if done != last && started.elapsed().as_secs().is_multiple_of(10) {
             println!("[bench]   {done} of {models} {what}");
         }
         last = done;
