@@ -243,6 +243,14 @@ pub fn scale(args: &ScaleArgs) -> Result<()> {
         for (agent, _) in &mut agents {
             agent_peak_mib = agent_peak_mib.max(agent.peak_rss_kib()? as f64 / 1024.0);
         }
+        // Each count's row as soon as it is measured: a later count that fails (see the
+        // start-up note in docs/benchmarks.md) keeps the earlier ones on record.
+        println!(
+            "[bench] {n} agent(s): steady {:.0} requests/min, {:.0} watch events/min (over the \
+             background); per change (median) {:.0} requests, {:.0} watch events; controller \
+             RSS {controller_rss_mib:.1} MiB, largest agent peak {agent_peak_mib:.1} MiB",
+            steady.requests, steady.watch_events, change.requests, change.watch_events
+        );
         rows.push(Row {
             agents: n,
             start_all_applied,
