@@ -59,41 +59,60 @@ pub fn failover_share(ready_now: Option<u32>) -> Option<(Share, &'static str)> {
     (ready_now == Some(0)).then_some((Share::ALL, NODE_LOCAL_FAILOVER))
 }
 
-/// When each Service was last seen without a ready endpoint, for the hold.
+/// Where each Service that lost its ready endpoints stands, for the hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outage {
+    /// Seen without a ready endpoint at the last pass.
+    Down,
+    /// Seen with ready endpoints again, first at this instant: the hold counts from here.
+    Back(Instant),
+}
+
+/// The Services whose failover holds: down, or back for less than the hold.
 #[derive(Debug)]
 pub struct Holds {
     hold: Duration,
-    unready_at: HashMap<(String, String), Instant>,
+    outages: HashMap<(String, String), Outage>,
 }
 
 impl Holds {
     pub fn new(hold: Duration) -> Self {
         Self {
             hold,
-            unready_at: HashMap::new(),
+            outages: HashMap::new(),
         }
     }
 
-    /// Records Services without ready endpoints, and reports those that had none within the
-    /// hold as still without (their failover holds). Returns when the next hold ends, when the
-    /// maps must be computed again.
+    /// Records Services without ready endpoints, and reports those whose endpoints came back
+    /// less than the hold ago as still without (their failover holds). Returns when the next
+    /// hold ends, when the maps must be computed again.
+    ///
+    /// The hold counts from the first pass that sees the endpoints back, not from the last pass
+    /// that saw them gone: passes run only when something changes, so an outage may have seen
+    /// just one, long before the endpoints return.
     pub fn apply(&mut self, ready: &mut ReadyEndpoints, now: Instant) -> Option<Instant> {
         let hold = self.hold;
-        for (service, count) in ready.iter() {
-            if *count == 0 {
-                self.unready_at.insert(service.clone(), now);
-            }
-        }
-        self.unready_at
-            .retain(|_, at| now.duration_since(*at) < hold);
+        // A Service without EndpointSlices any more has no outage to hold.
+        self.outages
+            .retain(|service, _| ready.contains_key(service));
         let mut next = None;
-        for (service, at) in &self.unready_at {
-            if let Some(count) = ready.get_mut(service)
-                && *count > 0
-            {
+        for (service, count) in ready.iter_mut() {
+            if *count == 0 {
+                self.outages.insert(service.clone(), Outage::Down);
+                continue;
+            }
+            let back_at = match self.outages.get(service) {
+                None => continue,
+                Some(Outage::Down) => now,
+                Some(Outage::Back(at)) => *at,
+            };
+            let ends = back_at + hold;
+            if now < ends {
+                self.outages.insert(service.clone(), Outage::Back(back_at));
                 *count = 0;
-                let ends = *at + hold;
                 next = Some(next.map_or(ends, |n: Instant| n.min(ends)));
+            } else {
+                self.outages.remove(service);
             }
         }
         next
@@ -114,16 +133,43 @@ mod tests {
         assert_eq!(holds.apply(&mut ready, t0), None, "down: no hold yet");
         let back = t0 + Duration::from_millis(100);
         let mut ready = ReadyEndpoints::from([(svc.clone(), 2)]);
-        assert_eq!(holds.apply(&mut ready, back), Some(t0 + hold));
+        assert_eq!(holds.apply(&mut ready, back), Some(back + hold));
         assert_eq!(ready[&svc], 0, "held: still failed over");
-        let almost = t0 + hold - Duration::from_millis(1);
+        let almost = back + hold - Duration::from_millis(1);
         let mut ready = ReadyEndpoints::from([(svc.clone(), 2)]);
-        assert_eq!(holds.apply(&mut ready, almost), Some(t0 + hold));
+        assert_eq!(holds.apply(&mut ready, almost), Some(back + hold));
         assert_eq!(ready[&svc], 0, "held until the hold's last instant");
-        let later = t0 + hold;
+        let later = back + hold;
         let mut ready = ReadyEndpoints::from([(svc.clone(), 2)]);
         assert_eq!(holds.apply(&mut ready, later), None);
         assert_eq!(ready[&svc], 2, "the hold is over");
+    }
+
+    #[test]
+    fn the_hold_counts_from_the_return_however_long_the_outage() {
+        // One pass when the endpoints went (agents pass only on changes), the next one when
+        // they come back 35 s later: the hold still applies, from the return.
+        let svc = ("models".to_string(), "php".to_string());
+        let t0 = Instant::now();
+        let hold = Duration::from_secs(3);
+        let mut holds = Holds::new(hold);
+        let mut ready = ReadyEndpoints::from([(svc.clone(), 0)]);
+        assert_eq!(holds.apply(&mut ready, t0), None);
+        let back = t0 + Duration::from_secs(35);
+        let mut ready = ReadyEndpoints::from([(svc.clone(), 1)]);
+        assert_eq!(holds.apply(&mut ready, back), Some(back + hold));
+        assert_eq!(ready[&svc], 0, "held after a long outage");
+        let mut ready = ReadyEndpoints::from([(svc.clone(), 1)]);
+        assert_eq!(holds.apply(&mut ready, back + hold), None);
+        assert_eq!(ready[&svc], 1, "the hold is over");
+        // Down again later: a new outage, a new hold.
+        let t1 = back + Duration::from_secs(60);
+        let mut ready = ReadyEndpoints::from([(svc.clone(), 0)]);
+        assert_eq!(holds.apply(&mut ready, t1), None);
+        let mut ready = ReadyEndpoints::from([(svc.clone(), 2)]);
+        let back2 = t1 + Duration::from_secs(1);
+        assert_eq!(holds.apply(&mut ready, back2), Some(back2 + hold));
+        assert_eq!(ready[&svc], 0);
     }
 
     #[test]
