@@ -98,8 +98,18 @@ fn seed_offload_on_failure_walkthrough_has_zero_failed_requests() -> Result<()> 
     loop_opts.interval_ms = Some(100);
     loop_opts.until_file = Some(stop.clone());
     let requests = spawn_probe(&client.netns, Some(node.path()), &loop_opts)?;
+    // The probe's errors say when they happened, from its start; the timeline lines them up.
+    let probe_started = Instant::now();
+    let mut timeline = vec![format!(
+        "probe started at {}",
+        k8s_openapi::jiff::Timestamp::now()
+    )];
     std::thread::sleep(Duration::from_secs(2));
 
+    timeline.push(format!(
+        "scale to 0 at {} ms",
+        probe_started.elapsed().as_millis()
+    ));
     scale(cluster, bed.ns(), 0)?;
     let scaled = Instant::now();
     agent.wait_share(&svc, 10_000, Duration::from_secs(10))?;
@@ -122,10 +132,22 @@ fn seed_offload_on_failure_walkthrough_has_zero_failed_requests() -> Result<()> 
         "{row}"
     );
 
+    timeline.push(format!(
+        "scale to 1 at {} ms",
+        probe_started.elapsed().as_millis()
+    ));
     scale(cluster, bed.ns(), 1)?;
     let restored = Instant::now();
     cluster.wait_deployment_ready(bed.ns(), "php-apache", 1, WAIT)?;
+    timeline.push(format!(
+        "ready at {} ms",
+        probe_started.elapsed().as_millis()
+    ));
     agent.wait_share(&svc, 0, WAIT)?;
+    timeline.push(format!(
+        "map at 0% by {} ms",
+        probe_started.elapsed().as_millis()
+    ));
     println!(
         "scaled back -> the agent's map at 0% in {:?}",
         restored.elapsed()
@@ -136,7 +158,12 @@ fn seed_offload_on_failure_walkthrough_has_zero_failed_requests() -> Result<()> 
     std::fs::write(&stop, "")?;
     let report = finish_probe(requests, Duration::from_secs(30))?;
     println!("request loop: {report:?}");
-    assert_eq!(report.failed, 0, "failed requests: {report:?}");
+    assert_eq!(
+        report.failed,
+        0,
+        "failed requests: {report:?}\ntimeline: {timeline:?}\nagent log:\n{}",
+        agent.log()
+    );
     let remote = report.count("beamlit");
     let local: u64 = report
         .by_name

@@ -11,7 +11,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 const USAGE: &str = "\
@@ -284,6 +284,10 @@ fn serve(o: ServeOpts) -> i32 {
         }
         let _ = out.flush();
     }
+    // SIGTERM is taken by this thread (sigwait), not by the default action: every thread
+    // spawned below inherits the blocked mask.
+    let term = block_sigterm();
+    let listener_fds: Vec<RawFd> = listeners.iter().map(|l| l.as_raw_fd()).collect();
     let name: Arc<str> = Arc::from(o.name.as_str());
     let body: Arc<str> = match &o.body {
         Some(b) => Arc::from(b.as_str()),
@@ -297,31 +301,125 @@ fn serve(o: ServeOpts) -> i32 {
             std::thread::spawn(move || accept_loop(l, name, body, o.http))
         })
         .collect();
-    for t in threads {
-        let _ = t.join();
-    }
+    let Some(term) = term else {
+        for t in threads {
+            let _ = t.join();
+        }
+        return 0;
+    };
+    wait_for_sigterm(&term);
+    graceful_stop(&listener_fds, &name, &body, o.http);
     0
+}
+
+/// Connections accepted whose request is not answered yet (idle keep-alive ones not counted).
+static BUSY: AtomicUsize = AtomicUsize::new(0);
+/// Set on SIGTERM: accept loops stop.
+static STOPPING: AtomicBool = AtomicBool::new(false);
+/// How long a stopping server waits for the requests it accepted.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One connection or request being served, counted in [`BUSY`] while it lives.
+struct Busy;
+
+impl Busy {
+    fn new() -> Self {
+        BUSY.fetch_add(1, Ordering::SeqCst);
+        Busy
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        BUSY.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Blocks SIGTERM in this thread (and so in those it spawns), for [`wait_for_sigterm`].
+fn block_sigterm() -> Option<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
+    let mut set: libc::sigset_t = unsafe { zeroed() };
+    // SAFETY: set is a valid sigset_t; the null old mask is allowed.
+    let ok = unsafe {
+        libc::sigemptyset(&mut set) == 0
+            && libc::sigaddset(&mut set, libc::SIGTERM) == 0
+            && libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) == 0
+    };
+    ok.then_some(set)
+}
+
+fn wait_for_sigterm(set: &libc::sigset_t) {
+    let mut sig = 0;
+    // SAFETY: set is a valid sigset_t with SIGTERM blocked in this thread.
+    while unsafe { libc::sigwait(set, &mut sig) } != 0 || sig != libc::SIGTERM {}
+}
+
+/// On SIGTERM the server stops as web servers do when told to (Apache's graceful-stop, nginx's
+/// SIGQUIT): it takes the connections the kernel already accepted for it, stops listening,
+/// answers the requests under way, then exits. Without this, a pod's server died with
+/// requests in flight, which no routing can save.
+fn graceful_stop(listeners: &[RawFd], name: &Arc<str>, body: &Arc<str>, http: bool) {
+    STOPPING.store(true, Ordering::SeqCst);
+    for &fd in listeners {
+        // SAFETY: fcntl on a listener this process owns and keeps open until it exits.
+        unsafe {
+            libc::fcntl(
+                fd,
+                libc::F_SETFL,
+                libc::fcntl(fd, libc::F_GETFL) | libc::O_NONBLOCK,
+            )
+        };
+        loop {
+            // SAFETY: accept4 on an owned listener; null address pointers are allowed.
+            let conn = unsafe {
+                libc::accept4(
+                    fd,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC,
+                )
+            };
+            if conn < 0 {
+                break;
+            }
+            // SAFETY: accept4 returned a new fd that nothing else owns.
+            let stream = unsafe { TcpStream::from_raw_fd(conn) };
+            handle(stream, Arc::clone(name), Arc::clone(body), http);
+        }
+        // Wakes the accept loop blocked on it (it sees STOPPING and returns).
+        // SAFETY: shutdown on an owned fd.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    }
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    while BUSY.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Serves one accepted connection on its own thread.
+fn handle(stream: TcpStream, name: Arc<str>, body: Arc<str>, http: bool) {
+    let busy = Busy::new();
+    let spawned = std::thread::Builder::new().spawn(move || {
+        let result = if http {
+            serve_http(stream, &name, &body, busy)
+        } else {
+            let result = serve_plain(stream, &name);
+            drop(busy);
+            result
+        };
+        // Clients hanging up early are normal under load tests.
+        drop(result);
+    });
+    if let Err(e) = spawned {
+        eprintln!("netprobe: cannot spawn connection thread: {e}");
+    }
 }
 
 fn accept_loop(listener: TcpListener, name: Arc<str>, body: Arc<str>, http: bool) {
     loop {
         match listener.accept() {
-            Ok((stream, _)) => {
-                let name = Arc::clone(&name);
-                let body = Arc::clone(&body);
-                let spawned = std::thread::Builder::new().spawn(move || {
-                    let result = if http {
-                        serve_http(stream, &name, &body)
-                    } else {
-                        serve_plain(stream, &name)
-                    };
-                    // Clients hanging up early are normal under load tests.
-                    drop(result);
-                });
-                if let Err(e) = spawned {
-                    eprintln!("netprobe: cannot spawn connection thread: {e}");
-                }
-            }
+            Ok((stream, _)) => handle(stream, Arc::clone(&name), Arc::clone(&body), http),
+            Err(_) if STOPPING.load(Ordering::SeqCst) => return,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
                 eprintln!("netprobe: accept: {e}");
@@ -336,11 +434,14 @@ fn serve_plain(mut stream: TcpStream, name: &str) -> io::Result<()> {
     stream.shutdown(Shutdown::Write)
 }
 
-fn serve_http(stream: TcpStream, name: &str, body: &str) -> io::Result<()> {
+/// `busy` counts the connection until its first answer; later requests on it count from
+/// their first line, so a stopping server does not wait on idle keep-alive connections.
+fn serve_http(stream: TcpStream, name: &str, body: &str, busy: Busy) -> io::Result<()> {
     stream.set_nodelay(true)?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
+    let mut busy = Some(busy);
     loop {
         line.clear();
         if read_line_bounded(&mut reader, &mut line)? == 0 {
@@ -350,6 +451,7 @@ fn serve_http(stream: TcpStream, name: &str, body: &str) -> io::Result<()> {
             // Tolerate stray CRLFs between pipelined requests (RFC 9112 §2.2).
             continue;
         }
+        let _request = busy.take().unwrap_or_else(Busy::new);
         let version = line
             .split_whitespace()
             .nth(2)
@@ -668,9 +770,10 @@ fn worker(o: &ConnectOpts, next: &AtomicU64) -> Stats {
             }
         }
         stats.attempts += 1;
+        let began = started.elapsed().as_millis();
         let outcome = attempt(o, &mut stats);
+        let ms = started.elapsed().as_millis();
         if o.each {
-            let ms = started.elapsed().as_millis();
             let line = match &outcome {
                 Ok(name) => format!("EACH {ms} ok {name}\n"),
                 Err(e) => format!("EACH {ms} fail {}\n", e.replace('\n', " ")),
@@ -684,7 +787,8 @@ fn worker(o: &ConnectOpts, next: &AtomicU64) -> Stats {
                 stats.ok += 1;
                 *stats.by_name.entry(name).or_default() += 1;
             }
-            Err(e) => stats.error(e),
+            // When it failed, since the probe started: to line it up with the logs.
+            Err(e) => stats.error(format!("at {began}..{ms} ms: {e}")),
         }
         if !o.interval.is_zero() {
             std::thread::sleep(o.interval);

@@ -10,7 +10,9 @@
 //! server process runs, `Ready` only after an HTTP request to it from the node
 //! namespace succeeded. Deleting a pod sends SIGTERM to its server, waits up to
 //! the pod's grace period, kills it, removes the namespace and then removes the
-//! object (grace period 0, uid precondition), as the kubelet does.
+//! object (grace period 0, uid precondition), as the kubelet does. The server
+//! stops as web servers do on their stop signal: it answers what it accepted,
+//! refuses new connections and exits (`netprobe serve`'s graceful stop).
 //!
 //! All simulated nodes share one node namespace (the cluster network): pod
 //! addresses are unique across nodes and every pod is one hop from every other.
@@ -447,6 +449,7 @@ async fn terminate(
     grace: u64,
 ) -> Result<()> {
     if let Some(mut server) = server {
+        tracing::debug!("pod {name} deleted: SIGTERM to its server");
         let _ = server.signal(libc::SIGTERM);
         let grace = Duration::from_secs(grace);
         let _ = tokio::task::spawn_blocking(move || {
