@@ -333,11 +333,13 @@ pub async fn run(ctx: Arc<Context>) {
             referencing_namespace(&s7, g.namespace().as_deref().unwrap_or_default())
         })
         // An agent acknowledging a decision updates "applied on N of M nodes" of the models
-        // whose entry changed, gathered over ACK_BATCH (see crate::ack_triggers). An agent that
-        // dies is noticed at the next resync, when its Lease has expired.
+        // whose entry changed, gathered over ACK_BATCH; agents joining or leaving, at most once
+        // per MEMBERSHIP_INTERVAL (see crate::ack_triggers). An agent that dies is noticed at
+        // the next resync, when its Lease has expired.
         .reconcile_on(crate::ack_triggers::batched(
             ack_changes,
             crate::ack_triggers::ACK_BATCH,
+            crate::ack_triggers::MEMBERSHIP_INTERVAL,
         ))
         .run(reconcile, error_policy, running)
         .for_each(|result| async move {

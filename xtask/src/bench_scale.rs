@@ -191,8 +191,9 @@ pub fn scale(args: &ScaleArgs) -> Result<()> {
             agents.push((agent, cgroup));
         }
         // Agents start one after another, and each one's first acknowledgement moves every
-        // model's `status.agents`: the start costs N × models status writes (the per-change
-        // figures below are the ones with targets).
+        // model's `status.agents.total`; the controller throttles those to one pass over the
+        // models per MEMBERSHIP_INTERVAL (10 s), so the start costs about models × start time
+        // / 10 s status writes (the per-change figures below are the ones with targets).
         let start_wait = WAIT + Duration::from_secs(15) * n as u32;
         wait_all(
             &cluster,
