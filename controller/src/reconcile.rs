@@ -333,12 +333,14 @@ pub async fn run(ctx: Arc<Context>) {
             referencing_namespace(&s7, g.namespace().as_deref().unwrap_or_default())
         })
         // An agent acknowledging a decision updates "applied on N of M nodes" of the models
-        // whose entry changed, gathered over ACK_BATCH; agents joining or leaving, at most once
-        // per MEMBERSHIP_INTERVAL (see crate::ack_triggers). An agent that dies is noticed at
+        // whose entry changed, gathered over ACK_BATCH once every node agrees, over
+        // PROGRESS_INTERVAL before; agents joining or leaving, at most once per
+        // MEMBERSHIP_INTERVAL (see crate::ack_triggers). An agent that dies is noticed at
         // the next resync, when its Lease has expired.
         .reconcile_on(crate::ack_triggers::batched(
             ack_changes,
             crate::ack_triggers::ACK_BATCH,
+            crate::ack_triggers::PROGRESS_INTERVAL,
             crate::ack_triggers::MEMBERSHIP_INTERVAL,
         ))
         .run(reconcile, error_policy, running)
