@@ -20,6 +20,7 @@
 //! Targets (issue 17): growth from 10 to 50 agents ≤ 5.5× for requests and watch events per
 //! change and for steady-state requests; all applied ≤ 2 s after a change with 50 agents.
 use std::{
+    collections::BTreeMap,
     fmt::Write as _,
     time::{Duration, Instant},
 };
@@ -291,6 +292,29 @@ pub fn scale(args: &ScaleArgs) -> Result<()> {
 
 /// Flips `spec.enabled` of one model and times until every one of the `agents` applied the
 /// decision generation it led to. Returns that time and what the change cost the apiserver.
+/// `apiserver_watch_events_total` summed per resource (its `resource` label).
+fn watch_events_by_resource(cluster: &TestCluster) -> Result<BTreeMap<String, f64>> {
+    let metrics = cluster.kubectl(&["get", "--raw", "/metrics"])?;
+    let mut out = BTreeMap::new();
+    for line in metrics.lines() {
+        let Some(labels) = line.strip_prefix("apiserver_watch_events_total{") else {
+            continue;
+        };
+        let resource = labels
+            .split(',')
+            .find_map(|l| l.strip_prefix("resource=\""))
+            .and_then(|r| r.split('"').next())
+            .unwrap_or("?");
+        let value = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        *out.entry(resource.to_string()).or_insert(0.0) += value;
+    }
+    Ok(out)
+}
+
 fn decision_change(
     cluster: &TestCluster,
     ns: &str,
@@ -308,6 +332,7 @@ fn decision_change(
         .clone()
         .context("no resourceVersion")?;
     let before = Counters::read(cluster)?;
+    let kinds_before = watch_events_by_resource(cluster)?;
     let (took, own_events) = cluster.block_on(async {
         // The watch is opened before the change (a WATCH, not counted as a request).
         let params = WatchParams::default()
@@ -344,7 +369,26 @@ fn decision_change(
     let counted_from = Instant::now() - took;
     std::thread::sleep(SETTLE);
     let after = Counters::read(cluster)?;
+    let kinds_after = watch_events_by_resource(cluster)?;
     let elapsed = counted_from.elapsed();
+    // Where the events went (background included), and how many versions of the model its own
+    // watch saw: each one is a write delivered to every agent.
+    let mut by_resource: Vec<(String, f64)> = kinds_after
+        .into_iter()
+        .map(|(k, v)| (v - kinds_before.get(&k).copied().unwrap_or(0.0), k))
+        .filter(|(d, _)| *d > 0.0)
+        .map(|(d, k)| (k, d))
+        .collect();
+    by_resource.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let shown: Vec<String> = by_resource
+        .iter()
+        .take(5)
+        .map(|(k, d)| format!("{k} {d:.0}"))
+        .collect();
+    println!(
+        "[bench]   {name}: {own_events} versions seen until all applied; watch events by resource: {}",
+        shown.join(", ")
+    );
     // Less: the background over the same time, the benchmark's own GET and PATCH, and the
     // events its own watch received.
     let mut caused = after - before - steady.during(elapsed);
